@@ -1,0 +1,21 @@
+"""Fixtures for both suites (tests/ and bdd/)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No test reads the operator's config or writes into their home."""
+    for name in ("config", "state", "data", "cache"):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(f"XDG_{name.upper()}_HOME", str(tmp_path / name))
+    for name in list(os.environ):
+        if name.startswith("RBEE_"):
+            monkeypatch.delenv(name)
+    yield tmp_path

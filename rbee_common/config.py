@@ -1,0 +1,242 @@
+"""The rbee config file, and where things live on disk.
+
+One TOML file serves every program on a machine:
+
+    [queen]                # queen-rbee
+    port = 8500
+    [hive]                 # rbee-hive on this machine
+    port = 9000
+    [keeper]               # rbee-keeper
+    queen_url = "http://127.0.0.1:8500"
+    [hives.gpu-node-1]     # a hive the queen manages (DESIGN §7)
+    host = "10.0.0.5"
+
+It is found at `--config PATH`, else `$RBEE_CONFIG`, else
+`$XDG_CONFIG_HOME/rbee/config.toml` (`~/.config/...`), else
+`/etc/rbee/config.toml`; with none of them, the defaults hold. Environment
+variables override single keys: `RBEE_<SECTION>__<KEY>` (for example
+`RBEE_QUEEN__PORT=8600`), and `RBEE_QUEEN_URL` sets `keeper.queen_url`.
+An unknown key, in the file or the environment, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from rbee_common.errors import ConfigError
+from rbee_common.validation import describe_validation_error
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class QueenSettings(_Section, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 8500
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    max_live_jobs: Annotated[int, msgspec.Meta(ge=1)] = 64
+    max_finished_jobs: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    job_retention_s: Positive = 600.0
+    event_buffer: Annotated[int, msgspec.Meta(ge=16)] = 10_000
+    hive_probe_timeout_s: Positive = 2.0
+
+
+class HiveSettings(_Section, frozen=True, kw_only=True):
+    """The `rbee-hive` daemon of this machine."""
+
+    host: str = "127.0.0.1"
+    port: Port = 9000
+    hive_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "localhost"
+    queen_url: str | None = None
+    data_dir: str | None = None
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    max_live_jobs: Annotated[int, msgspec.Meta(ge=1)] = 64
+    job_retention_s: Positive = 600.0
+
+
+class KeeperSettings(_Section, frozen=True, kw_only=True):
+    queen_url: str = "http://127.0.0.1:8500"
+    queen_start_timeout_s: Positive = 30.0
+
+
+class HiveEntry(_Section, frozen=True, kw_only=True):
+    """A machine whose hive the queen manages."""
+
+    host: str
+    ssh_port: Port = 22
+    ssh_user: str | None = None
+    identity_file: str | None = None
+    hive_port: Port = 9000
+    install_dir: str = "~/.local/share/rbee/hive"
+    python: str = "python3"
+
+
+class RbeeConfig(_Section, frozen=True, kw_only=True):
+    queen: QueenSettings = QueenSettings()
+    hive: HiveSettings = HiveSettings()
+    keeper: KeeperSettings = KeeperSettings()
+    hives: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")], HiveEntry] = (
+        msgspec.field(default_factory=dict)
+    )
+
+
+# --- where things live -------------------------------------------------------
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    value = os.environ.get(variable)
+    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
+
+
+def config_dir() -> Path:
+    return _xdg("XDG_CONFIG_HOME", ".config") / "rbee"
+
+
+def state_dir() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "rbee"
+
+
+def data_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "rbee"
+
+
+SYSTEM_CONFIG = Path("/etc/rbee/config.toml")
+
+
+def find_config_file(
+    explicit: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+) -> Path | None:
+    """The file to read, or None when no file exists and defaults hold."""
+    environ = dict(os.environ) if environ is None else environ
+    chosen = explicit or environ.get("RBEE_CONFIG")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            source = "--config" if explicit else "$RBEE_CONFIG"
+            raise ConfigError(
+                f"Config file {path} (from {source}) does not exist.",
+                hint="Create it, or point to an existing file.",
+            )
+        return path
+    for candidate in (config_dir() / "config.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# --- loading -----------------------------------------------------------------
+
+_ENV_ALIASES = {"RBEE_QUEEN_URL": ("keeper", "queen_url")}
+_ENV_NOT_KEYS = {"RBEE_CONFIG", "RBEE_API_TOKEN"}
+
+
+def _known_keys(cls: type[msgspec.Struct]) -> list[str]:
+    return [field.encode_name for field in msgspec.structs.fields(cls)]
+
+
+def _section_type(path: list[str]) -> type[msgspec.Struct] | None:
+    """The Struct that holds the key at `path` (None: `path` is not a table)."""
+    cls: type[msgspec.Struct] = RbeeConfig
+    for index, name in enumerate(path):
+        if cls is RbeeConfig and name == "hives":
+            return HiveEntry if len(path) == index + 2 else None
+        fields = {field.encode_name: field.type for field in msgspec.structs.fields(cls)}
+        inner = fields.get(name)
+        if not (isinstance(inner, type) and issubclass(inner, msgspec.Struct)):
+            return None
+        cls = inner
+    return cls
+
+
+def env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """`RBEE_*` variables as a nested dict of raw strings, checked against the schema."""
+    tree: dict[str, Any] = {}
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith("RBEE_") or variable in _ENV_NOT_KEYS:
+            continue
+        if variable in _ENV_ALIASES:
+            path = list(_ENV_ALIASES[variable])
+        elif "__" in variable:
+            path = [part.lower() for part in variable[len("RBEE_"):].split("__")]
+        else:
+            continue  # other RBEE_ variables belong to programs, not to the config
+        section = _section_type(path[:-1])
+        if section is None or path[-1] not in _known_keys(section):
+            raise ConfigError(
+                f"Environment variable {variable} names no config key.",
+                hint="Use RBEE_<SECTION>__<KEY>, for example RBEE_QUEEN__PORT=8600.",
+            )
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _explain(error: msgspec.ValidationError, source: str, prefix: str = "") -> ConfigError:
+    message, path = describe_validation_error(error)
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    unknown = message.startswith("Object contains unknown field")
+    if unknown:
+        field = message.split("`")[1]
+        key = f"{path}.{field}" if path else field
+        section = _section_type(path.split(".") if path else [])
+        known = ", ".join(_known_keys(section)) if section else ""
+        return ConfigError(
+            f"Unknown key `{key}` in {source}.",
+            details={"key": key},
+            hint=f"Known keys here: {known}." if known else "Remove it.",
+        )
+    where = f" for `{path}`" if path else ""
+    return ConfigError(f"Bad value{where} in {source}: {message}.", details={"key": path})
+
+
+def load_config(
+    explicit: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None
+) -> RbeeConfig:
+    environ = dict(os.environ) if environ is None else environ
+    path = find_config_file(explicit, environ)
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"Cannot read config file {path}: {error}.") from None
+    source = str(path) if path else "the defaults"
+    hives = raw.get("hives")
+    for alias, entry in (hives.items() if isinstance(hives, dict) else ()):
+        try:  # one by one, so that an error names the hive (msgspec says `hives[...]`)
+            msgspec.convert(entry, HiveEntry)
+        except msgspec.ValidationError as error:
+            raise _explain(error, source, prefix=f"hives.{alias}") from None
+    try:
+        msgspec.convert(raw, RbeeConfig)  # the file alone, so errors name the file
+    except msgspec.ValidationError as error:
+        raise _explain(error, source) from None
+    overrides = env_overrides(environ)
+    try:
+        return msgspec.convert(_merge(raw, overrides), RbeeConfig, strict=False)
+    except msgspec.ValidationError as error:
+        raise _explain(error, "the RBEE_* environment variables") from None

@@ -1,0 +1,136 @@
+"""Running a daemon: logging, signals, and the ready line.
+
+`serve(stop=..., task_status=...)` functions install no signal handlers; this
+entry helper does. The first SIGINT/SIGTERM sets `stop` (graceful: jobs are
+cancelled, streams end with a terminator, children are stopped); a second one
+cancels everything at once. When `serve` has bound its sockets, one JSON line
+`{"event": "ready", "url": ...}` goes to stdout so a parent can learn the real
+port (port 0 works).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from importlib import metadata
+from typing import Any, NoReturn, Protocol
+
+import trio
+
+from rbee_common.errors import RbeeError
+
+log = logging.getLogger("rbee.daemon")
+
+
+class Serve(Protocol):
+    def __call__(
+        self, *, stop: trio.Event, task_status: trio.TaskStatus[list[str]] = ...
+    ) -> Awaitable[None]: ...
+
+
+def configure_logging(component: str, level: str | None = None) -> None:
+    level = level or os.environ.get("RBEE_LOG", "INFO")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def announce_ready(urls: list[str], **extra: Any) -> None:
+    line = {"event": "ready", "url": urls[0] if urls else None, "urls": urls, "pid": os.getpid()}
+    line.update(extra)
+    print(json.dumps(line), flush=True)
+
+
+def run_daemon(
+    serve: Serve,
+    *,
+    component: str,
+    on_ready: Callable[[list[str]], None] = announce_ready,
+) -> int:
+    """Run `serve` under trio with rbee's signal policy; the process exit code."""
+    outcome = {"hard": False}
+
+    async def main() -> None:
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not stop.is_set():
+                            log.info("%s received: stopping gracefully (again to force)", name)
+                            stop.set()
+                        else:
+                            log.warning("%s received again: stopping now", name)
+                            outcome["hard"] = True
+                            nursery.cancel_scope.cancel()
+
+                async def serve_then_finish(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await serve(stop=stop, task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_signals)
+                urls = await nursery.start(serve_then_finish)
+                log.info("%s listening on %s", component, " ".join(urls))
+                on_ready(urls)
+
+    failed = False
+    try:
+        trio.run(main)
+    except* OSError as group:
+        # Typically the port is taken: say so in one line, not a traceback.
+        error = group.exceptions[0]
+        log.error("%s could not start: %s", component, getattr(error, "strerror", None) or error)
+        failed = True
+    return 1 if failed or outcome["hard"] else 0
+
+
+def exit_on_config_error(error: RbeeError, program: str) -> NoReturn:
+    """A bad config at start-up: one line and the hint on stderr, exit 1."""
+    print(f"{program}: error: {error.message}", file=sys.stderr)
+    if error.hint:
+        print(f"hint: {error.hint}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+async def watch_stdin_lifeline(stop: trio.Event) -> None:
+    """Set `stop` when stdin reaches EOF: the parent (an SSH session) is gone.
+
+    A process started over SSH without a PTY gets no SIGHUP when the client
+    dies, only EOF on stdin (STYLE, traps).
+    """
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some(4096):
+            pass
+    log.warning("stdin closed: the parent is gone, stopping")
+    stop.set()
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("rbee")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_timestamp() -> float | None:
+    """When this copy of rbee was built (installed), from its metadata file."""
+    try:
+        dist = metadata.distribution("rbee")
+    except metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if file.name == "METADATA":
+            try:
+                return os.stat(str(file.locate())).st_mtime
+            except OSError:
+                return None
+    return None

@@ -1,0 +1,46 @@
+"""Decoding untrusted JSON into wire types, with errors that never echo input."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+
+from rbee_common.errors import MalformedJson, ValidationFailed
+
+T = TypeVar("T")
+
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def describe_validation_error(exc: msgspec.ValidationError) -> tuple[str, str | None]:
+    """msgspec's message, without the offending value, and the field's path."""
+    message = str(exc)
+    path: str | None = None
+    match = _AT.search(message)
+    if match:
+        path = match.group("path") or None
+        message = message[: match.start()]
+    # msgspec quotes a rejected value ("Invalid value 'x'"); never echo input.
+    message = re.sub(r"^Invalid (enum )?value .*$", r"Invalid \1value", message)
+    missing = re.match(r"Object missing required field `(?P<field>[^`]+)`", message)
+    if missing:
+        field = missing.group("field")
+        path = f"{path}.{field}" if path else field
+    return message, path
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message, path = describe_validation_error(exc)
+        where = f" at `{path}`" if path else ""
+        raise ValidationFailed(
+            f"{message}{where}.", details={"field": path} if path else {}
+        ) from None
+    except msgspec.DecodeError:
+        raise MalformedJson(
+            "The request body is not valid JSON.", hint="Send one JSON object."
+        ) from None

@@ -1,0 +1,285 @@
+"""Wire types shared by every rbee program (DESIGN §2).
+
+An *operation* is what a client asks a queen or a hive to do: a JSON object
+tagged by ``"operation"`` (snake_case). A *job event* is one ``data:`` line of
+a job's SSE stream, tagged by ``"type"``. A stream ends with exactly one
+terminator line: ``[DONE]``, ``[ERROR] <message>`` or ``[CANCELLED]``.
+
+New fields always get defaults, and unknown fields are ignored, so peers of
+different versions keep talking (msgspec "schema evolution").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from rbee_common.errors import ErrorBody
+
+# --- validated scalars -------------------------------------------------------
+
+Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+"""Aliases, hive ids and worker ids."""
+
+ModelRef = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._:/@+=-]+$")
+]
+"""`hf:org/repo[:file]`, `file:///abs/path.gguf` or a catalog id (DESIGN §5)."""
+
+DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3})$")]
+
+Backend = Literal["auto", "llama-cpp", "mlx"]
+
+
+class _Op(msgspec.Struct, tag_field="operation", frozen=True, kw_only=True):
+    """Base of all operations."""
+
+    @property
+    def name(self) -> str:
+        return str(type(self).__struct_config__.tag)
+
+
+class _HiveOp(_Op, frozen=True, kw_only=True):
+    hive_id: Ident = "localhost"
+
+
+# --- operations the queen executes ------------------------------------------
+
+
+class Status(_Op, tag="status", frozen=True, kw_only=True):
+    pass
+
+
+class HiveList(_Op, tag="hive_list", frozen=True, kw_only=True):
+    pass
+
+
+class HiveGet(_HiveOp, tag="hive_get", frozen=True, kw_only=True):
+    pass
+
+
+class HiveInstall(_HiveOp, tag="hive_install", frozen=True, kw_only=True):
+    force: bool = False
+
+
+class HiveUninstall(_HiveOp, tag="hive_uninstall", frozen=True, kw_only=True):
+    purge: bool = False
+
+
+class HiveStart(_HiveOp, tag="hive_start", frozen=True, kw_only=True):
+    detached: bool = False
+
+
+class HiveStop(_HiveOp, tag="hive_stop", frozen=True, kw_only=True):
+    pass
+
+
+class HiveStatus(_HiveOp, tag="hive_status", frozen=True, kw_only=True):
+    pass
+
+
+class HiveRefreshCapabilities(_HiveOp, tag="hive_refresh_capabilities", frozen=True, kw_only=True):
+    pass
+
+
+class SshTest(_HiveOp, tag="ssh_test", frozen=True, kw_only=True):
+    pass
+
+
+class WorkerListActive(_Op, tag="worker_list_active", frozen=True, kw_only=True):
+    model: ModelRef | None = None
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+class Infer(_Op, tag="infer", frozen=True, kw_only=True):
+    model: ModelRef
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    hive_id: Ident | None = None
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    response_format: ResponseFormat | None = None
+
+
+# --- operations forwarded to a hive -----------------------------------------
+
+
+class WorkerSpawn(_HiveOp, tag="worker_spawn", frozen=True, kw_only=True):
+    model: ModelRef
+    device: DeviceName = "CPU-0"
+    backend: Backend = "auto"
+    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+
+
+class WorkerList(_HiveOp, tag="worker_list", frozen=True, kw_only=True):
+    pass
+
+
+class WorkerGet(_HiveOp, tag="worker_get", frozen=True, kw_only=True):
+    worker_id: Ident
+
+
+class WorkerStop(_HiveOp, tag="worker_stop", frozen=True, kw_only=True):
+    worker_id: Ident
+
+
+class ModelDownload(_HiveOp, tag="model_download", frozen=True, kw_only=True):
+    model: ModelRef
+
+
+class ModelList(_HiveOp, tag="model_list", frozen=True, kw_only=True):
+    pass
+
+
+class ModelGet(_HiveOp, tag="model_get", frozen=True, kw_only=True):
+    model: ModelRef
+
+
+class ModelDelete(_HiveOp, tag="model_delete", frozen=True, kw_only=True):
+    model: ModelRef
+
+
+Operation = (
+    Status
+    | HiveList
+    | HiveGet
+    | HiveInstall
+    | HiveUninstall
+    | HiveStart
+    | HiveStop
+    | HiveStatus
+    | HiveRefreshCapabilities
+    | SshTest
+    | WorkerListActive
+    | Infer
+    | WorkerSpawn
+    | WorkerList
+    | WorkerGet
+    | WorkerStop
+    | ModelDownload
+    | ModelList
+    | ModelGet
+    | ModelDelete
+)
+
+QUEEN_OPERATIONS: Final = (
+    Status, HiveList, HiveGet, HiveInstall, HiveUninstall, HiveStart, HiveStop, HiveStatus,
+    HiveRefreshCapabilities, SshTest, WorkerListActive, Infer,
+)
+HIVE_OPERATIONS: Final = (
+    WorkerSpawn, WorkerList, WorkerGet, WorkerStop, ModelDownload, ModelList, ModelGet, ModelDelete,
+)
+OPERATION_NAMES: Final[tuple[str, ...]] = tuple(
+    str(cls.__struct_config__.tag) for cls in (*QUEEN_OPERATIONS, *HIVE_OPERATIONS)
+)
+
+operation_decoder: Final = msgspec.json.Decoder(Operation)
+
+
+# --- job submission ---------------------------------------------------------
+
+
+class JobCreated(msgspec.Struct, frozen=True):
+    job_id: str
+    sse_url: str
+
+
+JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+
+class JobInfo(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    operation: str
+    state: JobState
+    created_at: float
+    finished_at: float | None = None
+    events: int = 0
+    error: ErrorBody | None = None
+
+
+# --- job events --------------------------------------------------------------
+
+
+class _Event(msgspec.Struct, tag_field="type", frozen=True, kw_only=True, omit_defaults=True):
+    job_id: str = ""
+    ts: float = msgspec.field(default_factory=time.time)
+
+
+class Narration(_Event, tag="narration", frozen=True, kw_only=True, omit_defaults=True):
+    actor: str
+    action: str
+    human: str
+    level: Literal["debug", "info", "warn", "error"] = "info"
+    fields: dict[str, Any] = msgspec.field(default_factory=dict)
+    error: ErrorBody | None = None
+    """Set on the narration that precedes an `[ERROR]` terminator, so that a
+    client can raise the same error class the server raised."""
+
+
+class Progress(_Event, tag="progress", frozen=True, kw_only=True, omit_defaults=True):
+    what: str
+    done: int
+    total: int | None = None
+    unit: str = "bytes"
+    rate: float | None = None
+
+
+class Token(_Event, tag="token", frozen=True, kw_only=True, omit_defaults=True):
+    t: str
+    i: int
+
+
+class Result(_Event, tag="result", frozen=True, kw_only=True, omit_defaults=True):
+    value: Any
+
+
+JobEvent = Narration | Progress | Token | Result
+
+event_decoder: Final = msgspec.json.Decoder(JobEvent)
+
+DONE: Final = "[DONE]"
+ERROR_PREFIX: Final = "[ERROR]"
+CANCELLED: Final = "[CANCELLED]"
+
+
+def is_terminator(data: str) -> bool:
+    return data in (DONE, CANCELLED) or data.startswith(ERROR_PREFIX)
+
+
+# --- results ------------------------------------------------------------------
+
+
+class HiveHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    hive_id: str
+    url: str
+    reachable: bool
+    problem: str | None = None
+
+
+class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
+    version: str
+    hives: list[HiveHealth]
+    workers: list[dict[str, Any]]
+
+
+class BuildInfo(msgspec.Struct, frozen=True, kw_only=True):
+    program: str
+    version: str
+    features: list[str]
+    build_timestamp: float | None
+    python: str

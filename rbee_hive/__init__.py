@@ -1,0 +1,11 @@
+"""rbee-hive: one per machine; it alone starts and owns worker processes (DESIGN §1).
+
+It serves the same job API as the queen (`rbee_common.jobs`) for the
+operations the queen forwards to it: workers, models, devices. Files:
+`config.py`, `service.py` (operations, no HTTP), `app.py` (routes),
+`serve.py` (the nursery tree), `__main__.py` (CLI, signals, stdin lifeline).
+It never imports another daemon; the queen's local-hive mode imports it.
+
+So far it serves health, the job API and shutdown; every hive operation
+answers NOT_IMPLEMENTED naming itself until the hive issue lands.
+"""

@@ -1,0 +1,29 @@
+"""The hive's HTTP routes: decode, call the service, encode."""
+
+from __future__ import annotations
+
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from rbee_common.http import create_app, json_response
+from rbee_common.jobs import JobServer, add_job_routes
+from rbee_hive.service import HiveService
+
+
+def build_app(service: HiveService, jobs: JobServer, *, stop: trio.Event) -> QuartTrio:
+    app = create_app("rbee-hive", component="hive", max_body_bytes=service.settings.max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response(
+            {"status": "ok", "program": "rbee-hive", "hive_id": service.settings.hive_id}
+        )
+
+    @app.post("/v1/shutdown")
+    async def shutdown() -> Response:
+        stop.set()
+        return json_response({"status": "stopping"}, status=202)
+
+    add_job_routes(app, jobs)
+    return app

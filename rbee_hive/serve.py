@@ -1,0 +1,33 @@
+"""The hive's nursery tree: HTTP server, job tasks, the stdin lifeline."""
+
+from __future__ import annotations
+
+import functools
+
+import trio
+
+from rbee_common.config import HiveSettings
+from rbee_common.daemon import watch_stdin_lifeline
+from rbee_common.jobs import JobLimits, JobServer
+from rbee_hive.app import build_app
+from rbee_hive.service import HiveService
+
+
+async def serve(
+    settings: HiveSettings,
+    *,
+    stop: trio.Event,
+    lifeline_stdin: bool = False,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    limits = JobLimits(max_live_jobs=settings.max_live_jobs, retention_s=settings.job_retention_s)
+    async with trio.open_nursery() as nursery:
+        service = HiveService(settings)
+        jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
+        app = build_app(service, jobs, stop=stop)
+        if lifeline_stdin:
+            nursery.start_soon(watch_stdin_lifeline, stop)
+        urls = await nursery.start(
+            functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
+        )
+        task_status.started(urls)

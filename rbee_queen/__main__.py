@@ -1,0 +1,46 @@
+"""`queen-rbee`: parse arguments, load the config, run the daemon."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+import typer
+
+from rbee_common.daemon import configure_logging, exit_on_config_error, package_version, run_daemon
+from rbee_common.errors import ConfigError
+from rbee_queen.config import QueenConfig
+from rbee_queen.serve import serve
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"queen-rbee {package_version()}")
+        raise typer.Exit()
+
+
+@cli.command()
+def main(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default from config: 127.0.0.1).")] = None,  # noqa: E501
+    port: Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one (default 8500).")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
+) -> None:
+    """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling)."""
+    configure_logging("queen")
+    try:
+        queen_config = QueenConfig.load(config, host=host, port=port)
+    except ConfigError as error:
+        exit_on_config_error(error, "queen-rbee")
+    code = run_daemon(functools.partial(serve, queen_config), component="queen-rbee")
+    raise typer.Exit(code)
+
+
+def run() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    run()

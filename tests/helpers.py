@@ -1,0 +1,112 @@
+"""Real processes for tests: start a daemon, read its ready line, always stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, process: subprocess.Popen[bytes], log: Path, ready: dict[str, object]) -> None:
+        self.process = process
+        self.log_path = log
+        self.ready = ready
+        self.url = str(ready["url"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _read_ready(process: subprocess.Popen[bytes], timeout: float) -> dict[str, object]:
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=0.1):
+            if process.poll() is not None:
+                break
+            continue
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        buffer += chunk
+        for line in buffer.splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("event") == "ready":
+                    return event
+    raise RuntimeError(f"daemon did not announce readiness (exit={process.poll()})")
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    # Anything left in its process group (children it started) goes too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def daemon(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterator[Daemon]:
+    with tempfile.NamedTemporaryFile(prefix="rbee-test-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+    try:
+        try:
+            ready = _read_ready(process, timeout)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}\n{log_path.read_text(errors='replace')}") from None
+        yield Daemon(process, log_path, ready)
+    finally:
+        stop_process(process)
+        if process.stdout is not None:
+            process.stdout.close()
+        log_path.unlink(missing_ok=True)
+
+
+def wait_for(predicate: object, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def port_open(url_or_port: str | int) -> bool:
+    port = url_or_port if isinstance(url_or_port, int) else int(str(url_or_port).rsplit(":", 1)[1])
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
