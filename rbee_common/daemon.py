@@ -84,10 +84,13 @@ def run_daemon(
     failed = False
     try:
         trio.run(main)
+    except* RbeeError as group:
+        log.error("%s could not start: %s", component, group.exceptions[0])
+        failed = True
     except* OSError as group:
         # Typically the port is taken: say so in one line, not a traceback.
-        error = group.exceptions[0]
-        log.error("%s could not start: %s", component, getattr(error, "strerror", None) or error)
+        first = group.exceptions[0]
+        log.error("%s could not start: %s", component, getattr(first, "strerror", None) or first)
         failed = True
     return 1 if failed or outcome["hard"] else 0
 

@@ -283,3 +283,68 @@ class BuildInfo(msgspec.Struct, frozen=True, kw_only=True):
     features: list[str]
     build_timestamp: float | None
     python: str
+
+
+# --- the worker's inference API (DESIGN §3) -------------------------------------
+
+
+class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    response_format: ResponseFormat | None = None
+    request_id: Ident | None = None
+
+
+class _InferenceEvent(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
+    pass
+
+
+class InferenceStarted(_InferenceEvent, tag="started", frozen=True, kw_only=True):
+    request_id: str
+    worker_id: str
+    model: str
+
+
+class InferenceToken(_InferenceEvent, tag="token", frozen=True, kw_only=True):
+    t: str
+    i: int
+
+
+StopReason = Literal["stop", "length", "cancelled"]
+
+
+class InferenceEnd(_InferenceEvent, tag="end", frozen=True, kw_only=True):
+    tokens_in: int
+    tokens_out: int
+    decode_ms: float
+    stop_reason: StopReason
+
+
+class InferenceError(_InferenceEvent, tag="error", frozen=True, kw_only=True):
+    code: str
+    message: str
+
+
+InferenceEvent = InferenceStarted | InferenceToken | InferenceEnd | InferenceError
+inference_event_decoder: Final = msgspec.json.Decoder(InferenceEvent)
+
+WorkerState = Literal["loading", "ready", "busy", "draining"]
+
+
+class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str
+    hive_id: str
+    url: str
+    model: str
+    backend: str
+    device: str
+    state: WorkerState
+    slots_total: int
+    slots_busy: int
+    pid: int

@@ -1,16 +1,86 @@
-"""`llm-worker-rbee`: not built yet; it says so instead of pretending."""
+"""`llm-worker-rbee`: parse arguments, guard against orphaning, run the daemon."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import re
+import signal
 import sys
+from typing import Annotated
+
+import typer
+
+from rbee_common.daemon import announce_ready, configure_logging, package_version, run_daemon
+from rbee_worker.config import WorkerConfig
+from rbee_worker.serve import serve
+
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+PR_SET_PDEATHSIG = 1
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llm-worker-rbee {package_version()}")
+        raise typer.Exit()
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills us if the process that started us dies."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@cli.command()
+def main(
+    model: Annotated[str, typer.Option(help="smollm2-135m, file:///abs/path.gguf, a .gguf path, or an MLX model dir.")],  # noqa: E501
+    device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
+    backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 0,
+    worker_id: Annotated[str, typer.Option(help="This worker's id.")] = "worker-local",
+    hive_id: Annotated[str, typer.Option(help="The hive that started it.")] = "localhost",
+    queen_url: Annotated[str | None, typer.Option(help="Send heartbeats to this queen.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for generation.")] = 1,
+    ctx: Annotated[int, typer.Option(min=64, help="Context length in tokens.")] = 2048,
+    slots: Annotated[int, typer.Option(min=1, help="Concurrent requests; more get 503 ALL_SLOTS_BUSY.")] = 1,
+    lifeline_fd: Annotated[int | None, typer.Option(help="Exit when this fd reaches EOF (the parent died).")] = None,  # noqa: E501
+    heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats.")] = 2.0,
+    drain_s: Annotated[float, typer.Option(min=0, help="On shutdown, let requests finish this long.")] = 5.0,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
+) -> None:
+    """llm-worker-rbee: serves one model, streaming tokens over SSE."""
+    configure_logging("worker")
+    problem = None
+    if not re.fullmatch(r"CPU-0|METAL-0|GPU-[0-9]{1,3}", device):
+        problem = "--device must be CPU-0, METAL-0 or GPU-<n>."
+    elif backend not in ("auto", "llama-cpp", "mlx"):
+        problem = "--backend must be auto, llama-cpp or mlx."
+    elif not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", worker_id):
+        problem = "--worker-id may hold letters, digits, '.', '_' and '-'."
+    if problem:
+        typer.echo(f"llm-worker-rbee: error: {problem}", err=True)
+        raise typer.Exit(2)
+    if device.startswith("GPU-"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.removeprefix("GPU-")
+    die_with_parent()
+    config = WorkerConfig(
+        model=model, device=device, backend=backend, host=host, port=port, worker_id=worker_id,
+        hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx, slots=slots,
+        lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s,
+    )
+    code = run_daemon(
+        functools.partial(serve, config),
+        component="llm-worker-rbee",
+        on_ready=functools.partial(announce_ready, worker_id=worker_id),
+    )
+    raise typer.Exit(code)
 
 
 def run() -> None:
-    sys.stderr.write(
-        "llm-worker-rbee: the inference worker is not part of this build yet "
-        "(it lands with the issue 'llm-worker-rbee: real tokens from llama.cpp and MLX').\n"
-    )
-    raise SystemExit(2)
+    cli()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The worker's HTTP routes (DESIGN §3): inference answers with SSE directly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from rbee_common.errors import NotFound
+from rbee_common.http import create_app, json_response, read_body, sse_frame, sse_response
+from rbee_common.validation import decode_body
+from rbee_common.wire import DONE, InferenceEvent, InferenceRequest
+from rbee_worker.service import WorkerService, encode_event
+
+_request_decoder = msgspec.json.Decoder(InferenceRequest)
+
+
+def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event) -> QuartTrio:
+    app = create_app("llm-worker-rbee", component="worker", max_body_bytes=service.config.max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response({"status": "ok", "program": "llm-worker-rbee", "state": service.state})
+
+    @app.get("/v1/ready")
+    async def ready() -> Response:
+        beat = service.heartbeat()
+        return json_response(
+            {"state": beat.state, "slots_total": beat.slots_total, "slots_busy": beat.slots_busy,
+             "model": beat.model, "backend": beat.backend, "device": beat.device}
+        )
+
+    @app.post("/v1/inference")
+    async def inference() -> Response:
+        request = decode_body(await read_body(), _request_decoder)
+        active = service.begin(request)
+        send, receive = trio.open_memory_channel[InferenceEvent](64)
+        nursery.start_soon(service.run, active, request, send)
+
+        async def frames() -> AsyncIterator[bytes]:
+            try:
+                async with receive:
+                    async for event in receive:
+                        yield sse_frame(None, encode_event(event).decode())
+                yield sse_frame(None, DONE)
+            finally:
+                active.cancelled.set()  # a no-op when it ended; stops it when the client left
+
+        return sse_response(frames())
+
+    @app.delete("/v1/inference/<request_id>")
+    async def cancel(request_id: str) -> Response:
+        if not service.cancel(request_id):
+            raise NotFound("No running request with that id.", code="REQUEST_NOT_FOUND")
+        return json_response({"status": "cancelling"}, status=202)
+
+    @app.post("/v1/admin/shutdown")
+    async def shutdown() -> Response:
+        stop.set()
+        return json_response({"status": "draining"}, status=202)
+
+    return app

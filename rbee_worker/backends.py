@@ -1,0 +1,164 @@
+"""Inference backends: blocking code that runs in a worker thread.
+
+A backend turns an `InferenceRequest` into text pieces through `on_token`,
+checking `cancelled` between tokens, and returns the counts. llama.cpp
+(`llama-cpp-python`) serves GGUF files on CPU and CUDA; MLX (`mlx-lm`) serves
+MLX model directories. `--backend auto` picks MLX for an MLX model on
+darwin/arm64, llama.cpp otherwise (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from rbee_common.errors import ServiceUnavailable, ValidationFailed
+from rbee_common.wire import InferenceRequest, StopReason
+from rbee_worker.models import ResolvedModel
+
+log = logging.getLogger("rbee.worker.backend")
+
+OnToken = Callable[[str], None]
+
+
+class Generated(msgspec.Struct, frozen=True):
+    tokens_in: int
+    tokens_out: int
+    stop_reason: StopReason
+
+
+class Backend(Protocol):
+    name: str
+    ctx: int
+
+    def generate(
+        self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
+    ) -> Generated: ...
+
+
+class BackendUnavailable(ServiceUnavailable):
+    code = "BACKEND_UNAVAILABLE"
+
+
+def choose_backend(model: ResolvedModel, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    # MLX models only run on MLX (natively on Apple Silicon, `mlx[cpu]` elsewhere).
+    return "mlx" if model.format == "mlx" else "llama-cpp"
+
+
+def load_backend(
+    model: ResolvedModel, *, backend: str, device: str, threads: int, ctx: int, slots: int
+) -> Backend:
+    name = choose_backend(model, backend)
+    if name == "llama-cpp":
+        if model.format != "gguf":
+            raise BackendUnavailable("llama.cpp serves GGUF files; this model is an MLX directory.")
+        return LlamaCppBackend(model, device=device, threads=threads, ctx=ctx, slots=slots)
+    raise BackendUnavailable(
+        f"Backend {name} is not available in this build.",
+        hint="Use a GGUF model with --backend llama-cpp.",
+    )
+
+
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class LlamaCppBackend:
+    name = "llama-cpp"
+
+    def __init__(self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int) -> None:
+        try:
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError as error:
+            raise BackendUnavailable(
+                "llama-cpp-python is not installed.", hint="pip install llama-cpp-python"
+            ) from error
+        self.ctx = ctx
+        gpu_layers = -1 if device.startswith("GPU-") else 0
+        # One context per slot: a llama.cpp context serves one sequence at a time.
+        self._pool: queue.Queue[Any] = queue.Queue()
+        first = None
+        for _ in range(slots):
+            llm = Llama(
+                model_path=model.path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+                n_gpu_layers=gpu_layers, verbose=False,
+            )
+            first = first or llm
+            self._pool.put(llm)
+        if first is None:
+            raise BackendUnavailable("A worker needs at least one slot.")
+        template = first.metadata.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
+        eos = first.detokenize([first.token_eos()], special=True).decode(errors="ignore")
+        bos = first.detokenize([first.token_bos()], special=True).decode(errors="ignore")
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def _prompt(self, request: InferenceRequest) -> tuple[str, list[str]]:
+        if request.messages is not None:
+            formatted = self._formatter(
+                messages=[{"role": m.role, "content": m.content} for m in request.messages]  # type: ignore[misc]
+            )
+            stops = formatted.stop if isinstance(formatted.stop, list) else (
+                [formatted.stop] if formatted.stop else []
+            )
+            return formatted.prompt, [stop for stop in stops if stop]  # "" would stop at once
+        return request.prompt or "", []
+
+    def _grammar(self, request: InferenceRequest) -> Any:
+        fmt = request.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if fmt.type == "json_schema" and fmt.json_schema:
+            schema = fmt.json_schema.get("schema", fmt.json_schema)
+            return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+
+    def generate(
+        self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
+    ) -> Generated:
+        llm = self._pool.get()
+        try:
+            prompt, template_stops = self._prompt(request)
+            tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            if len(tokens) >= self.ctx:
+                raise ValidationFailed(
+                    f"The prompt is {len(tokens)} tokens; this worker's context is {self.ctx}.",
+                    details={"field": "messages" if request.messages else "prompt"},
+                )
+            max_tokens = min(request.max_tokens, self.ctx - len(tokens))
+            stream = llm.create_completion(
+                prompt=tokens, max_tokens=max_tokens, temperature=request.temperature,
+                top_p=request.top_p, top_k=request.top_k, seed=request.seed,
+                stop=[*template_stops, *request.stop] or None, grammar=self._grammar(request),
+                stream=True,
+            )
+            produced = 0
+            reason: StopReason = "length"
+            try:
+                for chunk in stream:
+                    if cancelled.is_set():
+                        reason = "cancelled"
+                        break
+                    choice = chunk["choices"][0]
+                    if choice["text"]:
+                        on_token(choice["text"])
+                        produced += 1
+                    if choice["finish_reason"]:
+                        reason = "stop" if choice["finish_reason"] == "stop" else "length"
+            finally:
+                stream.close()
+            return Generated(len(tokens), produced, reason)
+        finally:
+            self._pool.put(llm)

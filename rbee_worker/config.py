@@ -1,0 +1,23 @@
+"""The worker's settings, all from its command line (the hive starts it)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    device: str = "CPU-0"
+    backend: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 0
+    worker_id: str = "worker-local"
+    hive_id: str = "localhost"
+    queen_url: str | None = None
+    threads: int = 1
+    ctx: int = 2048
+    slots: int = 1
+    lifeline_fd: int | None = None
+    heartbeat_s: float = 2.0
+    drain_s: float = 5.0
+    max_body_bytes: int = 1 << 20

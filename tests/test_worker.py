@@ -1,0 +1,193 @@
+"""llm-worker-rbee as a real process with the real SmolLM2 model (llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import BIN, Daemon, daemon, wait_for
+
+CHAT = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 40, "seed": 7}
+
+
+def worker_argv(*extra: str) -> list[str]:
+    return [str(BIN / "llm-worker-rbee"), "--model", "smollm2-135m", "--device", "CPU-0", "--threads", "1", *extra]
+
+
+@pytest.fixture
+def worker(isolated_dirs: Path) -> Iterator[Daemon]:
+    with daemon(worker_argv("--port", "0")) as running:
+        yield running
+
+
+def stream_events(url: str, body: dict[str, object]) -> list[object]:
+    events: list[object] = []
+    with httpx.stream("POST", f"{url}/v1/inference", json=body, timeout=httpx.Timeout(10, read=60)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[6:]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_chat_streams_readable_english_and_an_end_event(worker: Daemon) -> None:
+    assert worker.ready["worker_id"] == "worker-local"
+    events = stream_events(worker.url, CHAT)
+    assert events[-1] == "[DONE]"
+    assert isinstance(events[0], dict) and events[0]["type"] == "started"
+    tokens = [e for e in events if isinstance(e, dict) and e["type"] == "token"]
+    assert len(tokens) >= 20
+    assert [t["i"] for t in tokens] == list(range(len(tokens)))
+    text = "".join(t["t"] for t in tokens)
+    words = re.findall(r"[A-Za-z']+", text)
+    assert len(words) >= 10
+    assert {w.lower() for w in words} & {"the", "is", "of", "and", "a", "to", "sky", "blue"}
+    end = events[-2]
+    assert isinstance(end, dict) and end["type"] == "end"
+    assert end["tokens_out"] == len(tokens)
+    assert end["tokens_in"] > 5
+    assert end["stop_reason"] in ("stop", "length")
+
+
+def test_raw_prompt_completion(worker: Daemon) -> None:
+    events = stream_events(worker.url, {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    text = "".join(e["t"] for e in events if isinstance(e, dict) and e["type"] == "token")
+    assert "Paris" in text
+
+
+def test_json_response_format_parses(worker: Daemon) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Describe a cat as JSON with name and age."}],
+        "max_tokens": 120, "response_format": {"type": "json_object"}, "temperature": 0,
+    }
+    events = stream_events(worker.url, body)
+    end = events[-2]
+    assert isinstance(end, dict)
+    text = "".join(e["t"] for e in events if isinstance(e, dict) and e["type"] == "token")
+    if end["stop_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # cut by max_tokens: still JSON so far
+        assert text.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"messages": []}, "messages"),
+        ({"prompt": "hi", "temperature": 3}, "temperature"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_invalid_requests_get_an_envelope_naming_the_field(worker: Daemon, body: dict[str, object], field: str) -> None:
+    response = httpx.post(f"{worker.url}/v1/inference", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_FAILED" and error["details"]["field"] == field
+
+
+def test_one_slot_second_request_gets_503(worker: Daemon) -> None:
+    started = threading.Event()
+    results: list[list[object]] = []
+
+    def first() -> None:
+        with httpx.stream("POST", f"{worker.url}/v1/inference", json={**CHAT, "max_tokens": 200}, timeout=60) as response:
+            events = []
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+            results.append(events)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(30)
+    second = httpx.post(f"{worker.url}/v1/inference", json=CHAT)
+    assert second.status_code == 503
+    assert second.json()["error"]["code"] == "ALL_SLOTS_BUSY"
+    assert httpx.get(f"{worker.url}/v1/ready").json()["state"] == "busy"
+    thread.join(60)
+    assert results[0][-1] == "[DONE]"
+    assert httpx.get(f"{worker.url}/v1/ready").json()["state"] == "ready"
+
+
+def test_delete_cancels_a_running_request(worker: Daemon) -> None:
+    events: list[dict[str, object]] = []
+    body = {**CHAT, "max_tokens": 1000, "request_id": "req-cancel-me"}
+    with httpx.stream("POST", f"{worker.url}/v1/inference", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 3:
+                    assert httpx.delete(f"{worker.url}/v1/inference/req-cancel-me").status_code == 202
+    assert events[-1]["type"] == "end" and events[-1]["stop_reason"] == "cancelled"
+    assert httpx.delete(f"{worker.url}/v1/inference/req-cancel-me").status_code == 404
+
+
+def test_sigterm_mid_stream_ends_the_stream_and_exits_0(isolated_dirs: Path) -> None:
+    with daemon(worker_argv("--port", "0", "--drain-s", "1")) as worker:
+        events: list[str] = []
+        with httpx.stream("POST", f"{worker.url}/v1/inference", json={**CHAT, "max_tokens": 1500}, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        worker.process.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["type"] in ("end", "error")
+        assert worker.process.wait(timeout=4) == 0
+
+
+PARENT = """
+import os, subprocess, sys, time
+read_end, write_end = os.pipe()
+child = subprocess.Popen(sys.argv[1:] + ["--lifeline-fd", str(read_end)], pass_fds=[read_end])
+os.close(read_end)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_worker_exits_when_its_parent_is_killed(isolated_dirs: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, *worker_argv("--port", "0")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        worker_pid = int(parent.stdout.readline())
+        assert wait_for(lambda: psutil.pid_exists(worker_pid), timeout=5)
+        time.sleep(2)  # let it load and serve
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        killed_at = time.monotonic()
+
+        def gone() -> bool:
+            try:
+                return psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        assert wait_for(gone, timeout=5)
+        assert time.monotonic() - killed_at < 2.0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
