@@ -115,6 +115,15 @@ def create_app(name: str, *, component: str, max_body_bytes: int) -> QuartTrio:
     return app
 
 
+def add_shutdown_route(app: QuartTrio, stop: trio.Event, path: str = "/v1/shutdown") -> None:
+    """`POST path` stops the daemon gracefully, the same way SIGTERM does."""
+
+    @app.post(path)
+    async def shutdown() -> Response:
+        stop.set()
+        return json_response({"status": "stopping"}, status=202)
+
+
 async def read_body() -> bytes:
     data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
     return data if isinstance(data, bytes) else data.encode()

@@ -6,7 +6,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from rbee_common.http import create_app, json_response
+from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_hive.service import HiveService
 
@@ -20,10 +20,6 @@ def build_app(service: HiveService, jobs: JobServer, *, stop: trio.Event) -> Qua
             {"status": "ok", "program": "rbee-hive", "hive_id": service.settings.hive_id}
         )
 
-    @app.post("/v1/shutdown")
-    async def shutdown() -> Response:
-        stop.set()
-        return json_response({"status": "stopping"}, status=202)
-
+    add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

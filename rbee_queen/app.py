@@ -9,7 +9,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from rbee_common.daemon import build_timestamp, package_version
-from rbee_common.http import create_app, json_response
+from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.wire import BuildInfo
 from rbee_queen.service import QueenService
@@ -36,10 +36,6 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
             )
         )
 
-    @app.post("/v1/shutdown")
-    async def shutdown() -> Response:
-        stop.set()
-        return json_response({"status": "stopping"}, status=202)
-
+    add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app
