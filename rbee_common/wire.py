@@ -102,11 +102,11 @@ class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
     json_schema: dict[str, Any] | None = None
 
 
-class Infer(_Op, tag="infer", frozen=True, kw_only=True):
-    model: ModelRef
+class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What to generate and how: shared by `infer` and the worker's request."""
+
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    hive_id: Ident | None = None
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
@@ -114,6 +114,11 @@ class Infer(_Op, tag="infer", frozen=True, kw_only=True):
     seed: int | None = None
     stop: list[str] = msgspec.field(default_factory=list)
     response_format: ResponseFormat | None = None
+
+
+class Infer(_Op, GenerationParams, tag="infer", frozen=True, kw_only=True):
+    model: ModelRef
+    hive_id: Ident | None = None
 
 
 # --- operations forwarded to a hive -----------------------------------------
@@ -288,16 +293,7 @@ class BuildInfo(msgspec.Struct, frozen=True, kw_only=True):
 # --- the worker's inference API (DESIGN §3) -------------------------------------
 
 
-class InferenceRequest(msgspec.Struct, frozen=True, kw_only=True):
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    seed: int | None = None
-    stop: list[str] = msgspec.field(default_factory=list)
-    response_format: ResponseFormat | None = None
+class InferenceRequest(GenerationParams, frozen=True, kw_only=True):
     request_id: Ident | None = None
 
 

@@ -68,19 +68,29 @@ def test_raw_prompt_completion(worker: Daemon) -> None:
     assert "Paris" in text
 
 
-def test_json_response_format_parses(worker: Daemon) -> None:
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"schema": {
+            "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        }}},
+    ],
+)
+def test_json_response_format_parses(worker: Daemon, response_format: dict[str, object]) -> None:
     body = {
         "messages": [{"role": "user", "content": "Describe a cat as JSON with name and age."}],
-        "max_tokens": 120, "response_format": {"type": "json_object"}, "temperature": 0,
+        "max_tokens": 400, "response_format": response_format, "temperature": 0,
     }
     events = stream_events(worker.url, body)
     end = events[-2]
-    assert isinstance(end, dict)
+    assert isinstance(end, dict) and end["stop_reason"] == "stop"
     text = "".join(e["t"] for e in events if isinstance(e, dict) and e["type"] == "token")
-    if end["stop_reason"] == "stop":
-        assert isinstance(json.loads(text), dict)
-    else:  # cut by max_tokens: still JSON so far
-        assert text.lstrip().startswith("{")
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    if response_format["type"] == "json_schema":
+        assert isinstance(value["name"], str) and isinstance(value["age"], int)
 
 
 @pytest.mark.parametrize(
