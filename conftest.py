@@ -19,3 +19,11 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         if name.startswith("RBEE_"):
             monkeypatch.delenv(name)
     yield tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight MLX model with a real tokenizer, made once per run."""
+    from tests.tiny_mlx import make_tiny_mlx_model
+
+    return make_tiny_mlx_model(tmp_path_factory.mktemp("mlx") / "tiny-llama")

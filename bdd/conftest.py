@@ -114,3 +114,10 @@ def output_contains(world: World, text: str) -> None:
 
 def error_bodies(world: World) -> list[dict[str, Any]]:
     return [json.loads(r.text)["error"] for r in world.responses if r.status_code >= 400]
+
+
+@given(parsers.re(r"a running worker with (?P<slots>\d+) slots?"), converters={"slots": int})
+def running_worker(world: World, slots: int) -> None:
+    argv = [str(BIN / "llm-worker-rbee"), "--model", "smollm2-135m", "--device", "CPU-0", "--threads", "1",
+            "--slots", str(slots), "--port", "0"]
+    world.extra["worker"] = world.extra["stack"].enter_context(daemon(argv))

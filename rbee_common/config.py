@@ -48,6 +48,8 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     job_retention_s: Positive = 600.0
     event_buffer: Annotated[int, msgspec.Meta(ge=16)] = 10_000
     hive_probe_timeout_s: Positive = 2.0
+    worker_stale_s: Positive = 6.0
+    """A worker silent this long (three missed heartbeats) leaves the registry."""
 
 
 class HiveSettings(_Section, frozen=True, kw_only=True):

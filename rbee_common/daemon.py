@@ -10,6 +10,7 @@ port (port 0 works).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -85,14 +86,27 @@ def run_daemon(
     try:
         trio.run(main)
     except* RbeeError as group:
-        log.error("%s could not start: %s", component, group.exceptions[0])
+        error = _first_leaf(group)
+        hint = error.hint if isinstance(error, RbeeError) else None
+        log.error("%s could not start: %s%s", component, error, f" (hint: {hint})" if hint else "")
         failed = True
     except* OSError as group:
         # Typically the port is taken: say so in one line, not a traceback.
-        first = group.exceptions[0]
-        log.error("%s could not start: %s", component, getattr(first, "strerror", None) or first)
+        first = _first_leaf(group)
+        hint = ""
+        if getattr(first, "errno", None) == errno.EADDRINUSE:
+            hint = " (hint: another process holds that port; pick another --port, or 0 for a free one)"
+        log.error("%s could not start: %s%s", component, getattr(first, "strerror", None) or first, hint)
         failed = True
     return 1 if failed or outcome["hard"] else 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Nested nurseries nest groups; the operator wants the one error inside."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def exit_on_config_error(error: RbeeError, program: str) -> NoReturn:

@@ -279,7 +279,7 @@ class HiveHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     hives: list[HiveHealth]
-    workers: list[dict[str, Any]]
+    workers: list[WorkerInfo]
 
 
 class BuildInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -334,13 +334,21 @@ WorkerState = Literal["loading", "ready", "busy", "draining"]
 
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
-    worker_id: str
-    hive_id: str
-    url: str
-    model: str
-    backend: str
-    device: str
+    """What a worker tells the queen every few seconds (`POST /v1/worker-heartbeat`)."""
+
+    worker_id: Ident
+    hive_id: Ident
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]{1,256}$")]
+    model: Annotated[str, msgspec.Meta(max_length=512)]
+    backend: Annotated[str, msgspec.Meta(pattern=r"^(auto|llama-cpp|mlx)$")]
+    device: DeviceName
     state: WorkerState
-    slots_total: int
-    slots_busy: int
-    pid: int
+    slots_total: Annotated[int, msgspec.Meta(ge=1)]
+    slots_busy: Annotated[int, msgspec.Meta(ge=0)]
+    pid: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class WorkerInfo(WorkerHeartbeat, frozen=True, kw_only=True):
+    """A worker the queen has heard from, and how long ago."""
+
+    last_seen_s: float

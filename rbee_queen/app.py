@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import platform
 
+import msgspec
 import trio
 from quart import Response
 from quart_trio import QuartTrio
 
 from rbee_common.daemon import build_timestamp, package_version
-from rbee_common.http import add_shutdown_route, create_app, json_response
+from rbee_common.http import add_shutdown_route, create_app, json_response, read_body
 from rbee_common.jobs import JobServer, add_job_routes
-from rbee_common.wire import BuildInfo
+from rbee_common.validation import decode_body
+from rbee_common.wire import BuildInfo, WorkerHeartbeat
 from rbee_queen.service import QueenService
+
+_heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
 
 
 def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> QuartTrio:
@@ -35,6 +39,11 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
                 python=platform.python_version(),
             )
         )
+
+    @app.post("/v1/worker-heartbeat")
+    async def worker_heartbeat() -> Response:
+        service.workers.record(decode_body(await read_body(), _heartbeat_decoder))
+        return Response(status=204)
 
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)

@@ -11,8 +11,9 @@ from rbee_common.config import HiveEntry
 from rbee_common.daemon import package_version
 from rbee_common.errors import NotImplementedYet
 from rbee_common.jobs import JobContext
-from rbee_common.wire import HiveHealth, Operation, QueenStatus, Status
+from rbee_common.wire import HiveHealth, Operation, QueenStatus, Status, WorkerInfo, WorkerListActive
 from rbee_queen.config import QueenConfig
+from rbee_queen.registry import WorkerRegistry
 
 
 def hive_url(entry: HiveEntry) -> str:
@@ -24,11 +25,14 @@ class QueenService:
     def __init__(self, config: QueenConfig, *, http: httpx.AsyncClient) -> None:
         self.config = config
         self._http = http
+        self.workers = WorkerRegistry(stale_after_s=config.settings.worker_stale_s)
 
     async def handle(self, operation: Operation, context: JobContext) -> Any:
         match operation:
             case Status():
                 return await self.status(context)
+            case WorkerListActive():
+                return self.worker_list_active(context)
             case _:
                 raise NotImplementedYet(
                     f"Operation `{operation.name}` is not implemented yet in this queen.",
@@ -75,5 +79,10 @@ class QueenService:
         return QueenStatus(
             version=package_version(),
             hives=[results[hive_id] for hive_id in hives],
-            workers=[],
+            workers=self.workers.active(),
         )
+
+    def worker_list_active(self, context: JobContext) -> list[WorkerInfo]:
+        workers = self.workers.active()
+        context.narrate("worker_list_active", f"{len(workers)} worker(s) heard from recently")
+        return workers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -14,6 +15,8 @@ from rbee_common.http import create_app, json_response, read_body, sse_frame, ss
 from rbee_common.validation import decode_body
 from rbee_common.wire import DONE, InferenceEvent, InferenceRequest
 from rbee_worker.service import WorkerService, encode_event
+
+log = logging.getLogger("rbee.worker")
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
 
@@ -41,21 +44,26 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
         nursery.start_soon(service.run, active, request, send)
 
         async def frames() -> AsyncIterator[bytes]:
+            ended = False
             try:
                 async with receive:
                     async for event in receive:
                         yield sse_frame(None, encode_event(event).decode())
+                ended = True
                 yield sse_frame(None, DONE)
             finally:
+                if not ended and not active.cancelled.is_set():
+                    log.info("client went away: cancelling request_id=%s", active.request_id)
                 active.cancelled.set()  # a no-op when it ended; stops it when the client left
 
         return sse_response(frames())
 
     @app.delete("/v1/inference/<request_id>")
     async def cancel(request_id: str) -> Response:
+        # Idempotent: a request that already ended (or was cancelled) answers 204 again.
         if not service.cancel(request_id):
-            raise NotFound("No running request with that id.", code="REQUEST_NOT_FOUND")
-        return json_response({"status": "cancelling"}, status=202)
+            raise NotFound("No running or recent request with that id.", code="REQUEST_NOT_FOUND")
+        return Response(status=204)
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> Response:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from rbee_common.errors import ServiceUnavailable, ValidationFailed
+from rbee_common.errors import ServiceUnavailable, Unprocessable, ValidationFailed
 from rbee_common.wire import InferenceRequest, StopReason
 from rbee_worker.models import ResolvedModel
 
@@ -36,6 +36,8 @@ class Generated(msgspec.Struct, frozen=True):
 class Backend(Protocol):
     name: str
     ctx: int
+    json_mode: bool
+    """Whether `response_format` json_object / json_schema can be enforced."""
 
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
@@ -44,6 +46,10 @@ class Backend(Protocol):
 
 class BackendUnavailable(ServiceUnavailable):
     code = "BACKEND_UNAVAILABLE"
+
+
+class ModelLoadFailed(Unprocessable):
+    code = "MODEL_LOAD_FAILED"
 
 
 def choose_backend(model: ResolvedModel, requested: str) -> str:
@@ -61,10 +67,14 @@ def load_backend(
         if model.format != "gguf":
             raise BackendUnavailable("llama.cpp serves GGUF files; this model is an MLX directory.")
         return LlamaCppBackend(model, device=device, threads=threads, ctx=ctx, slots=slots)
-    raise BackendUnavailable(
-        f"Backend {name} is not available in this build.",
-        hint="Use a GGUF model with --backend llama-cpp.",
-    )
+    if name == "mlx":
+        if model.format != "mlx":
+            raise BackendUnavailable(
+                "MLX serves MLX model directories; this model is a GGUF file.",
+                hint="Use --backend llama-cpp (or auto) for GGUF models.",
+            )
+        return MlxBackend(model, device=device, ctx=ctx)
+    raise BackendUnavailable(f"Unknown backend {name}.", hint="Use auto, llama-cpp or mlx.")
 
 
 _FALLBACK_TEMPLATE = (
@@ -75,6 +85,7 @@ _FALLBACK_TEMPLATE = (
 
 class LlamaCppBackend:
     name = "llama-cpp"
+    json_mode = True
 
     def __init__(self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int) -> None:
         try:
@@ -90,10 +101,16 @@ class LlamaCppBackend:
         self._pool: queue.Queue[Any] = queue.Queue()
         first = None
         for _ in range(slots):
-            llm = Llama(
-                model_path=model.path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
-                n_gpu_layers=gpu_layers, verbose=False,
-            )
+            try:
+                llm = Llama(
+                    model_path=model.path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+                    n_gpu_layers=gpu_layers, verbose=False,
+                )
+            except (ValueError, RuntimeError, OSError) as error:  # llama.cpp says little more
+                raise ModelLoadFailed(
+                    "llama.cpp could not load the model: not a valid GGUF file, or too little memory.",
+                    hint="Check the file (a finished download, a GGUF this llama.cpp reads) and free memory.",
+                ) from error
             first = first or llm
             self._pool.put(llm)
         if first is None:
@@ -162,3 +179,122 @@ class LlamaCppBackend:
             return Generated(len(tokens), produced, reason)
         finally:
             self._pool.put(llm)
+
+
+class StopMatcher:
+    """Finds stop sequences across token boundaries, holding back a partial match."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """The text that is safe to emit now, and whether a stop sequence was met."""
+        text = self._pending + piece
+        hits = [i for i in (text.find(stop) for stop in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return text[: min(hits)], True
+        hold = max(
+            (n for stop in self._stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+             if stop.startswith(text[-n:])),
+            default=0,
+        )
+        self._pending = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+
+class MlxBackend:
+    """`mlx-lm` on an MLX model directory: Metal on Apple Silicon, `mlx[cpu]` elsewhere.
+
+    MLX evaluation is not documented as thread-safe, so generations take turns
+    under one lock: with `--slots 2` the second request waits for the first.
+    """
+
+    name = "mlx"
+    json_mode = False
+
+    def __init__(self, model: ResolvedModel, *, device: str, ctx: int) -> None:
+        try:
+            import mlx.core as mx
+            from mlx_lm import load
+        except ImportError as error:
+            raise BackendUnavailable(
+                "mlx-lm is not installed.", hint="pip install mlx-lm (and mlx[cpu] on Linux)"
+            ) from error
+        if device.startswith("GPU-"):
+            raise BackendUnavailable(
+                "MLX runs on METAL-0 or CPU-0, not on CUDA devices.", hint="Use --backend llama-cpp."
+            )
+        mx.set_default_device(mx.cpu if device == "CPU-0" else mx.gpu)
+        self.ctx = ctx
+        self._mx = mx
+        try:
+            loaded = load(model.path)
+        except (ValueError, RuntimeError, OSError, KeyError) as error:
+            raise ModelLoadFailed(
+                f"mlx-lm could not load the model directory: {type(error).__name__}.",
+                hint="Check config.json, weights and tokenizer files; mlx-lm must know the model type.",
+            ) from error
+        self._model: Any = loaded[0]
+        self._tokenizer: Any = loaded[1]
+        self._lock = threading.Lock()
+
+    def _prompt(self, request: InferenceRequest) -> list[int]:
+        tokenizer = self._tokenizer
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if getattr(tokenizer, "chat_template", None):
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return list(tokenizer.encode(text))
+        return list(tokenizer.encode(request.prompt or ""))
+
+    def generate(
+        self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
+    ) -> Generated:
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        tokens = self._prompt(request)
+        if len(tokens) >= self.ctx:
+            raise ValidationFailed(
+                f"The prompt is {len(tokens)} tokens; this worker's context is {self.ctx}.",
+                details={"field": "messages" if request.messages else "prompt"},
+            )
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        stops = StopMatcher(request.stop)
+        produced = 0
+        reason: StopReason = "length"
+        with self._lock:
+            if request.seed is not None:
+                self._mx.random.seed(request.seed)
+            stream = stream_generate(
+                self._model, self._tokenizer, tokens,
+                max_tokens=min(request.max_tokens, self.ctx - len(tokens)), sampler=sampler,
+            )
+            try:
+                for response in stream:
+                    if cancelled.is_set():
+                        reason = "cancelled"
+                        break
+                    produced = response.generation_tokens
+                    text, stopped = stops.feed(response.text)
+                    if text:
+                        on_token(text)
+                    if stopped:
+                        reason = "stop"
+                        break
+                    if response.finish_reason:
+                        reason = "stop" if response.finish_reason == "stop" else "length"
+                else:
+                    if tail := stops.flush():
+                        on_token(tail)
+            finally:
+                stream.close()
+        return Generated(len(tokens), produced, reason)

@@ -37,7 +37,9 @@ async def heartbeat_forever(service: WorkerService, http: httpx.AsyncClient, que
         elif ok and failing:
             log.info("heartbeat to the queen works again")
         failing = not ok
-        await trio.sleep(service.config.heartbeat_s)
+        with trio.move_on_after(service.config.heartbeat_s):
+            await service.state_changed.wait()  # loaded or draining: tell the queen now
+        service.state_changed = trio.Event()
 
 
 async def watch_lifeline(fd: int, service: WorkerService, stop: trio.Event) -> None:
@@ -84,5 +86,6 @@ async def serve(
                 threads=config.threads, ctx=config.ctx, slots=config.slots,
             )
         )
+        service.state_changed.set()
         log.info("model %s loaded with %s on %s", config.model, service.backend.name, config.device)
         task_status.started(urls)

@@ -8,6 +8,7 @@ a flag the thread checks between tokens.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -71,9 +72,13 @@ class WorkerService:
         self.config = config
         self.backend: Backend | None = None
         self.draining = False
+        self.state_changed = trio.Event()
+        """Set on loaded and on draining, so a heartbeat goes out at once."""
         self.drain_s = config.drain_s
         self.url = ""
         self.active: dict[str, ActiveRequest] = {}
+        self.recent: collections.deque[str] = collections.deque(maxlen=1024)
+        """Ids of requests that ended, so a repeated DELETE stays a 204."""
 
     @property
     def state(self) -> WorkerState:
@@ -100,10 +105,19 @@ class WorkerService:
         if self.draining:
             raise ServiceUnavailable("This worker is shutting down.", code="DRAINING")
         validate(request, self.config.ctx)
+        wants_json = request.response_format is not None and request.response_format.type != "text"
+        if wants_json and not self.backend.json_mode:
+            raise ValidationFailed(
+                f"The {self.backend.name} backend cannot constrain output to JSON.",
+                details={"field": "response_format"},
+                hint="Serve a GGUF model on llama.cpp for JSON mode.",
+            )
         if len(self.active) >= self.config.slots:
             raise AllSlotsBusy(
                 f"All {self.config.slots} slot(s) of this worker are busy.",
-                details={"retry_after_s": 1},
+                details={
+                    "retry_after_s": 1, "slots_total": self.config.slots, "slots_busy": len(self.active),
+                },
             )
         request_id = request.request_id or f"req-{uuid.uuid4()}"
         if request_id in self.active:
@@ -115,7 +129,7 @@ class WorkerService:
     def cancel(self, request_id: str) -> bool:
         active = self.active.get(request_id)
         if active is None:
-            return False
+            return request_id in self.recent
         active.cancelled.set()
         return True
 
@@ -167,11 +181,13 @@ class WorkerService:
             active.cancelled.set()  # the client went away
         finally:
             self.active.pop(active.request_id, None)
+            self.recent.append(active.request_id)
             active.done.set()
 
     async def drain(self, deadline_s: float) -> None:
         """Refuse new requests; let active ones finish, then cancel the rest."""
         self.draining = True
+        self.state_changed.set()
         with trio.move_on_after(deadline_s):
             for active in list(self.active.values()):
                 await active.done.wait()

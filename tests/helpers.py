@@ -110,3 +110,30 @@ def port_open(url_or_port: str | int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_job(url: str, operation: dict[str, object], timeout: float = 120.0) -> tuple[list[dict[str, object]], str]:
+    """Submit a job over HTTP and read its stream to the end: (events, terminator)."""
+    import httpx
+
+    created = httpx.post(f"{url}/v1/jobs", json=operation, timeout=10)
+    assert created.status_code == 201, created.text
+    events: list[dict[str, object]] = []
+    with httpx.stream("GET", url + created.json()["sse_url"], timeout=httpx.Timeout(10, read=timeout)) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data.startswith("{"):
+                events.append(json.loads(data))
+            else:
+                return events, data
+    raise AssertionError("the job stream ended without a terminator")
+
+
+def job_result(url: str, operation: dict[str, object], timeout: float = 120.0) -> object:
+    events, terminator = run_job(url, operation, timeout)
+    assert terminator == "[DONE]", (terminator, events[-3:])
+    results = [e["value"] for e in events if e["type"] == "result"]
+    assert len(results) == 1, events
+    return results[0]

@@ -145,9 +145,10 @@ def test_delete_cancels_a_running_request(worker: Daemon) -> None:
             if line.startswith("data: {"):
                 events.append(json.loads(line[6:]))
                 if len(events) == 3:
-                    assert httpx.delete(f"{worker.url}/v1/inference/req-cancel-me").status_code == 202
+                    assert httpx.delete(f"{worker.url}/v1/inference/req-cancel-me").status_code == 204
     assert events[-1]["type"] == "end" and events[-1]["stop_reason"] == "cancelled"
-    assert httpx.delete(f"{worker.url}/v1/inference/req-cancel-me").status_code == 404
+    assert httpx.delete(f"{worker.url}/v1/inference/req-cancel-me").status_code == 204  # idempotent
+    assert httpx.delete(f"{worker.url}/v1/inference/req-never-was").status_code == 404
 
 
 def test_sigterm_mid_stream_ends_the_stream_and_exits_0(isolated_dirs: Path) -> None:
