@@ -63,6 +63,20 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
     max_live_jobs: Annotated[int, msgspec.Meta(ge=1)] = 64
     job_retention_s: Positive = 600.0
+    worker_port_min: Port = 9300
+    worker_port_max: Port = 9399
+    worker_ready_timeout_s: Positive = 120.0
+    """A worker not ready this long after spawn is killed; its last log lines are reported."""
+    worker_stop_grace_s: Positive = 5.0
+    """`worker_stop` and shutdown: graceful this long, then SIGKILL."""
+    worker_binary: str | None = None
+    """`llm-worker-rbee` to run (default: the one installed next to this Python)."""
+    cpu_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Threads all CPU workers may use together (default: the physical cores)."""
+    download_stall_s: Positive = 60.0
+    download_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+    disk_reserve_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 << 20
+    """Downloads leave at least this much of the data disk free."""
 
 
 class KeeperSettings(_Section, frozen=True, kw_only=True):

@@ -20,6 +20,10 @@ def build_app(service: HiveService, jobs: JobServer, *, stop: trio.Event) -> Qua
             {"status": "ok", "program": "rbee-hive", "hive_id": service.settings.hive_id}
         )
 
+    @app.get("/v1/capabilities")
+    async def capabilities() -> Response:
+        return json_response(await trio.to_thread.run_sync(service.capabilities))
+
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

@@ -21,13 +21,23 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     limits = JobLimits(max_live_jobs=settings.max_live_jobs, retention_s=settings.job_retention_s)
-    async with trio.open_nursery() as nursery:
-        service = HiveService(settings)
-        jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
-        app = build_app(service, jobs, stop=stop)
-        if lifeline_stdin:
-            nursery.start_soon(watch_stdin_lifeline, stop)
-        urls = await nursery.start(
-            functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
-        )
-        task_status.started(urls)
+    # Workers and downloads live in their own nursery (`children`), outside the
+    # job server's (which it cancels when HTTP is down): after the server has
+    # stopped, every worker is stopped (graceful, then SIGKILL), then the hive exits.
+    async with trio.open_nursery() as children:
+        service = HiveService(settings, children)
+        try:
+            async with trio.open_nursery() as nursery:
+                jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
+                app = build_app(service, jobs, stop=stop)
+                if lifeline_stdin:
+                    nursery.start_soon(watch_stdin_lifeline, stop)
+                urls = await nursery.start(
+                    functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
+                )
+                task_status.started(urls)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(settings.worker_stop_grace_s + 3):
+                await service.workers.stop_all()
+            service.workers.kill_all()  # anything that outlived the deadline
+            children.cancel_scope.cancel()

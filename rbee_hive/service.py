@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from rbee_common.config import HiveSettings
+import trio
+
+from rbee_common.config import HiveSettings, data_dir, state_dir
 from rbee_common.errors import InvalidRequest, NotImplementedYet
 from rbee_common.jobs import JobContext
-from rbee_common.wire import Infer, Operation
+from rbee_common.wire import (
+    Infer,
+    ModelDelete,
+    ModelDownload,
+    ModelGet,
+    ModelList,
+    Operation,
+    WorkerGet,
+    WorkerList,
+    WorkerSpawn,
+    WorkerStop,
+)
+from rbee_hive.catalog import Catalog, CatalogEntry
+from rbee_hive.devices import Capabilities, available_backends, detect_devices, disk_free
+from rbee_hive.downloads import Downloader
+from rbee_hive.workers import HiveWorker, Workers
 
 
 class HiveService:
-    def __init__(self, settings: HiveSettings) -> None:
+    def __init__(self, settings: HiveSettings, nursery: trio.Nursery) -> None:
         self.settings = settings
+        root = Path(settings.data_dir) if settings.data_dir else data_dir()
+        self.catalog = Catalog(root / "models")
+        self.downloads = Downloader(
+            self.catalog, nursery, stall_s=settings.download_stall_s, attempts=settings.download_attempts,
+            reserve_bytes=settings.disk_reserve_bytes,
+        )
+        self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers")
 
     async def handle(self, operation: Operation, context: JobContext) -> Any:
         match operation:
@@ -23,8 +48,46 @@ class HiveService:
                     code="WRONG_DAEMON",
                     hint="Send inference to the queen; it talks to workers directly.",
                 )
+            case WorkerSpawn():
+                return await self.workers.spawn(operation, context)
+            case WorkerList():
+                workers = self.workers.list()
+                context.narrate("worker_list", f"{len(workers)} worker(s) on this hive")
+                return workers
+            case WorkerGet(worker_id=worker_id):
+                return self.workers.get(worker_id)
+            case WorkerStop(worker_id=worker_id):
+                return await self.workers.stop(worker_id, context)
+            case ModelDownload(model=model):
+                return await self.downloads.download(model, context)
+            case ModelList():
+                models = self.catalog.list()
+                context.narrate("model_list", f"{len(models)} model(s) in the catalog")
+                return models
+            case ModelGet(model=model):
+                return self.catalog.get(model)
+            case ModelDelete(model=model):
+                return self.model_delete(model, context)
             case _:
                 raise NotImplementedYet(
-                    f"Operation `{operation.name}` is not implemented yet in this hive.",
-                    details={"operation": operation.name},
+                    f"Operation `{operation.name}` is a queen operation, not a hive one.",
+                    code="WRONG_DAEMON", details={"operation": operation.name},
+                    hint="Send it to the queen.",
                 )
+
+    def model_delete(self, ref: str, context: JobContext) -> CatalogEntry:
+        entry = self.catalog.get(ref)
+        deleted = self.catalog.delete(ref, in_use=self.workers.uses_model(entry))
+        context.narrate("model_delete", f"Deleted {deleted.id} ({deleted.size_bytes / 1e6:.0f} MB)")
+        return deleted
+
+    def capabilities(self) -> Capabilities:
+        """Blocking (NVML, disk): call it in a thread."""
+        return Capabilities(
+            hive_id=self.settings.hive_id, devices=detect_devices(), backends=available_backends(),
+            disk_free_bytes=disk_free(self.catalog.root), models=len(self.catalog.list()),
+            workers=len(self.workers.list()),
+        )
+
+    def worker_list(self) -> list[HiveWorker]:
+        return self.workers.list()

@@ -36,6 +36,7 @@ def die_with_parent() -> None:
 @cli.command()
 def main(
     model: Annotated[str, typer.Option(help="smollm2-135m, file:///abs/path.gguf, a .gguf path, or an MLX model dir.")],  # noqa: E501
+    model_name: Annotated[str | None, typer.Option(help="The name to report in heartbeats and events (default: --model).")] = None,  # noqa: E501
     device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
     backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -58,6 +59,8 @@ def main(
         problem = "--device must be CPU-0, METAL-0 or GPU-<n>."
     elif backend not in ("auto", "llama-cpp", "mlx"):
         problem = "--backend must be auto, llama-cpp or mlx."
+    elif model_name is not None and not re.fullmatch(r"[A-Za-z0-9._:/@+=-]{1,512}", model_name):
+        problem = "--model-name may hold letters, digits and . _ : / @ + = -."
     elif not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", worker_id):
         problem = "--worker-id may hold letters, digits, '.', '_' and '-'."
     if problem:
@@ -67,7 +70,8 @@ def main(
         os.environ["CUDA_VISIBLE_DEVICES"] = device.removeprefix("GPU-")
     die_with_parent()
     config = WorkerConfig(
-        model=model, device=device, backend=backend, host=host, port=port, worker_id=worker_id,
+        model=model, model_name=model_name, device=device, backend=backend, host=host, port=port,
+        worker_id=worker_id,
         hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx, slots=slots,
         lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s,
     )

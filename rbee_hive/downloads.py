@@ -1,0 +1,349 @@
+"""Model downloads from Hugging Face (or any HF-compatible `HF_ENDPOINT`).
+
+`huggingface_hub` resolves the repo (its files, sizes, LFS sha256 and the
+revision), the URLs and the auth headers, honouring `HF_ENDPOINT` and
+`HF_TOKEN`. The bytes move through httpx here, not `hf_hub_download`: a job
+needs progress events, a cancellation point between chunks and a stall
+timeout, and `hf_hub_download` is one blocking call with none of those.
+
+A download lands in `<models>/.partial/<id>/` and resumes from there with a
+`Range` request; only when every file is complete and its sha256 matches are
+the files moved into the catalog and `meta.json` written. Concurrent requests
+for one model share one transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+
+from rbee_common.errors import Forbidden, NotFound, RbeeError, ServiceUnavailable, Unprocessable
+from rbee_common.jobs import JobContext
+from rbee_hive.catalog import Catalog, CatalogEntry, HfRef, catalog_id, new_entry, parse_hf
+
+log = logging.getLogger("rbee.hive.downloads")
+_MLX_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+class DownloadFailed(ServiceUnavailable):
+    code = "DOWNLOAD_FAILED"
+
+
+class DownloadStalled(DownloadFailed):
+    code = "DOWNLOAD_STALLED"
+
+
+class AccessDenied(Forbidden):
+    code = "ACCESS_DENIED"
+
+
+class InsufficientDisk(Unprocessable):
+    code = "INSUFFICIENT_DISK"
+
+
+class RemoteFile(msgspec.Struct, frozen=True):
+    name: str
+    size: int
+    sha256: str | None
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    model_id: str
+    reference: str
+    repo: str
+    revision: str
+    files: list[RemoteFile]
+    format: str
+
+    @property
+    def total(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _not_found(message: str, **details: Any) -> NotFound:
+    return NotFound(
+        message, code="MODEL_NOT_FOUND", details=details,
+        hint="Check the name on the Hub; a private repo also needs HF_TOKEN in the hive's environment.",
+    )
+
+
+def _access_denied() -> AccessDenied:
+    return AccessDenied(
+        "Access to that repository was denied (private or gated).",
+        hint="Accept the model's terms on the Hub and set HF_TOKEN in the hive's environment.",
+    )
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def resolve_plan(ref: str, hf: HfRef) -> Plan:
+    """Blocking (run in a thread): ask the Hub what files the reference means."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = HfApi(endpoint=endpoint()).model_info(hf.repo, files_metadata=True, timeout=30)
+    except GatedRepoError:
+        raise _access_denied() from None
+    except RepositoryNotFoundError:
+        raise _not_found("No such model repository on the Hub (or it is private).") from None
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise _access_denied() from None
+        raise DownloadFailed(f"The Hub answered HTTP {status}.", hint="Try again later.") from None
+    except (OSError, ValueError) as error:  # connection refused, DNS, timeouts
+        raise DownloadFailed(
+            "Could not reach the Hub.", hint="Check the network, or HF_ENDPOINT for a mirror."
+        ) from error
+    files = [
+        RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
+        for s in info.siblings or []
+    ]
+    ggufs = [f for f in files if f.name.endswith(".gguf")]
+    chosen: list[RemoteFile]
+    if hf.select and hf.select.endswith(".gguf"):
+        chosen = [f for f in ggufs if f.name == hf.select]
+    elif hf.select:
+        chosen = [f for f in ggufs if hf.select.upper() in f.name.upper()]
+    elif len(ggufs) > 1:
+        chosen = [f for f in ggufs if "Q4_K_M" in f.name.upper()][:1]
+    else:
+        chosen = ggufs
+    fmt = "gguf"
+    if not ggufs and not hf.select and any(f.name == "config.json" for f in files) and any(
+        f.name.endswith(".safetensors") for f in files
+    ):
+        chosen, fmt = [f for f in files if f.name.endswith(_MLX_SUFFIXES)], "mlx"
+    if len(chosen) != 1 and fmt == "gguf":
+        names = sorted(f.name for f in ggufs)
+        if not names:
+            raise _not_found("That repository has no GGUF file and is not an MLX model.")
+        raise _not_found(
+            "Say which GGUF file to download: hf:<org>/<repo>:<file or quant>.", choices=names[:50]
+        )
+    return Plan(
+        model_id=catalog_id(ref), reference=ref, repo=hf.repo, revision=info.sha or "main",
+        files=chosen, format=fmt,
+    )
+
+
+class Transfer:
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self.done = 0
+        self.total: int | None = None
+        self.started = time.monotonic()
+        self.stage = "resolving"
+        self.finished = trio.Event()
+        self.entry: CatalogEntry | None = None
+        self.error: RbeeError | None = None
+        self.waiters = 0
+        self.scope = trio.CancelScope()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.started, 1e-3)
+
+
+class Downloader:
+    def __init__(
+        self, catalog: Catalog, nursery: trio.Nursery, *, stall_s: float, attempts: int, reserve_bytes: int
+    ) -> None:
+        self.catalog = catalog
+        self.nursery = nursery
+        self.stall_s = stall_s
+        self.attempts = attempts
+        self.reserve_bytes = reserve_bytes
+        self.transfers: dict[str, Transfer] = {}
+
+    async def download(self, ref: str, context: JobContext) -> CatalogEntry:
+        hf = parse_hf(ref)
+        if hf is None:
+            raise _not_found("Only hf:<org>/<repo>[:<file or quant>] references can be downloaded.")
+        existing = self.catalog.find(ref)
+        if existing is not None:
+            context.narrate(
+                "model_download", f"Model {existing.id} is already in the catalog", model=existing.id
+            )
+            return existing
+        key = catalog_id(ref)
+        transfer = self.transfers.get(key)
+        if transfer is None:
+            transfer = self.transfers[key] = Transfer(ref)
+            self.nursery.start_soon(self._run, key, transfer, hf)
+        else:
+            context.narrate("model_download", "Joining the download already in progress", model=key)
+        transfer.waiters += 1
+        stage = ""
+        try:
+            while not transfer.finished.is_set():
+                if transfer.stage != stage:
+                    stage = transfer.stage
+                    context.narrate("model_download", stage.capitalize(), model=key)
+                if transfer.total is not None:
+                    context.progress("download", transfer.done, transfer.total, rate=round(transfer.rate, 1))
+                with trio.move_on_after(0.5):
+                    await transfer.finished.wait()
+            if transfer.error is not None:
+                raise transfer.error
+            if transfer.entry is None:
+                raise DownloadFailed("The download ended without a model.")
+            context.progress("download", transfer.done, transfer.total, rate=round(transfer.rate, 1))
+            context.narrate("model_download", f"Model {transfer.entry.id} is in the catalog", model=key)
+            return transfer.entry
+        finally:
+            transfer.waiters -= 1
+            if transfer.waiters == 0 and not transfer.finished.is_set():
+                transfer.scope.cancel()  # nobody waits for it any more; the partial file stays
+
+    async def _run(self, key: str, transfer: Transfer, hf: HfRef) -> None:
+        try:
+            with transfer.scope:
+                transfer.entry = await self._transfer(transfer, hf)
+        except RbeeError as error:
+            transfer.error = error
+        except Exception as error:
+            log.error("download of %s failed", key, exc_info=error)
+            transfer.error = DownloadFailed("The download failed unexpectedly; see the hive's log.")
+        finally:
+            if transfer.entry is None and transfer.error is None:
+                transfer.error = DownloadFailed("The download was cancelled.")
+            del self.transfers[key]
+            transfer.finished.set()
+
+    async def _transfer(self, transfer: Transfer, hf: HfRef) -> CatalogEntry:
+        plan = await trio.to_thread.run_sync(resolve_plan, transfer.ref, hf)
+        partial = self.catalog.partial_root / plan.model_id
+        partial.mkdir(parents=True, exist_ok=True)
+        have = sum(_size(partial / (f.name + ".partial")) for f in plan.files)
+        free = shutil.disk_usage(partial).free
+        needed = plan.total - have + self.reserve_bytes
+        if needed > free:
+            raise InsufficientDisk(
+                f"Not enough disk space: the download needs {_mb(plan.total - have)} MB more "
+                f"(plus {_mb(self.reserve_bytes)} MB kept free) and {_mb(free)} MB are free.",
+                details={"required_bytes": plan.total - have, "available_bytes": free,
+                         "free_at_least_bytes": needed - free},
+                hint=f"Free at least {_mb(needed - free)} MB on the hive's data disk.",
+            )
+        transfer.total, transfer.done = plan.total, have
+        transfer.stage = f"downloading {len(plan.files)} file(s), {_mb(plan.total)} MB" + (
+            f", resuming at {_mb(have)} MB" if have else "")
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        headers = build_hf_headers()
+        timeout = httpx.Timeout(30.0, read=self.stall_s)
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as http:
+            for file in plan.files:
+                url = hf_hub_url(plan.repo, file.name, revision=plan.revision, endpoint=endpoint())
+                await self._fetch(http, url, headers, partial / (file.name + ".partial"), file, transfer)
+        transfer.stage = "verifying"
+        for file in plan.files:
+            if file.sha256:
+                digest = await trio.to_thread.run_sync(_sha256, partial / (file.name + ".partial"))
+                if digest != file.sha256:
+                    (partial / (file.name + ".partial")).unlink()
+                    raise DownloadFailed(
+                        "A downloaded file did not match its checksum and was deleted.",
+                        code="DOWNLOAD_CORRUPT", hint="Run the download again.",
+                    )
+        final = self.catalog.root / plan.model_id
+        for file in plan.files:
+            target = final / file.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial / (file.name + ".partial"), target)
+        shutil.rmtree(partial, ignore_errors=True)
+        path = final / plan.files[0].name if plan.format == "gguf" else final
+        source = f"hf:{plan.repo}:{plan.files[0].name}" if plan.format == "gguf" else f"hf:{plan.repo}"
+        return self.catalog.register(new_entry(
+            model_id=plan.model_id, reference=plan.reference, provider="hf", fmt=plan.format,  # type: ignore[arg-type]
+            path=path, files=[f.name for f in plan.files], size=plan.total, source=source,
+        ))
+
+    async def _fetch(
+        self, http: httpx.AsyncClient, url: str, headers: dict[str, str], dest: Path, file: RemoteFile,
+        transfer: Transfer,
+    ) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        problem: RbeeError = DownloadFailed("The download failed.")
+        for attempt in range(self.attempts):
+            if attempt:
+                await trio.sleep(min(0.1 * 2 ** (attempt - 1), 5.0))
+                transfer.stage = f"retrying (attempt {attempt + 1} of {self.attempts})"
+            have = _size(dest)
+            if have > file.size:
+                _remove(dest)
+                transfer.done -= have
+                have = 0
+            if have == file.size:
+                return
+            request_headers = {**headers, **({"Range": f"bytes={have}-"} if have else {})}
+            try:
+                async with http.stream("GET", url, headers=request_headers) as response:
+                    if response.status_code in (401, 403):
+                        raise _access_denied()
+                    if response.status_code == 404:
+                        raise _not_found("That file is not in the repository.")
+                    if response.status_code not in (200, 206):
+                        problem = DownloadFailed(f"The Hub answered HTTP {response.status_code}.")
+                        continue
+                    if response.status_code == 200 and have:  # the server ignored Range: start over
+                        transfer.done -= have
+                        have = 0
+                    async with await trio.open_file(dest, "ab" if have else "wb") as out:
+                        async for chunk in response.aiter_bytes(1 << 20):
+                            await out.write(chunk)
+                            transfer.done += len(chunk)
+                if _size(dest) == file.size:
+                    return
+                problem = DownloadFailed("The connection ended before the file was complete.")
+            except httpx.ReadTimeout:
+                problem = DownloadStalled(
+                    f"The download stalled: no data for {self.stall_s:g} s.",
+                    hint="Check the network; the next try resumes where this one stopped.",
+                )
+            except httpx.TransportError:
+                problem = DownloadFailed(
+                    "The connection to the Hub broke.", hint="Run it again; it resumes where it stopped."
+                )
+            log.warning("download attempt %d of %s failed: %s", attempt + 1, file.name, problem.message)
+        problem.details.setdefault("hint", "Run the download again; it resumes where it stopped.")
+        raise problem
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _mb(size: int) -> int:
+    return round(size / 1e6)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,402 @@
+"""The hive's workers: spawn with preflight, supervise, stop (DESIGN §4, §6).
+
+Every worker is a child of the hive, started from the trio thread (so Linux's
+PR_SET_PDEATHSIG follows the hive), with a lifeline pipe whose write end only
+the hive holds: if the hive dies, the worker reads EOF and exits. A
+supervisor task per worker reaps it and removes it from the registry when it
+exits, whoever stopped it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import msgspec
+import psutil
+import trio
+
+from rbee_common.config import HiveSettings
+from rbee_common.errors import NotFound, RbeeError, ServiceUnavailable, Unprocessable
+from rbee_common.jobs import JobContext
+from rbee_common.wire import WorkerSpawn
+from rbee_hive.catalog import Catalog, CatalogEntry, check_reference
+from rbee_hive.devices import available_backends, detect_devices, physical_cores
+
+log = logging.getLogger("rbee.hive.workers")
+WorkerPhase = Literal["starting", "ready", "stopping"]
+
+
+class HiveWorker(msgspec.Struct, kw_only=True):
+    worker_id: str
+    model: str
+    device: str
+    backend: str
+    threads: int
+    pid: int
+    port: int
+    url: str
+    state: WorkerPhase
+    started_at: float
+    log_path: str
+
+
+class InsufficientResources(Unprocessable):
+    code = "INSUFFICIENT_RESOURCES"
+
+
+class WorkerStartFailed(ServiceUnavailable):
+    code = "WORKER_START_FAILED"
+
+
+class _Running:
+    def __init__(self, info: HiveWorker, process: trio.Process, lifeline: int, model_path: str) -> None:
+        self.info = info
+        self.process = process
+        self.lifeline = lifeline
+        self.model_path = model_path
+        self.exited = trio.Event()
+
+
+def tail(path: Path, lines: int = 10) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def worker_command(settings: HiveSettings) -> list[str]:
+    if settings.worker_binary:
+        return [settings.worker_binary]
+    beside = Path(sys.executable).parent / "llm-worker-rbee"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "rbee_worker"]
+
+
+class Workers:
+    def __init__(
+        self, settings: HiveSettings, catalog: Catalog, nursery: trio.Nursery, *, log_dir: Path
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.nursery = nursery
+        self.log_dir = log_dir
+        self.running: dict[str, _Running] = {}
+        self._reserved_ports: set[int] = set()
+
+    # --- queries --------------------------------------------------------------
+
+    def list(self) -> list[HiveWorker]:
+        return [r.info for r in sorted(self.running.values(), key=lambda r: r.info.started_at)]
+
+    def get(self, worker_id: str) -> HiveWorker:
+        running = self.running.get(worker_id)
+        if running is None:
+            raise NotFound("No worker with that id on this hive.", code="WORKER_NOT_FOUND",
+                           hint="List them with `worker_list`.")
+        return running.info
+
+    def uses_model(self, entry: CatalogEntry) -> bool:
+        return any(r.model_path == entry.path or r.info.model == entry.id for r in self.running.values())
+
+    def cpu_budget(self) -> tuple[int, int]:
+        """(threads all CPU workers may use, threads they use now)."""
+        total = self.settings.cpu_threads or physical_cores()
+        used = sum(r.info.threads for r in self.running.values() if r.info.device == "CPU-0")
+        return total, used
+
+    # --- spawn ----------------------------------------------------------------
+
+    def _model(self, ref: str) -> tuple[str, str, str, int]:
+        """(name reported by the worker, path or built-in name, format, size in bytes)."""
+        check_reference(ref)
+        entry = self.catalog.find(ref)
+        if entry is not None:
+            model_arg = entry.id if entry.provider == "builtin" else entry.path
+            return entry.id, model_arg, entry.format, entry.size_bytes
+        if ref.startswith("file://"):
+            path = Path(ref.removeprefix("file://"))
+            if path.is_absolute() and path.is_file() and path.suffix == ".gguf":
+                return ref, str(path), "gguf", path.stat().st_size
+            if path.is_absolute() and path.is_dir() and (path / "config.json").is_file():
+                size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+                return ref, str(path), "mlx", size
+        raise NotFound(
+            "That model is not on this hive.", code="MODEL_NOT_FOUND",
+            hint="Download it first (`model_download`), or give file:///abs/path.gguf.",
+        )
+
+    def preflight(self, op: WorkerSpawn) -> tuple[str, str, str, int]:
+        """Check model, device, backend, memory and threads; (name, model arg, backend, threads)."""
+        command = worker_command(self.settings)
+        if not Path(command[0]).exists():
+            raise WorkerStartFailed(
+                f"The worker program was not found at {command[0]}.", code="WORKER_BINARY_NOT_FOUND",
+                hint="Install rbee on this machine, or fix [hive] worker_binary.",
+            )
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        name, model_arg, fmt, size = self._model(op.model)
+        devices = {d.id: d for d in detect_devices()}
+        device = devices.get(op.device)
+        if device is None:
+            raise NotFound(
+                "This hive has no such device.", code="DEVICE_NOT_FOUND",
+                details={"devices": sorted(devices)}, hint=f"Use one of: {', '.join(sorted(devices))}.",
+            )
+        backends = available_backends()
+        backend = op.backend if op.backend != "auto" else ("mlx" if fmt == "mlx" else "llama-cpp")
+        problem = None
+        if backend not in backends:
+            problem = f"The {backend} backend is not installed on this hive."
+        elif backend == "mlx" and op.device.startswith("GPU-"):
+            problem = "MLX runs on METAL-0 or CPU-0, not on CUDA GPUs."
+        elif (backend == "mlx") != (fmt == "mlx"):
+            problem = f"The {backend} backend cannot serve a {fmt.upper()} model."
+        if problem:
+            raise ServiceUnavailable(
+                problem, code="BACKEND_UNAVAILABLE", details={"available_backends": backends},
+                hint=f"Available here: {', '.join(backends) or 'none'}.",
+            )
+        needed = int(size * 1.2)
+        kind = "VRAM" if device.kind == "cuda" else "RAM"
+        free = device.memory_free_bytes if device.kind == "cuda" else psutil.virtual_memory().available
+        if needed > free:
+            raise InsufficientResources(
+                f"Not enough {kind} on {op.device}: the model needs {needed / 1e6:.0f} MB "
+                f"(1.2 x its {size / 1e6:.0f} MB) and {free / 1e6:.0f} MB are available.",
+                code=f"INSUFFICIENT_{kind}",
+                details={"required_bytes": needed, "available_bytes": free, "device": op.device,
+                         "model": name},
+                hint="Stop a worker, pick a smaller quantization, or use another device.",
+            )
+        threads = op.threads or 1
+        if op.device == "CPU-0":
+            total, used = self.cpu_budget()
+            free_threads = total - used
+            threads = op.threads or free_threads
+            if threads < 1 or threads > free_threads:
+                raise InsufficientResources(
+                    f"CPU workers may use {total} threads together; {used} are taken, "
+                    f"{max(free_threads, 0)} are free.",
+                    code="INSUFFICIENT_CPU",
+                    details={"threads_total": total, "threads_used": used, "threads_requested": threads},
+                    hint="Stop a CPU worker, or ask for fewer threads.",
+                )
+        return name, model_arg, backend, threads
+
+    def _free_port(self, skip: set[int]) -> int:
+        used = {r.info.port for r in self.running.values()} | self._reserved_ports | skip
+        for port in range(self.settings.worker_port_min, self.settings.worker_port_max + 1):
+            if port in used:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((self.settings.host, port))
+                except OSError:
+                    continue
+            return port
+        raise InsufficientResources(
+            "No free port in the worker port range.", code="NO_FREE_PORT",
+            details={"port_min": self.settings.worker_port_min, "port_max": self.settings.worker_port_max},
+            hint="Stop a worker or widen [hive] worker_port_min/worker_port_max.",
+        )
+
+    async def spawn(self, op: WorkerSpawn, context: JobContext) -> HiveWorker:
+        name, model_arg, backend, threads = await trio.to_thread.run_sync(self.preflight, op)
+        context.narrate(
+            "worker_preflight",
+            f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s)",
+            model=name, device=op.device, backend=backend, threads=threads,
+        )
+        worker_id = f"worker-{uuid.uuid4().hex[:12]}"
+        tried: set[int] = set()
+        for _attempt in range(3):  # a port taken between our check and the worker's bind: next one
+            port = self._free_port(tried)
+            tried.add(port)
+            self._reserved_ports.add(port)
+            try:
+                result = await self._start(op, context, worker_id, name, model_arg, backend, threads, port)
+            finally:
+                self._reserved_ports.discard(port)
+            if result is not None:
+                return result
+            context.narrate("worker_spawn", f"Port {port} was taken; trying another", level="warn")
+        raise WorkerStartFailed(
+            "No port in the range could be bound.", hint="Free ports in the worker range."
+        )
+
+    async def _start(
+        self, op: WorkerSpawn, context: JobContext, worker_id: str, name: str, model_arg: str, backend: str,
+        threads: int, port: int,
+    ) -> HiveWorker | None:
+        command = worker_command(self.settings)
+        log_path = self.log_dir / f"{worker_id}.log"
+        read_end, write_end = os.pipe()
+        argv = [
+            *command, "--model", model_arg, "--model-name", name, "--device", op.device, "--backend", backend,
+            "--host", self.settings.host, "--port", str(port), "--worker-id", worker_id,
+            "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
+            *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),
+        ]
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            process = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd, pass_fds=(read_end,),
+            )
+        except OSError as error:
+            os.close(write_end)
+            raise WorkerStartFailed(f"The worker could not be started: {error.strerror}.") from None
+        finally:
+            os.close(read_end)
+            os.close(log_fd)
+        context.narrate(
+            "worker_spawn", f"Started {worker_id} (pid {process.pid}) on port {port}; loading the model",
+            worker_id=worker_id, pid=process.pid, port=port,
+        )
+        info = HiveWorker(
+            worker_id=worker_id, model=name, device=op.device, backend=backend, threads=threads,
+            pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}", state="starting",
+            started_at=time.time(), log_path=str(log_path),
+        )
+        running = _Running(info, process, write_end, model_arg)
+        self.running[worker_id] = running
+        self.nursery.start_soon(self._supervise, running)
+        started = time.monotonic()
+        ready: dict[str, object] | None = None
+        try:
+            with trio.move_on_after(self.settings.worker_ready_timeout_s):
+                ready = await self._read_ready(process, context, started)
+        except BaseException:
+            await self._kill(running, "the spawn job was cancelled")
+            raise
+        if ready is None:
+            exited = process.returncode is not None
+            if not exited:
+                await self._kill(running, "not ready in time")
+            await running.exited.wait()
+            last = tail(log_path)
+            if exited and any("Address already in use" in line for line in last):
+                return None
+            reason = (f"exited with code {process.returncode} while loading" if exited else
+                      f"was not ready within {self.settings.worker_ready_timeout_s:g} s and was killed")
+            raise WorkerStartFailed(
+                f"The worker {reason}.", code="WORKER_START_FAILED" if exited else "WORKER_READY_TIMEOUT",
+                details={"last_log_lines": last, "log_path": str(log_path)},
+                hint="Read the worker's last log lines above.",
+            )
+        info.url = str(ready.get("url") or info.url)
+        info.state = "ready"
+        context.progress("worker_load", int((time.monotonic() - started) * 1000), unit="ms")
+        context.narrate("worker_ready", f"Worker {worker_id} is ready at {info.url}", worker_id=worker_id,
+                        url=info.url)
+        return info
+
+    async def _read_ready(
+        self, process: trio.Process, context: JobContext, started: float
+    ) -> dict[str, object] | None:
+        stdout = process.stdout
+        if stdout is None:
+            return None
+        buffer = bytearray()
+        async with stdout:
+            while True:
+                with trio.move_on_after(0.5):
+                    chunk = await stdout.receive_some(4096)
+                    if not chunk:
+                        return None  # it exited
+                    buffer += chunk
+                context.progress("worker_load", int((time.monotonic() - started) * 1000), unit="ms")
+                for line in bytes(buffer).splitlines():
+                    with contextlib.suppress(ValueError):
+                        event = json.loads(line)
+                        if isinstance(event, dict) and event.get("event") == "ready":
+                            return event
+
+    async def _supervise(self, running: _Running) -> None:
+        info = running.info
+        try:
+            code = await running.process.wait()
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(running.lifeline)
+            self.running.pop(info.worker_id, None)
+            running.exited.set()
+        if info.state != "stopping":
+            log.warning("worker %s (pid %d) died with exit code %s; removed", info.worker_id, info.pid, code)
+        else:
+            log.info("worker %s (pid %d) stopped with exit code %s", info.worker_id, info.pid, code)
+
+    async def _kill(self, running: _Running, why: str) -> None:
+        running.info.state = "stopping"
+        if running.process.returncode is None:
+            info = running.info
+            log.warning("killing worker %s (pid %d, SIGKILL): %s", info.worker_id, info.pid, why)
+            with contextlib.suppress(ProcessLookupError):
+                running.process.send_signal(signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await running.exited.wait()
+
+    # --- stop -----------------------------------------------------------------
+
+    async def stop(self, worker_id: str, context: JobContext | None = None) -> HiveWorker:
+        running = self.running.get(worker_id)
+        if running is None:
+            self.get(worker_id)  # raises WORKER_NOT_FOUND
+            raise NotFound("No such worker.")
+        info = running.info
+        info.state = "stopping"
+
+        def say(text: str) -> None:
+            log.info("%s: %s", info.worker_id, text)
+            if context is not None:
+                context.narrate("worker_stop", text, worker_id=info.worker_id)
+
+        grace = self.settings.worker_stop_grace_s
+        say(f"Asking {info.worker_id} to shut down (drain up to {grace:g} s)")
+        try:
+            async with httpx.AsyncClient(timeout=1.0) as http:
+                await http.post(f"{info.url}/v1/admin/shutdown")
+        except httpx.HTTPError:
+            say("It did not answer over HTTP; sending SIGTERM")
+            with contextlib.suppress(ProcessLookupError):
+                running.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await running.exited.wait()
+        if not running.exited.is_set():
+            say(f"Still running after {grace:g} s; sending SIGKILL to pid {info.pid}")
+            await self._kill(running, "no graceful exit within the deadline")
+        say(f"Worker {info.worker_id} stopped; port {info.port} is free")
+        return info
+
+    async def stop_all(self) -> None:
+        workers: Sequence[str] = list(self.running)
+        if not workers:
+            return
+        log.info("Shutting down %d worker(s)", len(workers))
+        async with trio.open_nursery() as nursery:
+            for worker_id in workers:
+                nursery.start_soon(self._stop_quietly, worker_id)
+        log.info("All workers stopped")
+
+    def kill_all(self) -> None:
+        for running in self.running.values():
+            if running.process.returncode is None:
+                log.warning("killing worker %s (pid %d, SIGKILL): shutdown deadline passed",
+                            running.info.worker_id, running.info.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    running.process.send_signal(signal.SIGKILL)
+
+    async def _stop_quietly(self, worker_id: str) -> None:
+        with contextlib.suppress(RbeeError):
+            await self.stop(worker_id)

@@ -1,0 +1,198 @@
+"""rbee-hive as a real process: devices, worker spawn/list/stop, preflight, lifecycles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import BIN, Daemon, daemon, job_result, port_open, run_job, wait_for
+
+
+def hive_argv(*extra: str) -> list[str]:
+    return [str(BIN / "rbee-hive"), "--port", "0", *extra]
+
+
+@pytest.fixture
+def hive(isolated_dirs: Path) -> Iterator[Daemon]:
+    with daemon(hive_argv()) as running:
+        yield running
+
+
+def spawn(url: str, **fields: object) -> tuple[list[dict[str, object]], str]:
+    return run_job(url, {"operation": "worker_spawn", "model": "smollm2-135m", "device": "CPU-0",
+                         "threads": 1, **fields})
+
+
+def job_error(events: list[dict[str, object]]) -> dict[str, object]:
+    errors = [e["error"] for e in events if e["type"] == "narration" and e.get("error")]
+    assert errors, events
+    error = errors[-1]
+    assert isinstance(error, dict)
+    return error
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_capabilities_list_this_cpu_and_no_gpu(hive: Daemon) -> None:
+    started = time.monotonic()
+    caps = httpx.get(f"{hive.url}/v1/capabilities").json()
+    assert time.monotonic() - started < 2
+    (cpu,) = [d for d in caps["devices"] if d["id"] == "CPU-0"]
+    assert cpu["cores"] == psutil.cpu_count(logical=False)
+    assert cpu["memory_total_bytes"] == psutil.virtual_memory().total
+    assert not [d for d in caps["devices"] if d["id"].startswith("GPU-")]  # this machine has none
+    assert "llama-cpp" in caps["backends"]
+    assert caps["disk_free_bytes"] > 0 and caps["models"] >= 1 and caps["workers"] == 0
+
+
+def test_spawn_list_infer_stop(hive: Daemon) -> None:
+    events, terminator = spawn(hive.url)
+    assert terminator == "[DONE]", events
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress and all(e["what"] == "worker_load" for e in progress)
+    narrated = " ".join(str(e["human"]) for e in events if e["type"] == "narration")
+    assert "Preflight passed" in narrated and "is ready at" in narrated
+    (worker,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
+    assert worker["state"] == "ready" and psutil.pid_exists(worker["pid"])
+    assert 9300 <= worker["port"] <= 9399 and port_open(worker["port"])
+    assert psutil.Process(worker["pid"]).ppid() == hive.process.pid
+    body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    answer = httpx.post(f"{worker['url']}/v1/inference", json=body, timeout=30)
+    assert answer.status_code == 200 and '"type":"end"' in answer.text
+    assert job_result(hive.url, {"operation": "worker_get", "worker_id": worker["worker_id"]}) == worker
+    stopped = job_result(hive.url, {"operation": "worker_stop", "worker_id": worker["worker_id"]})
+    assert isinstance(stopped, dict) and stopped["worker_id"] == worker["worker_id"]
+    assert gone(worker["pid"]) and not port_open(worker["port"])
+    assert job_result(hive.url, {"operation": "worker_list"}) == []
+
+
+def test_a_worker_that_dies_is_removed_and_logged(hive: Daemon) -> None:
+    spawn(hive.url)
+    (worker,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
+    os.kill(worker["pid"], signal.SIGKILL)
+    assert wait_for(lambda: job_result(hive.url, {"operation": "worker_list"}) == [], timeout=3)
+    assert f"worker {worker['worker_id']} (pid {worker['pid']}) died" in hive.log()
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "words"),
+    [
+        ({"model": "hf:nobody/nothing"}, "MODEL_NOT_FOUND", "model_download"),
+        ({"model": "file:///no/such/model.gguf"}, "MODEL_NOT_FOUND", "file:///"),
+        ({"device": "GPU-0"}, "DEVICE_NOT_FOUND", "CPU-0"),
+        ({"backend": "mlx"}, "BACKEND_UNAVAILABLE", "llama-cpp"),
+        ({"threads": 64}, "INSUFFICIENT_CPU", "fewer threads"),
+    ],
+)
+def test_preflight_errors_name_the_problem_and_the_fix(
+    hive: Daemon, fields: dict[str, object], code: str, words: str
+) -> None:
+    events, terminator = spawn(hive.url, **fields)
+    assert terminator.startswith("[ERROR]")
+    error = job_error(events)
+    assert error["code"] == code
+    assert words in str(error["message"]) + str(error.get("details", {}).get("hint", ""))  # type: ignore[union-attr]
+    assert job_result(hive.url, {"operation": "worker_list"}) == []
+
+
+def test_insufficient_ram_gives_the_numbers(hive: Daemon, isolated_dirs: Path) -> None:
+    huge = isolated_dirs / "huge.gguf"
+    with open(huge, "wb") as file:  # sparse: no disk used, but 1.2x its size is more than this RAM
+        file.truncate(psutil.virtual_memory().total)
+    events, _ = spawn(hive.url, model=f"file://{huge}")
+    error = job_error(events)
+    assert error["code"] == "INSUFFICIENT_RAM"
+    details = error["details"]
+    assert isinstance(details, dict)
+    assert details["required_bytes"] == int(psutil.virtual_memory().total * 1.2)
+    assert 0 < details["available_bytes"] < details["required_bytes"]
+
+
+def test_cpu_threads_are_a_budget(hive: Daemon) -> None:
+    assert spawn(hive.url)[1] == "[DONE]"  # 1 of 2 cores
+    events, _ = spawn(hive.url, threads=2)
+    assert job_error(events)["code"] == "INSUFFICIENT_CPU"
+    assert spawn(hive.url)[1] == "[DONE]"  # the other core
+    workers = job_result(hive.url, {"operation": "worker_list"})
+    assert isinstance(workers, list) and sorted(w["threads"] for w in workers) == [1, 1]
+    assert len({w["port"] for w in workers}) == 2
+
+
+def test_a_broken_model_reports_the_workers_last_log_lines(hive: Daemon, isolated_dirs: Path) -> None:
+    broken = isolated_dirs / "broken.gguf"
+    broken.write_bytes(b"not a gguf" * 1000)
+    events, _ = spawn(hive.url, model=f"file://{broken}")
+    error = job_error(events)
+    assert error["code"] == "WORKER_START_FAILED"
+    assert "llama.cpp could not load the model" in "\n".join(error["details"]["last_log_lines"])  # type: ignore[index]
+    assert job_result(hive.url, {"operation": "worker_list"}) == []
+
+
+def test_a_worker_not_ready_in_time_is_killed(isolated_dirs: Path) -> None:
+    env = {"RBEE_HIVE__WORKER_READY_TIMEOUT_S": "0.05"}
+    with daemon(hive_argv(), env=env) as hive:
+        events, _ = spawn(hive.url)
+        error = job_error(events)
+        assert error["code"] == "WORKER_READY_TIMEOUT"
+        (started,) = [e for e in events if e.get("action") == "worker_spawn"]
+        assert gone(started["fields"]["pid"])  # type: ignore[index]
+        assert "killing worker" in hive.log()
+
+
+def test_a_missing_worker_program_is_named(isolated_dirs: Path) -> None:
+    env = {"RBEE_HIVE__WORKER_BINARY": "/opt/nowhere/llm-worker-rbee"}
+    with daemon(hive_argv(), env=env) as hive:
+        error = job_error(spawn(hive.url)[0])
+        assert error["code"] == "WORKER_BINARY_NOT_FOUND"
+        assert "/opt/nowhere/llm-worker-rbee" in str(error["message"])
+
+
+def test_infer_sent_to_a_hive_is_a_routing_bug(hive: Daemon) -> None:
+    events, _ = run_job(hive.url, {"operation": "infer", "model": "smollm2-135m", "prompt": "hi"})
+    error = job_error(events)
+    assert error["code"] == "WRONG_DAEMON" and "routing bug" in str(error["message"])
+
+
+def test_sigkill_of_the_hive_takes_its_workers_within_5s(isolated_dirs: Path) -> None:
+    with daemon(hive_argv()) as hive:
+        spawn(hive.url)
+        spawn(hive.url)
+        workers = job_result(hive.url, {"operation": "worker_list"})
+        assert isinstance(workers, list) and len(workers) == 2
+        os.kill(hive.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_for(lambda: all(gone(w["pid"]) for w in workers), timeout=5)
+        assert time.monotonic() - killed < 5
+
+
+def test_sigterm_stops_everything_with_exit_0_within_6s(isolated_dirs: Path) -> None:
+    with daemon(hive_argv()) as hive:
+        spawn(hive.url)
+        spawn(hive.url)
+        workers = job_result(hive.url, {"operation": "worker_list"})
+        assert isinstance(workers, list)
+        # one worker busy with a long request: it must drain or be killed, never orphaned
+        stream = httpx.Client().send(
+            httpx.Client().build_request("POST", f"{workers[0]['url']}/v1/inference",
+                                         json={"prompt": "Count to 1000: 1, 2,", "max_tokens": 1500}),
+            stream=True,
+        )
+        sent = time.monotonic()
+        hive.process.send_signal(signal.SIGTERM)
+        assert hive.process.wait(6) == 0
+        assert time.monotonic() - sent < 6
+        assert all(gone(w["pid"]) for w in workers)
+        stream.close()
+        assert "All workers stopped" in hive.log()
