@@ -147,12 +147,23 @@ class Transfer:
         self.done = 0
         self.total: int | None = None
         self.started = time.monotonic()
-        self.stage = "resolving"
+        self.notes: list[str] = ["Resolving the model on the Hub"]
+        """What happened so far, narrated to every job that waits for it."""
+        self.wake = trio.Event()
         self.finished = trio.Event()
         self.entry: CatalogEntry | None = None
         self.error: RbeeError | None = None
         self.waiters = 0
         self.scope = trio.CancelScope()
+
+    def say(self, note: str) -> None:
+        self.notes.append(note)
+        self.wake.set()
+        self.wake = trio.Event()
+
+    def finish(self) -> None:
+        self.finished.set()
+        self.wake.set()
 
     @property
     def rate(self) -> float:
@@ -188,16 +199,18 @@ class Downloader:
         else:
             context.narrate("model_download", "Joining the download already in progress", model=key)
         transfer.waiters += 1
-        stage = ""
+        seen = 0
         try:
-            while not transfer.finished.is_set():
-                if transfer.stage != stage:
-                    stage = transfer.stage
-                    context.narrate("model_download", stage.capitalize(), model=key)
+            while True:
+                for note in transfer.notes[seen:]:
+                    context.narrate("model_download", note, model=key)
+                seen = len(transfer.notes)
+                if transfer.finished.is_set():
+                    break
                 if transfer.total is not None:
                     context.progress("download", transfer.done, transfer.total, rate=round(transfer.rate, 1))
                 with trio.move_on_after(0.5):
-                    await transfer.finished.wait()
+                    await transfer.wake.wait()
             if transfer.error is not None:
                 raise transfer.error
             if transfer.entry is None:
@@ -223,7 +236,7 @@ class Downloader:
             if transfer.entry is None and transfer.error is None:
                 transfer.error = DownloadFailed("The download was cancelled.")
             del self.transfers[key]
-            transfer.finished.set()
+            transfer.finish()
 
     async def _transfer(self, transfer: Transfer, hf: HfRef) -> CatalogEntry:
         plan = await trio.to_thread.run_sync(resolve_plan, transfer.ref, hf)
@@ -241,8 +254,8 @@ class Downloader:
                 hint=f"Free at least {_mb(needed - free)} MB on the hive's data disk.",
             )
         transfer.total, transfer.done = plan.total, have
-        transfer.stage = f"downloading {len(plan.files)} file(s), {_mb(plan.total)} MB" + (
-            f", resuming at {_mb(have)} MB" if have else "")
+        transfer.say(f"Downloading {len(plan.files)} file(s), {_mb(plan.total)} MB" + (
+            f", resuming at {_mb(have)} MB" if have else ""))
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
@@ -252,7 +265,7 @@ class Downloader:
             for file in plan.files:
                 url = hf_hub_url(plan.repo, file.name, revision=plan.revision, endpoint=endpoint())
                 await self._fetch(http, url, headers, partial / (file.name + ".partial"), file, transfer)
-        transfer.stage = "verifying"
+        transfer.say("Verifying checksums")
         for file in plan.files:
             if file.sha256:
                 digest = await trio.to_thread.run_sync(_sha256, partial / (file.name + ".partial"))
@@ -284,7 +297,7 @@ class Downloader:
         for attempt in range(self.attempts):
             if attempt:
                 await trio.sleep(min(0.1 * 2 ** (attempt - 1), 5.0))
-                transfer.stage = f"retrying (attempt {attempt + 1} of {self.attempts})"
+                transfer.say(f"{problem.message} Retrying (attempt {attempt + 1} of {self.attempts})")
             have = _size(dest)
             if have > file.size:
                 _remove(dest)
@@ -306,9 +319,17 @@ class Downloader:
                         transfer.done -= have
                         have = 0
                     async with await trio.open_file(dest, "ab" if have else "wb") as out:
-                        async for chunk in response.aiter_bytes(1 << 20):
-                            await out.write(chunk)
-                            transfer.done += len(chunk)
+                        pending = bytearray()
+                        try:
+                            async for chunk in response.aiter_bytes():
+                                pending += chunk
+                                transfer.done += len(chunk)
+                                if len(pending) >= 1 << 20:
+                                    await out.write(bytes(pending))
+                                    pending.clear()
+                        finally:  # a cut connection keeps every byte that arrived
+                            with trio.CancelScope(shield=True):
+                                await out.write(bytes(pending))
                 if _size(dest) == file.size:
                     return
                 problem = DownloadFailed("The connection ended before the file was complete.")

@@ -1,0 +1,168 @@
+"""model_download against an HF-compatible server on loopback (tests/fake_hf.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_hf import FakeHub
+from tests.helpers import BIN, Daemon, daemon, job_result, run_job
+from tests.test_hive import job_error, spawn
+
+SIZE = 10 * 1000 * 1000
+REPO = "test-org/tiny-GGUF"
+FILE = "tiny.Q4_K_M.gguf"
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[FakeHub]:
+    with FakeHub(tmp_path / "hub") as running:
+        running.add_file(REPO, FILE, os.urandom(SIZE))
+        running.add_file(REPO, "README.md", b"# tiny\n")
+        yield running
+
+
+def start_hive(hub: FakeHub, **settings: object) -> daemon:  # type: ignore[valid-type]
+    env = {"HF_ENDPOINT": hub.url, **{f"RBEE_HIVE__{k.upper()}": str(v) for k, v in settings.items()}}
+    return daemon([str(BIN / "rbee-hive"), "--port", "0"], env=env)
+
+
+@pytest.fixture
+def hive(hub: FakeHub, isolated_dirs: Path) -> Iterator[Daemon]:
+    with start_hive(hub, download_stall_s=2) as running:  # type: ignore[attr-defined]
+        yield running
+
+
+def download(url: str, ref: str = f"hf:{REPO}") -> tuple[list[dict[str, object]], str]:
+    return run_job(url, {"operation": "model_download", "model": ref})
+
+
+def catalog_ids(url: str) -> list[str]:
+    models = job_result(url, {"operation": "model_list"})
+    assert isinstance(models, list)
+    return [m["id"] for m in models]
+
+
+def test_download_streams_progress_and_lands_in_the_catalog(hub: FakeHub, hive: Daemon) -> None:
+    hub.rate = 20e6  # 0.5 s: long enough for several progress events
+    events, terminator = download(hive.url)
+    assert terminator == "[DONE]", events[-3:]
+    progress = [e for e in events if e["type"] == "progress"]
+    assert len(progress) >= 2 and progress[-1]["done"] == progress[-1]["total"] == SIZE
+    assert all(p.get("unit", "bytes") == "bytes" and p["rate"] is not None for p in progress)  # bytes: the default
+    assert [p["done"] for p in progress] == sorted(p["done"] for p in progress)
+    (entry,) = [e["value"] for e in events if e["type"] == "result"]
+    assert isinstance(entry, dict) and entry["size_bytes"] == SIZE and entry["format"] == "gguf"
+    assert entry["source"] == f"hf:{REPO}:{FILE}"
+    stored = Path(str(entry["path"])).read_bytes()
+    assert hashlib.sha256(stored).digest() == hashlib.sha256((hub.root / REPO / FILE).read_bytes()).digest()
+    assert entry["id"] in catalog_ids(hive.url)
+    assert job_result(hive.url, {"operation": "model_get", "model": f"hf:{REPO}"}) == entry
+    # a second request finds it in the catalog: no transfer
+    assert download(hive.url)[1] == "[DONE]" and len(hub.file_requests) == 1
+
+
+def test_a_cut_download_is_not_registered_and_resumes_on_the_next_try(hub: FakeHub, isolated_dirs: Path) -> None:
+    hub.cut_once_after = SIZE * 4 // 10
+    with start_hive(hub, download_attempts=1) as hive:  # type: ignore[attr-defined]
+        events, terminator = download(hive.url)
+        assert terminator.startswith("[ERROR]")
+        assert job_error(events)["code"] == "DOWNLOAD_FAILED"
+        assert catalog_ids(hive.url) == ["smollm2-135m"]  # a partial file is never registered
+        events, terminator = download(hive.url)
+        assert terminator == "[DONE]", events[-3:]
+    assert hub.file_requests == [(f"{REPO}/{FILE}", None), (f"{REPO}/{FILE}", f"bytes={SIZE * 4 // 10}-")]
+    assert hub.bytes_sent == SIZE  # nothing sent twice
+
+
+def test_retries_resume_within_one_job(hub: FakeHub, hive: Daemon) -> None:
+    hub.cut_once_after = SIZE // 2
+    events, terminator = download(hive.url)
+    assert terminator == "[DONE]"
+    assert any("retrying" in str(e.get("human")).lower() for e in events)
+    assert hub.file_requests[-1][1] == f"bytes={SIZE // 2}-" and hub.bytes_sent == SIZE
+
+
+def test_concurrent_downloads_of_one_model_make_one_transfer(hub: FakeHub, hive: Daemon) -> None:
+    hub.rate = 10e6  # 1 s
+    results: list[tuple[list[dict[str, object]], str]] = []
+    threads = [threading.Thread(target=lambda: results.append(download(hive.url))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [terminator for _, terminator in results] == ["[DONE]", "[DONE]"]
+    assert len(hub.file_requests) == 1 and hub.bytes_sent == SIZE
+    values = [[e["value"] for e in events if e["type"] == "result"] for events, _ in results]
+    assert values[0] == values[1]
+    assert any("Joining the download" in str(e.get("human")) for events, _ in results for e in events)
+
+
+@pytest.mark.parametrize(
+    ("ref", "code"),
+    [(f"hf:{REPO}-missing", "MODEL_NOT_FOUND"), (f"hf:{REPO}:nothing.gguf", "MODEL_NOT_FOUND")],
+)
+def test_unknown_repo_or_file_is_model_not_found(hive: Daemon, ref: str, code: str) -> None:
+    events, terminator = download(hive.url, ref)
+    assert terminator.startswith("[ERROR]")
+    error = job_error(events)
+    assert error["code"] == code and "missing" not in str(error["message"])
+
+
+def test_a_gated_repo_needs_hf_token(hub: FakeHub, isolated_dirs: Path) -> None:
+    hub.gate(REPO, "hf_test_token_0123456789")
+    with start_hive(hub) as hive:  # type: ignore[attr-defined]
+        error = job_error(download(hive.url)[0])
+        assert error["code"] == "ACCESS_DENIED" and "HF_TOKEN" in error["details"]["hint"]  # type: ignore[index]
+    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token_0123456789"}
+    with daemon([str(BIN / "rbee-hive"), "--port", "0"], env=env) as hive:
+        events, terminator = download(hive.url)
+        assert terminator == "[DONE]"
+        assert "hf_test_token" not in str(events)
+
+
+def test_a_stalled_download_is_reported(hub: FakeHub, isolated_dirs: Path) -> None:
+    hub.stall_after = SIZE // 4
+    with start_hive(hub, download_stall_s=0.5, download_attempts=2) as hive:  # type: ignore[attr-defined]
+        events, terminator = download(hive.url)
+        assert terminator.startswith("[ERROR]")
+        error = job_error(events)
+        assert error["code"] == "DOWNLOAD_STALLED" and "resume" in str(error["details"]["hint"])  # type: ignore[index]
+        assert catalog_ids(hive.url) == ["smollm2-135m"]
+
+
+def test_disk_space_preflight_names_the_numbers(hub: FakeHub, isolated_dirs: Path) -> None:
+    with start_hive(hub, disk_reserve_bytes=10**18) as hive:  # type: ignore[attr-defined]
+        error = job_error(download(hive.url)[0])
+        assert error["code"] == "INSUFFICIENT_DISK"
+        details = error["details"]
+        assert isinstance(details, dict) and details["required_bytes"] == SIZE
+        assert details["available_bytes"] > 0 and "Free at least" in details["hint"]
+    assert hub.file_requests == []
+
+
+def test_delete_refuses_while_a_worker_uses_the_model(hub: FakeHub, hive: Daemon) -> None:
+    from rbee_common.builtin import builtin_model_path
+
+    smol = builtin_model_path("smollm2-135m")
+    assert smol is not None
+    hub.add_file("test-org/smol-GGUF", "smol.Q4_1.gguf", smol.read_bytes())
+    events, terminator = download(hive.url, "hf:test-org/smol-GGUF")
+    assert terminator == "[DONE]"
+    (entry,) = [e["value"] for e in events if e["type"] == "result"]
+    assert isinstance(entry, dict)
+    events, terminator = spawn(hive.url, model=entry["id"])
+    assert terminator == "[DONE]", events[-2:]
+    (worker,) = [e["value"] for e in events if e["type"] == "result"]
+    assert worker["model"] == entry["id"]  # type: ignore[index]
+    events, terminator = run_job(hive.url, {"operation": "model_delete", "model": entry["id"]})
+    assert job_error(events)["code"] == "MODEL_IN_USE"
+    assert Path(str(entry["path"])).exists()
+    job_result(hive.url, {"operation": "worker_stop", "worker_id": worker["worker_id"]})  # type: ignore[index]
+    assert job_result(hive.url, {"operation": "model_delete", "model": entry["id"]}) == entry
+    assert not Path(str(entry["path"])).exists() and entry["id"] not in catalog_ids(hive.url)
