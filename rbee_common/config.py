@@ -69,6 +69,10 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """A worker not ready this long after spawn is killed; its last log lines are reported."""
     worker_stop_grace_s: Positive = 5.0
     """`worker_stop` and shutdown: graceful this long, then SIGKILL."""
+    worker_check_s: Positive = 5.0
+    """How often the hive checks each worker (`/v1/ready`); 3 failed checks in a row remove it."""
+    worker_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    """A worker with no request for this long is stopped (as Ollama's keep_alive); 0 keeps it."""
     worker_binary: str | None = None
     """`llm-worker-rbee` to run (default: the one installed next to this Python)."""
     cpu_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None

@@ -45,7 +45,8 @@ def configure_logging(component: str, level: str | None = None) -> None:
 def announce_ready(urls: list[str], **extra: Any) -> None:
     line = {"event": "ready", "url": urls[0] if urls else None, "urls": urls, "pid": os.getpid()}
     line.update(extra)
-    print(json.dumps(line), flush=True)
+    sys.stdout.write(json.dumps(line) + "\n")  # one write: a reader sees the whole line
+    sys.stdout.flush()
 
 
 def run_daemon(

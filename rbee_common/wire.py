@@ -148,7 +148,8 @@ class ModelDownload(_HiveOp, tag="model_download", frozen=True, kw_only=True):
 
 
 class ModelList(_HiveOp, tag="model_list", frozen=True, kw_only=True):
-    pass
+    provider: Literal["hf", "file", "builtin"] | None = None
+    """Only models from this source."""
 
 
 class ModelGet(_HiveOp, tag="model_get", frozen=True, kw_only=True):

@@ -6,6 +6,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
+from rbee_common.daemon import package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_hive.service import HiveService
@@ -16,9 +17,10 @@ def build_app(service: HiveService, jobs: JobServer, *, stop: trio.Event) -> Qua
 
     @app.get("/health")
     async def health() -> Response:
-        return json_response(
-            {"status": "ok", "program": "rbee-hive", "hive_id": service.settings.hive_id}
-        )
+        return json_response({
+            "status": "ok", "program": "rbee-hive", "hive_id": service.settings.hive_id,
+            "version": package_version(), "api_version": "v1",
+        })
 
     @app.get("/v1/capabilities")
     async def capabilities() -> Response:

@@ -264,17 +264,20 @@ class Downloader:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as http:
             for file in plan.files:
                 url = hf_hub_url(plan.repo, file.name, revision=plan.revision, endpoint=endpoint())
-                await self._fetch(http, url, headers, partial / (file.name + ".partial"), file, transfer)
-        transfer.say("Verifying checksums")
-        for file in plan.files:
-            if file.sha256:
-                digest = await trio.to_thread.run_sync(_sha256, partial / (file.name + ".partial"))
-                if digest != file.sha256:
-                    (partial / (file.name + ".partial")).unlink()
-                    raise DownloadFailed(
-                        "A downloaded file did not match its checksum and was deleted.",
-                        code="DOWNLOAD_CORRUPT", hint="Run the download again.",
-                    )
+                dest = partial / (file.name + ".partial")
+                for check in range(2):  # a checksum mismatch deletes the file and downloads it once more
+                    await self._fetch(http, url, headers, dest, file, transfer)
+                    if not file.sha256 or await trio.to_thread.run_sync(_sha256, dest) == file.sha256:
+                        break
+                    await trio.to_thread.run_sync(_remove, dest)
+                    transfer.done -= file.size
+                    if check:
+                        raise DownloadFailed(
+                            "The file did not match its checksum twice and was deleted.",
+                            code="DOWNLOAD_CORRUPT", hint="Check the mirror (HF_ENDPOINT) or try later.",
+                        )
+                    transfer.say(f"{file.name} did not match its checksum; deleted, downloading it again")
+        transfer.say("Checksums verified")
         final = self.catalog.root / plan.model_id
         for file in plan.files:
             target = final / file.name

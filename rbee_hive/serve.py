@@ -26,6 +26,7 @@ async def serve(
     # stopped, every worker is stopped (graceful, then SIGKILL), then the hive exits.
     async with trio.open_nursery() as children:
         service = HiveService(settings, children)
+        children.start_soon(service.workers.monitor_forever)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)

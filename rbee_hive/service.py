@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from rbee_common.config import HiveSettings, data_dir, state_dir
@@ -51,6 +52,8 @@ class HiveService:
             case WorkerSpawn():
                 return await self.workers.spawn(operation, context)
             case WorkerList():
+                async with httpx.AsyncClient() as http:
+                    await self.workers.check_all(http)  # live state and slots
                 workers = self.workers.list()
                 context.narrate("worker_list", f"{len(workers)} worker(s) on this hive")
                 return workers
@@ -60,8 +63,8 @@ class HiveService:
                 return await self.workers.stop(worker_id, context)
             case ModelDownload(model=model):
                 return await self.downloads.download(model, context)
-            case ModelList():
-                models = self.catalog.list()
+            case ModelList(provider=provider):
+                models = [m for m in self.catalog.list() if provider is None or m.provider == provider]
                 context.narrate("model_list", f"{len(models)} model(s) in the catalog")
                 return models
             case ModelGet(model=model):
@@ -83,7 +86,7 @@ class HiveService:
 
     def capabilities(self) -> Capabilities:
         """Blocking (NVML, disk): call it in a thread."""
-        return Capabilities(
+        return Capabilities(  # the counts are this hive's, the devices this machine's
             hive_id=self.settings.hive_id, devices=detect_devices(), backends=available_backends(),
             disk_free_bytes=disk_free(self.catalog.root), models=len(self.catalog.list()),
             workers=len(self.workers.list()),

@@ -36,7 +36,7 @@ from rbee_hive.catalog import Catalog, CatalogEntry, check_reference
 from rbee_hive.devices import available_backends, detect_devices, physical_cores
 
 log = logging.getLogger("rbee.hive.workers")
-WorkerPhase = Literal["starting", "ready", "stopping"]
+WorkerPhase = Literal["starting", "ready", "busy", "stopping"]
 
 
 class HiveWorker(msgspec.Struct, kw_only=True):
@@ -49,8 +49,20 @@ class HiveWorker(msgspec.Struct, kw_only=True):
     port: int
     url: str
     state: WorkerPhase
+    slots_busy: int = 0
+    idle_s: float = 0.0
     started_at: float
     log_path: str
+
+
+class Preflight(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    model_arg: str
+    backend: str
+    threads: int
+    required_bytes: int
+    available_bytes: int
+    memory: str
 
 
 class InsufficientResources(Unprocessable):
@@ -68,6 +80,7 @@ class _Running:
         self.lifeline = lifeline
         self.model_path = model_path
         self.exited = trio.Event()
+        self.failed_checks = 0
 
 
 def tail(path: Path, lines: int = 10) -> list[str]:
@@ -137,8 +150,8 @@ class Workers:
             hint="Download it first (`model_download`), or give file:///abs/path.gguf.",
         )
 
-    def preflight(self, op: WorkerSpawn) -> tuple[str, str, str, int]:
-        """Check model, device, backend, memory and threads; (name, model arg, backend, threads)."""
+    def preflight(self, op: WorkerSpawn) -> Preflight:
+        """Check the model, device, backend, memory and threads."""
         command = worker_command(self.settings)
         if not Path(command[0]).exists():
             raise WorkerStartFailed(
@@ -193,7 +206,8 @@ class Workers:
                     details={"threads_total": total, "threads_used": used, "threads_requested": threads},
                     hint="Stop a CPU worker, or ask for fewer threads.",
                 )
-        return name, model_arg, backend, threads
+        return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
+                         required_bytes=needed, available_bytes=free, memory=kind)
 
     def _free_port(self, skip: set[int]) -> int:
         used = {r.info.port for r in self.running.values()} | self._reserved_ports | skip
@@ -213,11 +227,15 @@ class Workers:
         )
 
     async def spawn(self, op: WorkerSpawn, context: JobContext) -> HiveWorker:
-        name, model_arg, backend, threads = await trio.to_thread.run_sync(self.preflight, op)
+        checked = await trio.to_thread.run_sync(self.preflight, op)
+        name, model_arg, backend, threads = checked.name, checked.model_arg, checked.backend, checked.threads
         context.narrate(
             "worker_preflight",
-            f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s)",
+            f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s); it needs "
+            f"{checked.required_bytes / 1e6:.0f} MB of the {checked.available_bytes / 1e6:.0f} MB "
+            f"{checked.memory} available",
             model=name, device=op.device, backend=backend, threads=threads,
+            required_bytes=checked.required_bytes, available_bytes=checked.available_bytes,
         )
         worker_id = f"worker-{uuid.uuid4().hex[:12]}"
         tried: set[int] = set()
@@ -274,17 +292,23 @@ class Workers:
         self.nursery.start_soon(self._supervise, running)
         started = time.monotonic()
         ready: dict[str, object] | None = None
+        timed_out = True
         try:
             with trio.move_on_after(self.settings.worker_ready_timeout_s):
                 ready = await self._read_ready(process, context, started)
+                timed_out = False
         except BaseException:
             await self._kill(running, "the spawn job was cancelled")
             raise
         if ready is None:
-            exited = process.returncode is not None
+            if not timed_out:  # stdout closed: it is exiting; let the supervisor reap it
+                with trio.move_on_after(5):
+                    await running.exited.wait()
+            exited = running.exited.is_set()
             if not exited:
                 await self._kill(running, "not ready in time")
-            await running.exited.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
             last = tail(log_path)
             if exited and any("Address already in use" in line for line in last):
                 return None
@@ -309,19 +333,27 @@ class Workers:
         if stdout is None:
             return None
         buffer = bytearray()
+        while True:
+            with trio.move_on_after(0.5):
+                chunk = await stdout.receive_some(4096)
+                if not chunk:
+                    return None  # it exited
+                buffer += chunk
+            context.progress("worker_load", int((time.monotonic() - started) * 1000), unit="ms")
+            *lines, _partial = bytes(buffer).split(b"\n")  # only whole lines
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if isinstance(event, dict) and event.get("event") == "ready":
+                        self.nursery.start_soon(self._drain, stdout)
+                        return event
+
+    @staticmethod
+    async def _drain(stdout: trio.abc.ReceiveStream) -> None:
+        """Keep reading what the worker prints, so that it never writes into a closed pipe."""
         async with stdout:
-            while True:
-                with trio.move_on_after(0.5):
-                    chunk = await stdout.receive_some(4096)
-                    if not chunk:
-                        return None  # it exited
-                    buffer += chunk
-                context.progress("worker_load", int((time.monotonic() - started) * 1000), unit="ms")
-                for line in bytes(buffer).splitlines():
-                    with contextlib.suppress(ValueError):
-                        event = json.loads(line)
-                        if isinstance(event, dict) and event.get("event") == "ready":
-                            return event
+            while await stdout.receive_some(4096):
+                pass
 
     async def _supervise(self, running: _Running) -> None:
         info = running.info
@@ -346,6 +378,49 @@ class Workers:
                 running.process.send_signal(signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await running.exited.wait()
+
+    # --- health ---------------------------------------------------------------
+
+    async def check(self, running: _Running, http: httpx.AsyncClient) -> None:
+        """One health check: HTTP `/v1/ready` (the supervisor already watches the pid)."""
+        info = running.info
+        if info.state not in ("ready", "busy"):
+            return
+        try:
+            response = await http.get(f"{info.url}/v1/ready", timeout=min(2.0, self.settings.worker_check_s))
+            ready = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            ready = None
+        if info.state not in ("ready", "busy"):
+            return  # it was stopped meanwhile
+        if not isinstance(ready, dict):
+            running.failed_checks += 1
+            log.warning("worker %s (pid %d) failed health check %d of 3",
+                        info.worker_id, info.pid, running.failed_checks)
+            if running.failed_checks >= 3:
+                await self._kill(running, "3 failed health checks in a row (process alive, HTTP dead)")
+            return
+        running.failed_checks = 0
+        info.slots_busy = int(ready.get("slots_busy", 0))
+        info.idle_s = float(ready.get("idle_s", 0.0))
+        info.state = "busy" if ready.get("state") == "busy" else "ready"
+        timeout = self.settings.worker_idle_timeout_s
+        if timeout and info.slots_busy == 0 and info.idle_s >= timeout:
+            log.info("worker %s idle for %.0f s (limit %g s): stopping it",
+                     info.worker_id, info.idle_s, timeout)
+            info.state = "stopping"
+            self.nursery.start_soon(self.stop, info.worker_id)
+
+    async def check_all(self, http: httpx.AsyncClient) -> None:
+        async with trio.open_nursery() as nursery:
+            for running in list(self.running.values()):
+                nursery.start_soon(self.check, running, http)
+
+    async def monitor_forever(self) -> None:
+        async with httpx.AsyncClient() as http:
+            while True:
+                await trio.sleep(self.settings.worker_check_s)
+                await self.check_all(http)
 
     # --- stop -----------------------------------------------------------------
 
@@ -384,9 +459,18 @@ class Workers:
         if not workers:
             return
         log.info("Shutting down %d worker(s)", len(workers))
+        stopped = 0
+
+        async def stop_one(worker_id: str) -> None:
+            nonlocal stopped
+            with contextlib.suppress(RbeeError):
+                await self.stop(worker_id)
+            stopped += 1
+            log.info("%d/%d workers stopped", stopped, len(workers))
+
         async with trio.open_nursery() as nursery:
             for worker_id in workers:
-                nursery.start_soon(self._stop_quietly, worker_id)
+                nursery.start_soon(stop_one, worker_id)
         log.info("All workers stopped")
 
     def kill_all(self) -> None:
@@ -397,6 +481,3 @@ class Workers:
                 with contextlib.suppress(ProcessLookupError):
                     running.process.send_signal(signal.SIGKILL)
 
-    async def _stop_quietly(self, worker_id: str) -> None:
-        with contextlib.suppress(RbeeError):
-            await self.stop(worker_id)

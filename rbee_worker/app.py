@@ -33,7 +33,8 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
         beat = service.heartbeat()
         return json_response(
             {"state": beat.state, "slots_total": beat.slots_total, "slots_busy": beat.slots_busy,
-             "model": beat.model, "backend": beat.backend, "device": beat.device}
+             "model": beat.model, "backend": beat.backend, "device": beat.device, "idle_s": service.idle_s,
+             "model_info": service.backend.info if service.backend else None}
         )
 
     @app.post("/v1/inference")

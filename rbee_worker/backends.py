@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
@@ -38,6 +39,8 @@ class Backend(Protocol):
     ctx: int
     json_mode: bool
     """Whether `response_format` json_object / json_schema can be enforced."""
+    info: dict[str, Any]
+    """What the model file says: architecture, vocab size, eos token, quantization."""
 
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
@@ -77,6 +80,13 @@ def load_backend(
     raise BackendUnavailable(f"Unknown backend {name}.", hint="Use auto, llama-cpp or mlx.")
 
 
+# llama.cpp's `general.file_type` (enum llama_ftype) for the common quantizations.
+GGUF_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    32: "BF16",
+}
+
 _FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -115,7 +125,15 @@ class LlamaCppBackend:
             self._pool.put(llm)
         if first is None:
             raise BackendUnavailable("A worker needs at least one slot.")
-        template = first.metadata.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
+        meta = first.metadata
+        file_type = int(meta.get("general.file_type", -1))
+        self.info = {
+            "architecture": meta.get("general.architecture"), "vocab_size": first.n_vocab(),
+            "eos_token_id": first.token_eos(), "bos_token_id": first.token_bos(),
+            "quantization": GGUF_FILE_TYPES.get(file_type, f"type {file_type}"),
+            "context_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 0)) or None,
+        }
+        template = meta.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
         eos = first.detokenize([first.token_eos()], special=True).decode(errors="ignore")
         bos = first.detokenize([first.token_bos()], special=True).decode(errors="ignore")
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
@@ -242,6 +260,14 @@ class MlxBackend:
             ) from error
         self._model: Any = loaded[0]
         self._tokenizer: Any = loaded[1]
+        config = json.loads((Path(model.path) / "config.json").read_text())
+        bits = (config.get("quantization") or {}).get("bits")
+        self.info = {
+            "architecture": config.get("model_type"), "vocab_size": config.get("vocab_size"),
+            "eos_token_id": getattr(self._tokenizer, "eos_token_id", None),
+            "quantization": f"{bits}-bit" if bits else "none",
+            "context_length": config.get("max_position_embeddings"),
+        }
         self._lock = threading.Lock()
 
     def _prompt(self, request: InferenceRequest) -> list[int]:

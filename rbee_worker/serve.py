@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import httpx
 import msgspec
@@ -87,5 +88,6 @@ async def serve(
             )
         )
         service.state_changed.set()
+        service.last_request_end = time.monotonic()  # idle counts from ready
         log.info("model %s loaded with %s on %s", config.model, service.backend.name, config.device)
         task_status.started(urls)

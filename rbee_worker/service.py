@@ -77,6 +77,7 @@ class WorkerService:
         self.drain_s = config.drain_s
         self.url = ""
         self.active: dict[str, ActiveRequest] = {}
+        self.last_request_end = time.monotonic()
         self.recent: collections.deque[str] = collections.deque(maxlen=1024)
         """Ids of requests that ended, so a repeated DELETE stays a 204."""
 
@@ -87,6 +88,11 @@ class WorkerService:
         if self.backend is None:
             return "loading"
         return "busy" if len(self.active) >= self.config.slots else "ready"
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds without any request running (0 while one runs)."""
+        return 0.0 if self.active else round(time.monotonic() - self.last_request_end, 2)
 
     def heartbeat(self) -> WorkerHeartbeat:
         c = self.config
@@ -182,6 +188,7 @@ class WorkerService:
             active.cancelled.set()  # the client went away
         finally:
             self.active.pop(active.request_id, None)
+            self.last_request_end = time.monotonic()
             self.recent.append(active.request_id)
             active.done.set()
 

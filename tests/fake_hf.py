@@ -7,8 +7,9 @@ folder, `<root>/<org>/<repo>/<files>`, through the parts of the Hub API that
 with `Range`. The Hub's error headers (`X-Error-Code: RepoNotFound`,
 `GatedRepo`, `EntryNotFound`) come back as the Hub sends them.
 
-Knobs for failure tests: `cut_once_after` (close the connection after N
-bytes, once), `stall_after` (send N bytes and then nothing), `rate` (bytes/s).
+Knobs for failure tests: `cut_once_after` / `cut_always_after` (close the
+connection after N bytes), `stall_after` (send N bytes and then nothing),
+`corrupt_once` (flip a byte), `rate` (bytes/s).
 A repo with a `.gated` file needs `Authorization: Bearer <its content>`.
 """
 
@@ -30,6 +31,9 @@ class FakeHub:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cut_once_after: int | None = None
+        self.cut_always_after: int | None = None
+        self.corrupt_once = False
+        """Serve the next file with one byte flipped (its sha256 then fails)."""
         self.stall_after: int | None = None
         self.rate: float | None = None
         self.file_requests: list[tuple[str, str | None]] = []
@@ -155,6 +159,11 @@ class FakeHub:
             return
         with self.lock:
             cut, self.cut_once_after = self.cut_once_after, None
+            corrupt, self.corrupt_once = self.corrupt_once, False
+        if cut is None:
+            cut = self.cut_always_after
+        if corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
         stall = self.stall_after
         sent = start
         chunk = 64 * 1024

@@ -108,7 +108,7 @@ def wait_for(predicate: object, timeout: float = 5.0, interval: float = 0.05) ->
 def port_open(url_or_port: str | int) -> bool:
     port = url_or_port if isinstance(url_or_port, int) else int(str(url_or_port).rsplit(":", 1)[1])
     with socket.socket() as sock:
-        sock.settimeout(0.2)
+        sock.settimeout(2.0)
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 

@@ -30,6 +30,14 @@ def spawn(url: str, **fields: object) -> tuple[list[dict[str, object]], str]:
                          "threads": 1, **fields})
 
 
+def spawn_ok(url: str, **fields: object) -> dict[str, object]:
+    events, terminator = spawn(url, **fields)
+    assert terminator == "[DONE]", events[-3:]
+    (worker,) = [e["value"] for e in events if e["type"] == "result"]
+    assert isinstance(worker, dict)
+    return worker
+
+
 def job_error(events: list[dict[str, object]]) -> dict[str, object]:
     errors = [e["error"] for e in events if e["type"] == "narration" and e.get("error")]
     assert errors, events
@@ -79,7 +87,7 @@ def test_spawn_list_infer_stop(hive: Daemon) -> None:
 
 
 def test_a_worker_that_dies_is_removed_and_logged(hive: Daemon) -> None:
-    spawn(hive.url)
+    spawn_ok(hive.url)
     (worker,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
     os.kill(worker["pid"], signal.SIGKILL)
     assert wait_for(lambda: job_result(hive.url, {"operation": "worker_list"}) == [], timeout=3)
@@ -120,13 +128,14 @@ def test_insufficient_ram_gives_the_numbers(hive: Daemon, isolated_dirs: Path) -
     assert 0 < details["available_bytes"] < details["required_bytes"]
 
 
-def test_cpu_threads_are_a_budget(hive: Daemon) -> None:
+def test_cpu_threads_are_a_budget(hive: Daemon, isolated_dirs: Path) -> None:
     assert spawn(hive.url)[1] == "[DONE]"  # 1 of 2 cores
     events, _ = spawn(hive.url, threads=2)
     assert job_error(events)["code"] == "INSUFFICIENT_CPU"
     assert spawn(hive.url)[1] == "[DONE]"  # the other core
     workers = job_result(hive.url, {"operation": "worker_list"})
-    assert isinstance(workers, list) and sorted(w["threads"] for w in workers) == [1, 1]
+    assert isinstance(workers, list) and sorted(w["threads"] for w in workers) == [1, 1], hive.log() + "".join(
+        p.read_text()[-800:] for p in (isolated_dirs / "state").rglob("*.log"))
     assert len({w["port"] for w in workers}) == 2
 
 
@@ -167,8 +176,8 @@ def test_infer_sent_to_a_hive_is_a_routing_bug(hive: Daemon) -> None:
 
 def test_sigkill_of_the_hive_takes_its_workers_within_5s(isolated_dirs: Path) -> None:
     with daemon(hive_argv()) as hive:
-        spawn(hive.url)
-        spawn(hive.url)
+        spawn_ok(hive.url)
+        spawn_ok(hive.url)
         workers = job_result(hive.url, {"operation": "worker_list"})
         assert isinstance(workers, list) and len(workers) == 2
         os.kill(hive.process.pid, signal.SIGKILL)
@@ -179,8 +188,8 @@ def test_sigkill_of_the_hive_takes_its_workers_within_5s(isolated_dirs: Path) ->
 
 def test_sigterm_stops_everything_with_exit_0_within_6s(isolated_dirs: Path) -> None:
     with daemon(hive_argv()) as hive:
-        spawn(hive.url)
-        spawn(hive.url)
+        spawn_ok(hive.url)
+        spawn_ok(hive.url)
         workers = job_result(hive.url, {"operation": "worker_list"})
         assert isinstance(workers, list)
         # one worker busy with a long request: it must drain or be killed, never orphaned
