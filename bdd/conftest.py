@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import pytest
 from anyio.from_thread import BlockingPortal
 from pytest_bdd import given, parsers, then, when
 
-from tests.helpers import BIN, Daemon, daemon, free_port, port_open
+from rbee_common.builtin import builtin_model_path
+from tests.fake_hf import FakeHub
+from tests.helpers import BIN, Daemon, daemon, free_port, port_open, run_job
 
 
 class World:
@@ -121,3 +124,163 @@ def running_worker(world: World, slots: int) -> None:
     argv = [str(BIN / "llm-worker-rbee"), "--model", "smollm2-135m", "--device", "CPU-0", "--threads", "1",
             "--slots", str(slots), "--port", "0"]
     world.extra["worker"] = world.extra["stack"].enter_context(daemon(argv))
+
+
+# --- hives, the fake Hub, hive jobs ---------------------------------------------------------
+
+
+def hub(world: World) -> FakeHub:
+    if "hub" not in world.extra:
+        world.extra["hub"] = world.extra["stack"].enter_context(FakeHub(world.tmp / "hub"))
+    value = world.extra["hub"]
+    assert isinstance(value, FakeHub)
+    return value
+
+
+@given(parsers.parse('a fake Hugging Face hub serving "{repo}" with a {mb:d} MB file "{name}"'))
+@given(parsers.parse('the hub also serves "{repo}" with a {mb:d} MB file "{name}"'))
+def hub_serves(world: World, repo: str, mb: int, name: str) -> None:
+    hub(world).add_file(repo, name, os.urandom(mb * 1000 * 1000))
+
+
+@given(parsers.parse('the hub serves the built-in SmolLM2 GGUF as "{repo}"'))
+def hub_serves_smol(world: World, repo: str) -> None:
+    path = builtin_model_path("smollm2-135m")
+    assert path is not None
+    hub(world).add_file(repo, path.name, path.read_bytes())
+
+
+def start_hive(world: World, settings: str = "", cwd: Path | None = None) -> Daemon:
+    env = {"HF_ENDPOINT": hub(world).url}
+    for pair in filter(None, (p.strip() for p in settings.split(","))):
+        key, value = pair.split("=", 1)
+        env[f"RBEE_HIVE__{key.strip().upper()}"] = value.strip()
+    hive: Daemon = world.extra["stack"].enter_context(
+        daemon([str(BIN / "rbee-hive"), "--port", "0"], env=env, cwd=cwd)
+    )
+    world.extra["hive"] = hive
+    return hive
+
+
+@given("a running hive")
+def running_hive(world: World) -> None:
+    start_hive(world)
+
+
+@given(parsers.parse('a running hive with "{settings}"'))
+def running_hive_with(world: World, settings: str) -> None:
+    start_hive(world, settings)
+
+
+def hive_url(world: World) -> str:
+    return str(world.extra["hive"].url)
+
+
+def hive_job(world: World, operation: dict[str, Any]) -> list[dict[str, Any]]:
+    events, terminator = run_job(hive_url(world), operation)
+    world.extra["events"], world.extra["terminator"] = events, terminator
+    return events
+
+
+def job_value(world: World) -> Any:
+    assert world.extra["terminator"] == "[DONE]", world.extra["events"][-3:]
+    (value,) = [e["value"] for e in world.extra["events"] if e["type"] == "result"]
+    return value
+
+
+def job_error_body(world: World) -> dict[str, Any]:
+    assert world.extra["terminator"].startswith("[ERROR]"), world.extra["events"][-3:]
+    errors = [e["error"] for e in world.extra["events"] if e["type"] == "narration" and e.get("error")]
+    assert errors
+    error = errors[-1]
+    assert isinstance(error, dict)
+    return error
+
+
+@when(parsers.parse("I run the hive operation {body}"))
+def run_hive_operation(world: World, body: str) -> None:
+    hive_job(world, json.loads(body))
+
+
+@given(parsers.parse('the hive has downloaded "{ref}"'))
+def hive_downloaded(world: World, ref: str) -> None:
+    hive_job(world, {"operation": "model_download", "model": ref})
+    assert world.extra["terminator"] == "[DONE]", world.extra["events"][-3:]
+    world.extra.setdefault("downloaded", {})[ref] = job_value(world)
+
+
+@when(parsers.parse('I spawn a worker of "{model}" on "{device}"'))
+@given(parsers.parse('a worker of "{model}" spawned on "{device}"'))
+def spawn_worker(world: World, model: str, device: str) -> None:
+    hive_job(world, {"operation": "worker_spawn", "model": model, "device": device, "threads": 1})
+    if world.extra["terminator"] == "[DONE]":
+        world.extra.setdefault("workers", []).append(job_value(world))
+
+
+@then("the job succeeds")
+def job_succeeds(world: World) -> None:
+    assert world.extra["terminator"] == "[DONE]", world.extra["events"][-3:]
+
+
+@then(parsers.parse('the job fails with "{code}"'))
+def job_fails_with(world: World, code: str) -> None:
+    assert job_error_body(world)["code"] == code
+
+
+@then(parsers.parse('the job narrates "{text}"'))
+def job_narrates(world: World, text: str) -> None:
+    humans = [str(e["human"]) for e in world.extra["events"] if e["type"] == "narration"]
+    assert any(text in human for human in humans), humans
+
+
+@then(parsers.parse('the error hint mentions "{text}"'))
+def hint_mentions(world: World, text: str) -> None:
+    assert text in str(job_error_body(world).get("details", {}).get("hint", ""))
+
+
+@then(parsers.parse('the error message mentions "{text}"'))
+def message_mentions(world: World, text: str) -> None:
+    assert text in str(job_error_body(world)["message"])
+
+
+# --- streams and workers shared by several features ---------------------------------------
+
+COUNTING = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 1500, "temperature": 0}
+"""Greedy SmolLM2 counts for the full 1500 tokens (about 15 s alone): a request that stays busy."""
+
+
+class Streaming:
+    """One inference request read in a thread, as a client would."""
+
+    def __init__(self, url: str, body: dict[str, object]) -> None:
+        self.url, self.body = url, body
+        self.status = 0
+        self.error: dict[str, object] | None = None
+        self.events: list[str] = []
+        self.first_token = threading.Event()
+        self.disconnect = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with httpx.stream("POST", f"{self.url}/v1/inference", json=self.body, timeout=60) as response:
+            self.status = response.status_code
+            if response.status_code != 200:
+                self.error = json.loads(response.read())["error"]
+                self.first_token.set()
+                return
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                self.events.append(line[6:])
+                if '"type":"token"' in line:
+                    self.first_token.set()
+                if self.disconnect.is_set():
+                    return  # leaving the `with` closes the connection mid-stream
+
+
+@given(parsers.parse('{count:d} workers of "{model}" spawned on "{device}"'))
+def many_workers(world: World, count: int, model: str, device: str) -> None:
+    for _ in range(count):
+        spawn_worker(world, model, device)
+        assert world.extra["terminator"] == "[DONE]", world.extra["events"][-3:]

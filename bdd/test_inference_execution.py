@@ -7,44 +7,10 @@ import time
 import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World
+from bdd.conftest import COUNTING, Streaming, World
 from tests.helpers import wait_for
 
 scenarios("inference_execution.feature")
-
-COUNTING = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 1500, "temperature": 0}
-"""Greedy SmolLM2 counts for the full 1500 tokens (about 15 s alone): a request that stays busy."""
-
-
-class Streaming:
-    """One inference request read in a thread, as a client would."""
-
-    def __init__(self, url: str, body: dict[str, object]) -> None:
-        self.url, self.body = url, body
-        self.status = 0
-        self.error: dict[str, object] | None = None
-        self.events: list[str] = []
-        self.first_token = threading.Event()
-        self.disconnect = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        with httpx.stream("POST", f"{self.url}/v1/inference", json=self.body, timeout=60) as response:
-            self.status = response.status_code
-            if response.status_code != 200:
-                self.error = json.loads(response.read())["error"]
-                self.first_token.set()
-                return
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                self.events.append(line[6:])
-                if '"type":"token"' in line:
-                    self.first_token.set()
-                if self.disconnect.is_set():
-                    return  # leaving the `with` closes the connection mid-stream
-
 
 def worker_url(world: World) -> str:
     return str(world.extra["worker"].url)

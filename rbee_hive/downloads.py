@@ -14,6 +14,7 @@ for one model share one transfer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -341,6 +342,13 @@ class Downloader:
                     f"The download stalled: no data for {self.stall_s:g} s.",
                     hint="Check the network; the next try resumes where this one stopped.",
                 )
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise InsufficientDisk(
+                    "The disk filled up during the download.",
+                    hint="Free space on the hive's data disk; the next try resumes where this one stopped.",
+                ) from None
             except httpx.TransportError:
                 problem = DownloadFailed(
                     "The connection to the Hub broke.", hint="Run it again; it resumes where it stopped."

@@ -265,6 +265,8 @@ class Workers:
             *command, "--model", model_arg, "--model-name", name, "--device", op.device, "--backend", backend,
             "--host", self.settings.host, "--port", str(port), "--worker-id", worker_id,
             "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
+            # drain a little less than we wait, so a busy worker finishes before our SIGKILL
+            "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
             *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),
         ]
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -74,13 +74,15 @@ def stop_process(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def daemon(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterator[Daemon]:
+def daemon(
+    argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 30.0, cwd: Path | None = None
+) -> Iterator[Daemon]:
     with tempfile.NamedTemporaryFile(prefix="rbee-test-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd,
         )
     try:
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import BIN, Daemon, daemon, job_result, port_open, run_job, wait_for
+from tests.helpers import BIN, Daemon, daemon, job_result, port_open, run_job, stop_process, wait_for
 
 
 def hive_argv(*extra: str) -> list[str]:
@@ -205,3 +207,20 @@ def test_sigterm_stops_everything_with_exit_0_within_6s(isolated_dirs: Path) -> 
         assert all(gone(w["pid"]) for w in workers)
         stream.close()
         assert "All workers stopped" in hive.log()
+
+
+def test_stdin_eof_stops_the_hive_and_its_workers(isolated_dirs: Path) -> None:
+    """A hive started over SSH (`--lifeline stdin`): the session ends, everything goes."""
+    process = subprocess.Popen(
+        hive_argv("--lifeline", "stdin"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        url = json.loads(process.stdout.readline())["url"]
+        worker = spawn_ok(url)
+        process.stdin.close()
+        assert process.wait(timeout=6) == 0
+        assert gone(int(str(worker["pid"])))
+    finally:
+        stop_process(process)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import httpx
+from pytest_bdd import given, parsers, scenarios, then, when
+
+from bdd.conftest import COUNTING, Streaming, World, hive_url, job_value
+
+scenarios("hive_worker_registry.feature")
+
+
+@when("I ask the hive for /health")
+def ask_health(world: World) -> None:
+    world.response = httpx.get(f"{hive_url(world)}/health")
+
+
+@then(parsers.parse('it answers 200 with status "{status}", its version and api_version "{api}"'))
+def health_body(world: World, status: str, api: str) -> None:
+    assert world.response is not None and world.response.status_code == 200
+    body = world.response.json()
+    assert body["status"] == status and body["api_version"] == api and body["version"]
+
+
+@then("the result is an empty list")
+def empty(world: World) -> None:
+    assert job_value(world) == []
+
+
+@given("the worker is busy with a long request")
+def busy(world: World) -> None:
+    worker = world.extra["workers"][-1]
+    stream = Streaming(worker["url"], {**COUNTING, "request_id": "req-busy"})
+
+    def cancel() -> None:
+        stream.disconnect.set()
+        httpx.delete(f"{worker['url']}/v1/inference/req-busy")
+        stream.thread.join(30)
+
+    world.extra["stack"].callback(cancel)
+    assert stream.first_token.wait(30)
+
+
+@then(parsers.parse('the result lists 1 worker of "{model}" in state "{state}" with {busy:d} slots busy'))
+def one_worker(world: World, model: str, state: str, busy: int) -> None:
+    (worker,) = job_value(world)
+    assert (worker["model"], worker["state"], worker["slots_busy"]) == (model, state, busy)
+    assert worker["pid"] > 0 and worker["url"].startswith("http://127.0.0.1:")

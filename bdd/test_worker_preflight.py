@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+from pytest_bdd import given, parsers, scenarios, then, when
+
+from bdd.conftest import World, hub, job_error_body, spawn_worker
+
+scenarios("worker_preflight.feature")
+
+
+def preflight(world: World) -> dict[str, object]:
+    (event,) = [e for e in world.extra["events"] if e.get("action") == "worker_preflight"]
+    assert isinstance(event, dict)
+    return event
+
+
+@then("the preflight narration shows the RAM needed and available")
+def ram_numbers(world: World) -> None:
+    event = preflight(world)
+    fields = event["fields"]
+    assert isinstance(fields, dict) and 0 < fields["required_bytes"] < fields["available_bytes"]
+    assert "MB of the" in str(event["human"]) and "RAM available" in str(event["human"])
+
+
+@then(parsers.parse('the backend check passed for "{backend}"'))
+def backend_passed(world: World, backend: str) -> None:
+    fields = preflight(world)["fields"]
+    assert isinstance(fields, dict) and fields["backend"] == backend
+    assert world.extra["terminator"] == "[DONE]"
+
+
+@given("a sparse GGUF file as large as this machine's RAM")
+def sparse(world: World) -> None:
+    path = world.tmp / "huge.gguf"
+    with open(path, "wb") as file:
+        file.truncate(psutil.virtual_memory().total)
+    world.extra["model_file"] = path
+
+
+@given(parsers.parse('a file "{name}" that llama.cpp cannot load'))
+def broken(world: World, name: str) -> None:
+    path = world.tmp / name
+    path.write_bytes(b"GGUF? no." * 1000)
+    world.extra["model_file"] = path
+
+
+@when(parsers.parse('I spawn a worker of that file on "{device}"'))
+def spawn_file(world: World, device: str) -> None:
+    spawn_worker(world, f"file://{world.extra['model_file']}", device)
+
+
+@then("the error details give required_bytes as 1.2 times the file and the available bytes")
+def ram_details(world: World) -> None:
+    details = job_error_body(world)["details"]
+    size = Path(world.extra["model_file"]).stat().st_size
+    assert details["required_bytes"] == int(size * 1.2)
+    assert 0 < details["available_bytes"] < details["required_bytes"]
+
+
+@then("no worker was started")
+def none_started(world: World) -> None:
+    assert not [e for e in world.extra["events"] if e.get("action") == "worker_spawn"]
+
+
+@then(parsers.parse('the error carries the worker\'s last log lines, which say "{text}"'))
+def last_lines(world: World, text: str) -> None:
+    lines = job_error_body(world)["details"]["last_log_lines"]
+    assert any(text in line for line in lines), lines
+
+
+@then("the error lists the available backends")
+def lists_backends(world: World) -> None:
+    error = job_error_body(world)
+    assert "llama-cpp" in error["details"]["available_backends"]
+    assert "llama-cpp" in error["details"]["hint"]
+
+
+@then(parsers.parse('the error lists only the device "{device}"'))
+def lists_devices(world: World, device: str) -> None:
+    assert job_error_body(world)["details"]["devices"] == [device]
+
+
+@then("the error details give required_bytes 10000000, the available bytes and how much to free")
+def disk_details(world: World) -> None:
+    details = job_error_body(world)["details"]
+    assert details["required_bytes"] == 10_000_000 and details["available_bytes"] > 0
+    assert details["free_at_least_bytes"] > 0 and "Free at least" in details["hint"]
+
+
+@then("nothing was downloaded")
+def nothing_downloaded(world: World) -> None:
+    assert hub(world).file_requests == []
