@@ -50,6 +50,16 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     hive_probe_timeout_s: Positive = 2.0
     worker_stale_s: Positive = 6.0
     """A worker silent this long (three missed heartbeats) leaves the registry."""
+    local_hive: bool = False
+    """Run the `localhost` hive inside the queen (`queen-rbee --local-hive`)."""
+    queue_size: Annotated[int, msgspec.Meta(ge=0)] = 64
+    """Requests per model that may wait for a free worker slot; more get 429."""
+    queue_timeout_s: Positive = 60.0
+    """How long a request waits for a slot before it gets 503."""
+    cold_start: bool = True
+    """No worker for a model: start one on the best hive."""
+    infer_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    """Workers tried for one request that fails before its first token."""
 
 
 class HiveSettings(_Section, frozen=True, kw_only=True):

@@ -181,6 +181,12 @@ class JobContext:
         self._job.emit(msgspec.structs.replace(event, job_id=self._job.id))
 
 
+def detached_context(operation: Operation, actor: str) -> JobContext:
+    """A context for work that no job follows (an OpenAI request's cold start):
+    its events are kept in a buffer of two and then dropped."""
+    return JobContext(Job(operation, buffer=2), actor)
+
+
 Handler = Callable[[Operation, JobContext], Awaitable[Any]]
 
 

@@ -107,7 +107,8 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: int = 256
+    max_tokens: int | None = 256
+    """None: until the context is full or the model stops (OpenAI's default)."""
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40

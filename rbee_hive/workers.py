@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -28,6 +27,7 @@ import msgspec
 import psutil
 import trio
 
+from rbee_common.child import Child, spawn_child
 from rbee_common.config import HiveSettings
 from rbee_common.errors import NotFound, RbeeError, ServiceUnavailable, Unprocessable
 from rbee_common.jobs import JobContext
@@ -74,7 +74,7 @@ class WorkerStartFailed(ServiceUnavailable):
 
 
 class _Running:
-    def __init__(self, info: HiveWorker, process: trio.Process, lifeline: int, model_path: str) -> None:
+    def __init__(self, info: HiveWorker, process: Child, lifeline: int, model_path: str) -> None:
         self.info = info
         self.process = process
         self.lifeline = lifeline
@@ -271,9 +271,8 @@ class Workers:
         ]
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            process = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd, pass_fds=(read_end,),
-            )
+            # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)
+            process = spawn_child(argv, stderr=log_fd, pass_fds=(read_end,))
         except OSError as error:
             os.close(write_end)
             raise WorkerStartFailed(f"The worker could not be started: {error.strerror}.") from None
@@ -309,8 +308,7 @@ class Workers:
             exited = running.exited.is_set()
             if not exited:
                 await self._kill(running, "not ready in time")
-            if process.stdout is not None:
-                await process.stdout.aclose()
+            await process.stdout.aclose()
             last = tail(log_path)
             if exited and any("Address already in use" in line for line in last):
                 return None
@@ -329,11 +327,9 @@ class Workers:
         return info
 
     async def _read_ready(
-        self, process: trio.Process, context: JobContext, started: float
+        self, process: Child, context: JobContext, started: float
     ) -> dict[str, object] | None:
         stdout = process.stdout
-        if stdout is None:
-            return None
         buffer = bytearray()
         while True:
             with trio.move_on_after(0.5):
@@ -376,8 +372,7 @@ class Workers:
         if running.process.returncode is None:
             info = running.info
             log.warning("killing worker %s (pid %d, SIGKILL): %s", info.worker_id, info.pid, why)
-            with contextlib.suppress(ProcessLookupError):
-                running.process.send_signal(signal.SIGKILL)
+            running.process.send_signal(signal.SIGKILL)
         with trio.CancelScope(shield=True):
             await running.exited.wait()
 
@@ -446,8 +441,7 @@ class Workers:
                 await http.post(f"{info.url}/v1/admin/shutdown")
         except httpx.HTTPError:
             say("It did not answer over HTTP; sending SIGTERM")
-            with contextlib.suppress(ProcessLookupError):
-                running.process.send_signal(signal.SIGTERM)
+            running.process.send_signal(signal.SIGTERM)
         with trio.move_on_after(grace):
             await running.exited.wait()
         if not running.exited.is_set():
@@ -480,6 +474,5 @@ class Workers:
             if running.process.returncode is None:
                 log.warning("killing worker %s (pid %d, SIGKILL): shutdown deadline passed",
                             running.info.worker_id, running.info.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    running.process.send_signal(signal.SIGKILL)
+                running.process.send_signal(signal.SIGKILL)
 

@@ -14,6 +14,7 @@ from rbee_common.http import add_shutdown_route, create_app, json_response, read
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.validation import decode_body
 from rbee_common.wire import BuildInfo, WorkerHeartbeat
+from rbee_queen.openai_api import add_openai_routes
 from rbee_queen.service import QueenService
 
 _heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
@@ -34,7 +35,7 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
             BuildInfo(
                 program="queen-rbee",
                 version=package_version(),
-                features=[],
+                features=["local-hive"] if service.local_hive is not None else [],
                 build_timestamp=build_timestamp(),
                 python=platform.python_version(),
             )
@@ -43,8 +44,9 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
     @app.post("/v1/worker-heartbeat")
     async def worker_heartbeat() -> Response:
         service.workers.record(decode_body(await read_body(), _heartbeat_decoder))
-        return Response(status=204)
+        return Response(b"", status=204)  # not None: quart would iterate [] through asyncio
 
+    add_openai_routes(app, generate=service.generate, list_models=service.model_names)
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

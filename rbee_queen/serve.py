@@ -1,13 +1,21 @@
-"""The queen's nursery tree: HTTP server, job tasks, background loops."""
+"""The queen's nursery tree: HTTP server, job tasks, and under --local-hive a hive.
+
+With `--local-hive` the `localhost` hive's service lives here, and its
+workers are children of this process (with lifeline pipes): when the queen
+stops they are stopped (graceful, then SIGKILL), and when the queen is
+killed outright their lifelines close and they exit by themselves.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import httpx
+import msgspec
 import trio
 
 from rbee_common.jobs import JobLimits, JobServer
+from rbee_hive.service import HiveService
 from rbee_queen.app import build_app
 from rbee_queen.config import QueenConfig
 from rbee_queen.service import QueenService
@@ -26,11 +34,27 @@ async def serve(
         retention_s=settings.job_retention_s,
         event_buffer=settings.event_buffer,
     )
-    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
-        service = QueenService(config, http=http)
-        jobs = JobServer(nursery, service.handle, actor="queen", limits=limits)
-        app = build_app(service, jobs, stop=stop)
-        urls = await nursery.start(
-            functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
-        )
-        task_status.started(urls)
+    limits_http = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(limits=limits_http) as http, trio.open_nursery() as children:
+        local = HiveService(config.hive, children) if settings.local_hive else None
+        service = QueenService(config, http=http, local_hive=local)
+        try:
+            async with trio.open_nursery() as nursery:
+                jobs = JobServer(nursery, service.handle, actor="queen", limits=limits)
+                app = build_app(service, jobs, stop=stop)
+                urls = await nursery.start(
+                    functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
+                )
+                if local is not None:
+                    # The in-process hive's workers heartbeat to this queen.
+                    local.settings = local.workers.settings = msgspec.structs.replace(
+                        local.settings, queen_url=urls[0]
+                    )
+                    children.start_soon(local.workers.monitor_forever)
+                task_status.started(urls)
+        finally:
+            if local is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(config.hive.worker_stop_grace_s + 3):
+                    await local.workers.stop_all()
+                local.workers.kill_all()
+            children.cancel_scope.cancel()

@@ -64,7 +64,7 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
         # Idempotent: a request that already ended (or was cancelled) answers 204 again.
         if not service.cancel(request_id):
             raise NotFound("No running or recent request with that id.", code="REQUEST_NOT_FOUND")
-        return Response(status=204)
+        return Response(b"", status=204)  # not None: quart would iterate [] through asyncio
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> Response:

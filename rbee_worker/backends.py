@@ -172,7 +172,7 @@ class LlamaCppBackend:
                     f"The prompt is {len(tokens)} tokens; this worker's context is {self.ctx}.",
                     details={"field": "messages" if request.messages else "prompt"},
                 )
-            max_tokens = min(request.max_tokens, self.ctx - len(tokens))
+            max_tokens = min(request.max_tokens or self.ctx, self.ctx - len(tokens))
             stream = llm.create_completion(
                 prompt=tokens, max_tokens=max_tokens, temperature=request.temperature,
                 top_p=request.top_p, top_k=request.top_k, seed=request.seed,
@@ -302,7 +302,7 @@ class MlxBackend:
                 self._mx.random.seed(request.seed)
             stream = stream_generate(
                 self._model, self._tokenizer, tokens,
-                max_tokens=min(request.max_tokens, self.ctx - len(tokens)), sampler=sampler,
+                max_tokens=min(request.max_tokens or self.ctx, self.ctx - len(tokens)), sampler=sampler,
             )
             try:
                 for response in stream:

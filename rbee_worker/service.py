@@ -55,7 +55,7 @@ def validate(request: InferenceRequest, ctx: int) -> None:
         raise bad("prompt", "Give a non-empty `prompt` or `messages`.")
     if request.messages is not None and not request.messages:
         raise bad("messages", "`messages` must not be empty.")
-    if not 1 <= request.max_tokens <= ctx:
+    if request.max_tokens is not None and not 1 <= request.max_tokens <= ctx:
         raise bad("max_tokens", f"`max_tokens` must be between 1 and {ctx}.")
     if not 0.0 <= request.temperature <= 2.0:
         raise bad("temperature", "`temperature` must be between 0 and 2.")

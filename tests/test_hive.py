@@ -224,3 +224,12 @@ def test_stdin_eof_stops_the_hive_and_its_workers(isolated_dirs: Path) -> None:
         assert gone(int(str(worker["pid"])))
     finally:
         stop_process(process)
+
+
+def test_a_worker_outlives_the_spawning_thread(hive: Daemon) -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked: trio retires idle worker threads
+    after 10 s, so a worker forked from one would be killed then (it was, once)."""
+    worker = spawn_ok(hive.url)
+    time.sleep(12)
+    assert not gone(int(str(worker["pid"])))
+    assert httpx.get(f"{worker['url']}/health").status_code == 200

@@ -13,7 +13,7 @@ import trio
 
 from rbee_common.client import JobClient
 from rbee_common.errors import JobCancelled, NotImplementedYet
-from rbee_common.wire import Narration, Result, Status, WorkerList
+from rbee_common.wire import Narration, Result, SshTest, Status
 from tests.conftest import QueenHandle
 
 JOB_ID = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -147,10 +147,10 @@ async def test_error_envelope_has_correlation_id_matching_header(queen: QueenHan
 
 
 async def test_not_implemented_operation_fails_with_its_name(queen: QueenHandle) -> None:
-    job_id = await submit(queen.http, {"operation": "model_list"})
+    job_id = await submit(queen.http, {"operation": "ssh_test"})
     events = await read_stream(queen.http, job_id)
     assert events[-1][1].startswith("[ERROR] ")
-    assert "model_list" in events[-1][1]
+    assert "ssh_test" in events[-1][1]
     info = (await queen.http.get(f"/v1/jobs/{job_id}")).json()
     assert info["state"] == "failed"
     assert info["error"]["code"] == "NOT_IMPLEMENTED"
@@ -159,11 +159,11 @@ async def test_not_implemented_operation_fails_with_its_name(queen: QueenHandle)
 async def test_client_raises_the_servers_error_class(queen: QueenHandle) -> None:
     client = JobClient(queen.url, http=queen.http)
     with pytest.raises(NotImplementedYet) as caught:
-        async with contextlib.aclosing(client.run(WorkerList())) as events:
+        async with contextlib.aclosing(client.run(SshTest())) as events:
             async for _ in events:
                 pass
     assert caught.value.code == "NOT_IMPLEMENTED"
-    assert caught.value.details["operation"] == "worker_list"
+    assert caught.value.details["operation"] == "ssh_test"
 
 
 async def test_client_yields_typed_events(queen: QueenHandle) -> None:

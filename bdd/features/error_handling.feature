@@ -60,7 +60,7 @@ Feature: Error Handling - Structured Errors
       | body too large  | 413    | PAYLOAD_TOO_LARGE |
 
   Scenario: ERR-014 - A job that fails carries its error type
-    When I submit the operation "model_list"
+    When I submit the operation "ssh_test"
     And I follow the job with the job client
     Then the job client raises the error "NOT_IMPLEMENTED"
     And the job's status shows the error code "NOT_IMPLEMENTED"

@@ -1,0 +1,194 @@
+"""Choosing a worker for each request (DESIGN §3).
+
+`pick_worker` is the pure part: among workers serving the model, ready or
+busy, the least loaded one with a free slot. The `Scheduler` adds what needs
+time: a bounded wait per model when every slot is taken (429 when the queue
+is full, 503 at the deadline), and a cold start when no worker serves the
+model at all: a `worker_spawn` on the best hive, narrated into the request.
+Load is what the queen itself has sent and not yet seen finish; heartbeats
+lag by up to one period, so they only add and remove workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+import trio
+
+from rbee_common.errors import RbeeError, ServiceUnavailable, TooManyRequests
+from rbee_common.jobs import JobContext
+from rbee_common.wire import WorkerHeartbeat, WorkerInfo, WorkerSpawn
+from rbee_queen.hives import HiveRouter
+from rbee_queen.registry import WorkerRegistry
+
+log = logging.getLogger("rbee.queen.scheduler")
+ROUTABLE = ("ready", "busy")
+
+
+def serves(worker: WorkerInfo, model: str, aliases: Mapping[str, str]) -> bool:
+    return worker.model == model or worker.model == aliases.get(model)
+
+
+def pick_worker(
+    workers: Sequence[WorkerInfo], model: str, *, load: Mapping[str, int],
+    aliases: Mapping[str, str] | None = None, exclude: frozenset[str] = frozenset(),
+) -> WorkerInfo | None:
+    """The least loaded worker of `model` with a free slot, or None."""
+    free = [
+        w for w in workers
+        if serves(w, model, aliases or {}) and w.state in ROUTABLE and w.worker_id not in exclude
+        and load.get(w.worker_id, 0) < w.slots_total
+    ]
+    if not free:
+        return None
+
+    def busy(worker: WorkerInfo) -> tuple[float, int, str]:
+        used = load.get(worker.worker_id, 0)
+        return used / worker.slots_total, used, worker.worker_id
+
+    return min(free, key=busy)
+
+
+class QueueFull(TooManyRequests):
+    code = "QUEUE_FULL"
+
+
+class Scheduler:
+    def __init__(
+        self, registry: WorkerRegistry, router: HiveRouter, *, queue_size: int, queue_timeout_s: float,
+        cold_start: bool,
+    ) -> None:
+        self.registry = registry
+        self.router = router
+        self.queue_size = queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.cold_start_enabled = cold_start
+        self.load: dict[str, int] = {}
+        self.waiting: dict[str, int] = {}
+        self.aliases: dict[str, str] = {}
+        """Requested model -> the name its workers report (a catalog id)."""
+        self._changed = trio.Event()
+        self._cold: dict[str, trio.Event] = {}
+        registry.on_change = self.notify
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def candidates(self, model: str, exclude: frozenset[str]) -> list[WorkerInfo]:
+        return [w for w in self.registry.active() if serves(w, model, self.aliases)
+                and w.worker_id not in exclude and w.state != "draining"]
+
+    async def acquire(self, model: str, context: JobContext | None, exclude: frozenset[str]) -> WorkerInfo:
+        """A worker slot for one request; call `release` when the request ends."""
+        deadline = trio.current_time() + self.queue_timeout_s
+        queued = False
+        try:
+            while True:
+                worker = pick_worker(self.registry.active(), model, load=self.load, aliases=self.aliases,
+                                     exclude=exclude)
+                if worker is not None:
+                    self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
+                    return worker
+                if not self.candidates(model, exclude):
+                    await self.cold_start(model, context)
+                    continue
+                if not queued:
+                    if self.waiting.get(model, 0) >= self.queue_size:
+                        raise QueueFull(
+                            f"All workers of this model are busy and {self.queue_size} requests wait.",
+                            retry_after_s=2, hint="Retry later, or start more workers of this model.",
+                        )
+                    self.waiting[model] = self.waiting.get(model, 0) + 1
+                    queued = True
+                    if context is not None:
+                        context.narrate("queued", "Every worker of this model is busy; waiting for a slot")
+                changed = self._changed
+                with trio.move_on_at(deadline) as scope:
+                    await changed.wait()
+                if scope.cancelled_caught:
+                    raise ServiceUnavailable(
+                        f"No worker slot became free within {self.queue_timeout_s:g} s.",
+                        code="QUEUE_TIMEOUT", details={"retry_after_s": 2},
+                        hint="Retry later, or start more workers of this model.",
+                    )
+        finally:
+            if queued:
+                self.waiting[model] -= 1
+
+    def release(self, worker_id: str) -> None:
+        self.load[worker_id] = max(self.load.get(worker_id, 0) - 1, 0)
+        self.notify()
+
+    async def cold_start(self, model: str, context: JobContext | None) -> None:
+        if not self.cold_start_enabled:
+            raise ServiceUnavailable(
+                "No worker serves this model, and cold starts are off.", code="NO_WORKER",
+                hint="Spawn one with `worker_spawn`, or set [queen] cold_start = true.",
+            )
+        running = self._cold.get(model)
+        if running is not None:
+            if context is not None:
+                context.narrate("cold_start", "A worker for this model is starting; waiting for it")
+            await running.wait()
+            if not self.candidates(model, frozenset()):
+                raise ServiceUnavailable("The worker for this model could not be started.", code="NO_WORKER")
+            return
+        done = self._cold[model] = trio.Event()
+        try:
+            hive_id, device = await self.best_hive(model)
+            if context is not None:
+                context.narrate(
+                    "cold_start", f"No worker serves {model}; starting one on hive {hive_id} ({device})",
+                    hive_id=hive_id, device=device,
+                )
+            spawned = await self.router.run(
+                WorkerSpawn(model=model, device=device, hive_id=hive_id), hive_id, context
+            )
+            self.register_spawned(model, hive_id, spawned)
+        finally:
+            del self._cold[model]
+            done.set()
+            self.notify()
+
+    def register_spawned(self, model: str, hive_id: str, spawned: Any) -> None:
+        """Route to a worker we started at once, without waiting for its first heartbeat."""
+        if not isinstance(spawned, dict):
+            return
+        self.aliases[model] = str(spawned["model"])
+        self.registry.record(WorkerHeartbeat(
+            worker_id=spawned["worker_id"], hive_id=hive_id, url=spawned["url"], model=spawned["model"],
+            backend=spawned["backend"], device=spawned["device"], state="ready",
+            slots_total=int(spawned.get("slots_total", 1)), slots_busy=0, pid=int(spawned["pid"]),
+        ))
+
+    async def best_hive(self, model: str) -> tuple[str, str]:
+        """A hive with the model in its catalog first, then the most free memory; its best device."""
+        options: list[tuple[bool, int, str, str]] = []
+
+        async def consider(hive_id: str) -> None:
+            try:
+                caps = await self.router.capabilities(hive_id)
+                has = await self.router.has_model(hive_id, model)
+            except (RbeeError, httpx.HTTPError, OSError, ValueError) as error:
+                log.info("hive %s cannot take a cold start: %s", hive_id, type(error).__name__)
+                return
+            devices = caps.get("devices", [])
+            gpus = [d for d in devices if d.get("kind") in ("cuda", "metal")]
+            best = max(gpus or devices, key=lambda d: int(d.get("memory_free_bytes", 0)), default=None)
+            if best is not None:
+                options.append((has, int(best.get("memory_free_bytes", 0)), hive_id, str(best["id"])))
+
+        async with trio.open_nursery() as nursery:
+            for hive_id in self.router.ids():
+                nursery.start_soon(consider, hive_id)
+        if not options:
+            raise ServiceUnavailable(
+                "No hive is reachable to start a worker on.", code="NO_HIVE",
+                hint="Start a hive (`rbee-keeper hive start`), or run the queen with --local-hive.",
+            )
+        _, _, hive_id, device = max(options)
+        return hive_id, device
