@@ -130,6 +130,7 @@ class WorkerService:
             raise ValidationFailed("That request_id is already running.", details={"field": "request_id"})
         active = ActiveRequest(request_id)
         self.active[request_id] = active
+        self.state_changed.set()  # the queen sees the load at once, not a period later
         return active
 
     def cancel(self, request_id: str) -> bool:
@@ -190,6 +191,7 @@ class WorkerService:
             self.active.pop(active.request_id, None)
             self.last_request_end = time.monotonic()
             self.recent.append(active.request_id)
+            self.state_changed.set()
             active.done.set()
 
     async def drain(self, deadline_s: float) -> None:
