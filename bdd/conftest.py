@@ -143,6 +143,11 @@ def hub_serves(world: World, repo: str, mb: int, name: str) -> None:
     hub(world).add_file(repo, name, os.urandom(mb * 1000 * 1000))
 
 
+@given(parsers.parse("the hub cuts the connection once after {mb:d} MB"))
+def cut_once(world: World, mb: int) -> None:
+    hub(world).cut_once_after = mb * 1000 * 1000
+
+
 @given(parsers.parse('the hub serves the built-in SmolLM2 GGUF as "{repo}"'))
 def hub_serves_smol(world: World, repo: str) -> None:
     path = builtin_model_path("smollm2-135m")
@@ -284,3 +289,56 @@ def many_workers(world: World, count: int, model: str, device: str) -> None:
     for _ in range(count):
         spawn_worker(world, model, device)
         assert world.extra["terminator"] == "[DONE]", world.extra["events"][-3:]
+
+
+# --- the queen with its local hive ----------------------------------------------------------
+
+
+def start_queen(world: World, *args: str, env: dict[str, str] | None = None, port: int = 0) -> Daemon:
+    queen: Daemon = world.extra["stack"].enter_context(
+        daemon([str(BIN / "queen-rbee"), "--port", str(port), *args], env=env)
+    )
+    world.queen, world.queen_url = queen, queen.url
+    return queen
+
+
+@given("a running queen with a local hive")
+def queen_local_hive(world: World) -> None:
+    start_queen(world, "--local-hive")
+
+
+@given(parsers.parse('a running queen with a local hive and "{settings}"'))
+def queen_local_hive_with(world: World, settings: str) -> None:
+    env = {}
+    for pair in filter(None, (p.strip() for p in settings.split(","))):
+        key, value = pair.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        env[f"RBEE_{section.upper()}__{name.upper()}"] = value.strip()
+    start_queen(world, "--local-hive", env=env)
+
+
+def queen_job(world: World, operation: dict[str, Any]) -> list[dict[str, Any]]:
+    events, terminator = run_job(world.queen_url, operation)
+    world.extra["events"], world.extra["terminator"] = events, terminator
+    return events
+
+
+@when(parsers.parse("I run the queen operation {body}"))
+def run_queen_operation(world: World, body: str) -> None:
+    queen_job(world, json.loads(body))
+
+
+@given(parsers.parse('{count:d} workers of "{model}" spawned through the queen'))
+@given(parsers.parse('{count:d} worker of "{model}" spawned through the queen'))
+def spawned_through_queen(world: World, count: int, model: str) -> None:
+    for _ in range(count):
+        queen_job(world, {"operation": "worker_spawn", "model": model, "threads": 1})
+        world.extra.setdefault("workers", []).append(job_value(world))
+
+
+def active_workers(world: World, **filters: str) -> list[dict[str, Any]]:
+    events, terminator = run_job(world.queen_url, {"operation": "worker_list_active", **filters})
+    assert terminator == "[DONE]"
+    (value,) = [e["value"] for e in events if e["type"] == "result"]
+    assert isinstance(value, list)
+    return value

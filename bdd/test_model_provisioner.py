@@ -28,11 +28,6 @@ def stalls(world: World, mb: int) -> None:
     hub(world).stall_after = mb * 1000 * 1000
 
 
-@given(parsers.parse("the hub cuts the connection once after {mb:d} MB"))
-def cut_once(world: World, mb: int) -> None:
-    hub(world).cut_once_after = mb * 1000 * 1000
-
-
 @given(parsers.parse("the hub cuts every connection after {mb:d} MB"))
 def cut_always(world: World, mb: int) -> None:
     hub(world).cut_always_after = mb * 1000 * 1000

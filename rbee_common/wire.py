@@ -90,6 +90,8 @@ class SshTest(_HiveOp, tag="ssh_test", frozen=True, kw_only=True):
 
 class WorkerListActive(_Op, tag="worker_list_active", frozen=True, kw_only=True):
     model: ModelRef | None = None
+    device: DeviceName | None = None
+    """Only workers of this model, or on this device."""
 
 
 class ChatMessage(msgspec.Struct, frozen=True):

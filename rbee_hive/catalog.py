@@ -9,6 +9,7 @@ live under `<data>/models/.partial/`, which the catalog never reads.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import msgspec
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
 
+log = logging.getLogger("rbee.hive.catalog")
 Provider = Literal["hf", "file", "builtin"]
 ModelFormat = Literal["gguf", "mlx"]
 _HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?::(?P<select>[A-Za-z0-9._-]+))?$")
@@ -99,8 +101,17 @@ class Catalog:
         entries = self.builtins()
         if self.root.is_dir():
             for meta in sorted(self.root.glob("*/meta.json")):
-                with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
+                try:
                     entries.append(msgspec.json.decode(meta.read_bytes(), type=CatalogEntry))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    # Set it aside (never deleted): the model's files stay, and a new download re-registers.
+                    aside = meta.with_name("meta.json.corrupt")
+                    with contextlib.suppress(OSError):
+                        os.replace(meta, aside)
+                    log.warning("catalog entry %s is corrupt: moved to %s; download the model again "
+                                "to register it", meta.parent.name, aside)
+                except OSError as error:
+                    log.warning("catalog entry %s is unreadable: %s", meta.parent.name, error.strerror)
         return entries
 
     def find(self, ref: str) -> CatalogEntry | None:

@@ -10,6 +10,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from rbee_common.daemon import build_timestamp, package_version
+from rbee_common.errors import NotFound
 from rbee_common.http import add_shutdown_route, create_app, json_response, read_body
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.validation import decode_body
@@ -43,7 +44,13 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
 
     @app.post("/v1/worker-heartbeat")
     async def worker_heartbeat() -> Response:
-        service.workers.record(decode_body(await read_body(), _heartbeat_decoder))
+        beat = decode_body(await read_body(), _heartbeat_decoder)
+        if beat.hive_id not in service.config.hives:
+            raise NotFound(
+                "That worker's hive is not configured on this queen.", code="HIVE_NOT_FOUND",
+                hint="Add it under [hives.<id>] in the queen's config.",
+            )
+        service.workers.record(beat)
         return Response(b"", status=204)  # not None: quart would iterate [] through asyncio
 
     add_openai_routes(app, generate=service.generate, list_models=service.model_names)

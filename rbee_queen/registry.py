@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from rbee_common.errors import Conflict
 from rbee_common.wire import WorkerHeartbeat, WorkerInfo
 
 log = logging.getLogger("rbee.queen.workers")
@@ -25,7 +26,16 @@ class WorkerRegistry:
         self.on_change: Callable[[], None] = lambda: None
 
     def record(self, heartbeat: WorkerHeartbeat) -> None:
+        """Register or refresh a worker; one id claimed by a second live worker is a conflict."""
         previous = self._seen.get(heartbeat.worker_id)
+        if previous is not None and time.monotonic() - previous[0] <= self.stale_after_s:
+            known = previous[1]
+            if (known.hive_id, known.url, known.pid) != (heartbeat.hive_id, heartbeat.url, heartbeat.pid):
+                raise Conflict(
+                    "Another live worker is registered under that worker_id.",
+                    code="WORKER_ALREADY_REGISTERED",
+                    hint="Worker ids must be unique in the fleet; the hive makes them so.",
+                )
         self._seen[heartbeat.worker_id] = (time.monotonic(), heartbeat)
         if previous is None:
             log.info("worker %s (%s on %s) registered: %s", heartbeat.worker_id, heartbeat.model,

@@ -26,6 +26,7 @@ from rbee_common.wire import (
     Status,
     WorkerInfo,
     WorkerListActive,
+    WorkerStop,
 )
 from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
@@ -65,13 +66,17 @@ class QueenService:
         match operation:
             case Status():
                 return await self.status(context)
-            case WorkerListActive():
-                return self.worker_list_active(context)
+            case WorkerListActive(model=model, device=device):
+                return self.worker_list_active(context, model=model, device=device)
             case HiveList():
                 return [{"hive_id": hive_id, "url": hive_url(entry), "local": self.router.is_local(hive_id)}
                         for hive_id, entry in self.config.hives.items()]
             case Infer():
                 return await self.infer(operation, context)
+            case WorkerStop(worker_id=worker_id, hive_id=hive_id):
+                stopped = await self.router.run(operation, hive_id or "localhost", context)
+                self.workers.forget(worker_id, "stopped through the queen")
+                return stopped
             case op if isinstance(op, HIVE_OPERATIONS):
                 hive_id = getattr(op, "hive_id", None) or "localhost"
                 return await self.router.run(op, hive_id, context)
@@ -176,7 +181,10 @@ class QueenService:
             workers=self.workers.active(),
         )
 
-    def worker_list_active(self, context: JobContext) -> list[WorkerInfo]:
-        workers = self.workers.active()
+    def worker_list_active(
+        self, context: JobContext, *, model: str | None = None, device: str | None = None
+    ) -> list[WorkerInfo]:
+        workers = [w for w in self.workers.active()
+                   if (model is None or w.model == model) and (device is None or w.device == device)]
         context.narrate("worker_list_active", f"{len(workers)} worker(s) heard from recently")
         return workers

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from pytest_bdd import given, parsers, scenarios, then, when
+
+from bdd.conftest import Streaming, World, active_workers, hub, job_value, queen_job, start_hive, start_queen
+from tests.helpers import free_port, wait_for
+
+scenarios("failure_recovery.feature")
+
+
+def workers(world: World) -> list[dict[str, Any]]:
+    value = world.extra["workers"]
+    assert isinstance(value, list)
+    return value
+
+
+@when("the first worker is killed")
+def kill_first(world: World) -> None:
+    os.kill(int(workers(world)[0]["pid"]), signal.SIGKILL)
+
+
+@then(parsers.parse("within {seconds:d} seconds the queen lists only the second worker"))
+def only_second(world: World, seconds: int) -> None:
+    second = workers(world)[1]["worker_id"]
+    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [second], timeout=seconds)
+
+
+@then("no request is routed to the first worker any more")
+def not_routed(world: World) -> None:
+    for _ in range(3):
+        queen_job(world, {"operation": "infer", "model": "smollm2-135m", "prompt": "Hi,", "max_tokens": 3})
+        result = job_value(world)
+        assert result["worker_id"] == workers(world)[1]["worker_id"] and result["attempts"] == 1
+
+
+@when("its catalog entry's meta.json is corrupted")
+def corrupt_meta(world: World) -> None:
+    entry = world.extra["downloaded"]["hf:test-org/tiny-GGUF"]
+    meta = Path(entry["path"]).parent / "meta.json"
+    meta.write_text('{"id": "half a')
+    world.extra["meta"] = meta
+
+
+@then("the corrupt entry is set aside as meta.json.corrupt and logged with how to recover")
+def set_aside(world: World) -> None:
+    meta: Path = world.extra["meta"]
+    assert not meta.exists() and meta.with_name("meta.json.corrupt").exists()
+    assert [m["id"] for m in job_value(world)] == ["smollm2-135m"]
+    assert "is corrupt: moved to" in world.extra["hive"].log()
+    assert "download the model again" in world.extra["hive"].log()
+
+
+@then("the hive still answers /health")
+def hive_health(world: World) -> None:
+    import httpx
+
+    assert httpx.get(f"{world.extra['hive'].url}/health").status_code == 200
+
+
+@given(parsers.parse('a running queen with a local hive that downloads from the hub with "{settings}"'))
+def queen_with_hub(world: World, settings: str) -> None:
+    env = {"HF_ENDPOINT": hub(world).url}
+    for pair in settings.split(","):
+        key, value = pair.strip().split("=", 1)
+        section, name = key.split(".", 1)
+        env[f"RBEE_{section.upper()}__{name.upper()}"] = value
+    start_queen(world, "--local-hive", env=env)
+
+
+@given("a free port for the queen")
+def queen_port(world: World) -> None:
+    world.extra["queen_port"] = free_port()
+    world.queen_url = f"http://127.0.0.1:{world.extra['queen_port']}"
+
+
+@given("a running hive that reports to that queen")
+def hive_reporting(world: World) -> None:
+    start_hive(world, f"queen_url={world.queen_url}")
+
+
+@given("a queen on that port")
+@when("a new queen starts on the same port")
+def queen_on_port(world: World) -> None:
+    hive_port = world.extra["hive"].url.rsplit(":", 1)[1]
+    config = world.tmp / "queen.toml"
+    config.write_text(f'[hives.localhost]\nhost = "127.0.0.1"\nhive_port = {hive_port}\n')
+    start_queen(world, "--config", str(config), port=world.extra["queen_port"])
+
+
+@when("the queen is killed with SIGKILL")
+def kill_queen(world: World) -> None:
+    assert world.queen is not None
+    world.queen.process.kill()
+    world.queen.process.wait()
+
+
+@then(parsers.parse("within {seconds:d} seconds the new queen lists the worker again"))
+def relisted(world: World, seconds: int) -> None:
+    worker_id = workers(world)[0]["worker_id"]
+    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [worker_id], timeout=seconds)
+
+
+@then("the worker kept running")
+def kept_running(world: World) -> None:
+    assert psutil.Process(int(workers(world)[0]["pid"])).is_running()
+
+
+@given(parsers.parse("the worker is generating {tokens:d} tokens for a client"))
+def generating(world: World, tokens: int) -> None:
+    body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": tokens, "temperature": 0}
+    stream = Streaming(str(workers(world)[0]["url"]), body)
+    world.extra["stack"].callback(lambda: stream.thread.join(30))
+    assert stream.first_token.wait(30)
+    world.extra["client"] = stream
+    states: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            states.extend(str(w["state"]) for w in active_workers(world))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        watcher.join(10)
+
+    world.extra["stack"].callback(stop_watching)
+    world.extra["states"] = states
+
+
+@when("the worker receives SIGTERM")
+def sigterm_worker(world: World) -> None:
+    os.kill(int(workers(world)[0]["pid"]), signal.SIGTERM)
+
+
+@then(parsers.parse('the client\'s stream ends with an "{kind}" event, then "[DONE]"'))
+def client_ends(world: World, kind: str) -> None:
+    stream: Streaming = world.extra["client"]
+    stream.thread.join(30)
+    assert stream.events[-1] == "[DONE]" and json.loads(stream.events[-2])["type"] == kind
+
+
+@then(parsers.parse('the queen saw the worker "{state}"'))
+def saw_state(world: World, state: str) -> None:
+    assert wait_for(lambda: state in world.extra["states"], timeout=2)
+
+
+@then("the worker exits with code 0")
+def exits_zero(world: World) -> None:
+    assert world.queen is not None
+    worker = workers(world)[0]
+    assert wait_for(lambda: f"worker {worker['worker_id']} (pid {worker['pid']}) died with exit code 0"
+                    in world.queen.log(), timeout=10)

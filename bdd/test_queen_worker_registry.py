@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+from pytest_bdd import parsers, scenarios, then, when
+
+from bdd.conftest import COUNTING, Streaming, World, active_workers, job_value, queen_job
+from tests.helpers import wait_for
+
+scenarios("queen_worker_registry.feature")
+
+
+def workers(world: World) -> list[dict[str, Any]]:
+    value = world.extra["workers"]
+    assert isinstance(value, list)
+    return value
+
+
+@then("the queen lists that worker with its url, hive, model, backend, device and slots")
+def lists_worker(world: World) -> None:
+    (spawned,) = workers(world)
+    assert wait_for(lambda: active_workers(world) != [], timeout=5)
+    (listed,) = active_workers(world)
+    assert (listed["worker_id"], listed["url"], listed["hive_id"]) == (
+        spawned["worker_id"], spawned["url"], "localhost")
+    assert (listed["model"], listed["backend"], listed["device"]) == ("smollm2-135m", "llama-cpp", "CPU-0")
+    assert listed["slots_total"] == 1 and listed["pid"] == spawned["pid"]
+
+
+@then(parsers.parse("the result lists {count:d} workers, each with worker_id, hive_id, url, model, device and state"))
+def lists_count(world: World, count: int) -> None:
+    value = job_value(world)
+    assert len(value) == count
+    for worker in value:
+        assert {"worker_id", "hive_id", "url", "model", "device", "state"} <= set(worker)
+
+
+@when("the worker is busy with a long request")
+def busy(world: World) -> None:
+    worker = workers(world)[0]
+    stream = Streaming(worker["url"], {**COUNTING, "request_id": "req-bdd-busy"})
+
+    def cancel() -> None:
+        stream.disconnect.set()
+        httpx.delete(f"{worker['url']}/v1/inference/req-bdd-busy")
+        stream.thread.join(30)
+
+    world.extra["stack"].callback(cancel)
+    assert stream.first_token.wait(30)
+
+
+@then(parsers.parse('within {seconds:d} seconds the queen lists the worker as "{state}"'))
+def listed_as(world: World, seconds: int, state: str) -> None:
+    assert wait_for(lambda: [w["state"] for w in active_workers(world)] == [state], timeout=seconds)
+
+
+@when("I stop that worker through the queen")
+def stop_through_queen(world: World) -> None:
+    queen_job(world, {"operation": "worker_stop", "worker_id": workers(world)[0]["worker_id"]})
+    assert world.extra["terminator"] == "[DONE]"
+
+
+@then("the queen lists no workers")
+def lists_none(world: World) -> None:
+    assert active_workers(world) == []
+
+
+@when("the first worker stops sending heartbeats")
+def first_silent(world: World) -> None:
+    pid = int(workers(world)[0]["pid"])
+    os.kill(pid, signal.SIGSTOP)  # alive, but silent
+
+    def thaw() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+    world.extra["stack"].callback(thaw)
+
+
+@then(parsers.parse("within {seconds:d} seconds the queen lists only the second worker"))
+def only_second(world: World, seconds: int) -> None:
+    second = workers(world)[1]["worker_id"]
+    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [second], timeout=seconds)
+
+
+@then("the queen log says the first worker is out of routing after missed heartbeats")
+def log_out_of_routing(world: World) -> None:
+    assert world.queen is not None
+    first = workers(world)[0]["worker_id"]
+    assert f"worker {first} out of routing: no heartbeat for" in world.queen.log()
+
+
+@then(parsers.parse("the worker was last seen less than {seconds:d} seconds ago, twice over {span:d} seconds"))
+def last_seen(world: World, seconds: int, span: int) -> None:
+    assert wait_for(lambda: len(active_workers(world)) == 1, timeout=5)
+    for _ in range(2):
+        (worker,) = active_workers(world)
+        assert worker["last_seen_s"] < seconds
+        time.sleep(span / 2)
+
+
+@when(parsers.parse('a worker of the hive "{hive}" sends a heartbeat'))
+def unknown_hive_beat(world: World, hive: str) -> None:
+    beat = {"worker_id": "worker-stray", "hive_id": hive, "url": "http://127.0.0.1:9", "model": "m",
+            "backend": "llama-cpp", "device": "CPU-0", "state": "ready", "slots_total": 1, "slots_busy": 0,
+            "pid": 4242}
+    world.response = httpx.post(f"{world.queen_url}/v1/worker-heartbeat", json=beat)
