@@ -20,7 +20,7 @@ from pytest_bdd import given, parsers, then, when
 
 from rbee_common.builtin import builtin_model_path
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, free_port, port_open, run_job
+from tests.helpers import BIN, Daemon, daemon, free_port, port_open, run_job, wait_for
 
 
 class World:
@@ -342,3 +342,24 @@ def active_workers(world: World, **filters: str) -> list[dict[str, Any]]:
     (value,) = [e["value"] for e in events if e["type"] == "result"]
     assert isinstance(value, list)
     return value
+
+
+def spawned(world: World) -> list[dict[str, Any]]:
+    """The workers this scenario spawned, in order."""
+    value = world.extra["workers"]
+    assert isinstance(value, list)
+    return value
+
+
+@then(parsers.parse("within {seconds:d} seconds the queen lists only the second worker"))
+def queen_lists_only_second(world: World, seconds: int) -> None:
+    second = spawned(world)[1]["worker_id"]
+    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [second], timeout=seconds)
+
+
+def start_queen_for_hive(world: World) -> Daemon:
+    """A queen on `world.extra["queen_port"]` whose `localhost` hive is the running hive, over HTTP."""
+    hive_port = world.extra["hive"].url.rsplit(":", 1)[1]
+    config = world.tmp / "queen.toml"
+    config.write_text(f'[hives.localhost]\nhost = "127.0.0.1"\nhive_port = {hive_port}\n')
+    return start_queen(world, "--config", str(config), port=world.extra["queen_port"])

@@ -6,32 +6,32 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import Streaming, World, active_workers, hub, job_value, queen_job, start_hive, start_queen
+from bdd.conftest import (
+    Streaming,
+    World,
+    active_workers,
+    hub,
+    job_value,
+    queen_job,
+    spawned,
+    start_hive,
+    start_queen,
+    start_queen_for_hive,
+)
 from tests.helpers import free_port, wait_for
 
 scenarios("failure_recovery.feature")
 
 
-def workers(world: World) -> list[dict[str, Any]]:
-    value = world.extra["workers"]
-    assert isinstance(value, list)
-    return value
-
 
 @when("the first worker is killed")
 def kill_first(world: World) -> None:
-    os.kill(int(workers(world)[0]["pid"]), signal.SIGKILL)
+    os.kill(int(spawned(world)[0]["pid"]), signal.SIGKILL)
 
-
-@then(parsers.parse("within {seconds:d} seconds the queen lists only the second worker"))
-def only_second(world: World, seconds: int) -> None:
-    second = workers(world)[1]["worker_id"]
-    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [second], timeout=seconds)
 
 
 @then("no request is routed to the first worker any more")
@@ -39,7 +39,7 @@ def not_routed(world: World) -> None:
     for _ in range(3):
         queen_job(world, {"operation": "infer", "model": "smollm2-135m", "prompt": "Hi,", "max_tokens": 3})
         result = job_value(world)
-        assert result["worker_id"] == workers(world)[1]["worker_id"] and result["attempts"] == 1
+        assert result["worker_id"] == spawned(world)[1]["worker_id"] and result["attempts"] == 1
 
 
 @when("its catalog entry's meta.json is corrupted")
@@ -90,10 +90,7 @@ def hive_reporting(world: World) -> None:
 @given("a queen on that port")
 @when("a new queen starts on the same port")
 def queen_on_port(world: World) -> None:
-    hive_port = world.extra["hive"].url.rsplit(":", 1)[1]
-    config = world.tmp / "queen.toml"
-    config.write_text(f'[hives.localhost]\nhost = "127.0.0.1"\nhive_port = {hive_port}\n')
-    start_queen(world, "--config", str(config), port=world.extra["queen_port"])
+    start_queen_for_hive(world)
 
 
 @when("the queen is killed with SIGKILL")
@@ -105,19 +102,19 @@ def kill_queen(world: World) -> None:
 
 @then(parsers.parse("within {seconds:d} seconds the new queen lists the worker again"))
 def relisted(world: World, seconds: int) -> None:
-    worker_id = workers(world)[0]["worker_id"]
+    worker_id = spawned(world)[0]["worker_id"]
     assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [worker_id], timeout=seconds)
 
 
 @then("the worker kept running")
 def kept_running(world: World) -> None:
-    assert psutil.Process(int(workers(world)[0]["pid"])).is_running()
+    assert psutil.Process(int(spawned(world)[0]["pid"])).is_running()
 
 
 @given(parsers.parse("the worker is generating {tokens:d} tokens for a client"))
 def generating(world: World, tokens: int) -> None:
     body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": tokens, "temperature": 0}
-    stream = Streaming(str(workers(world)[0]["url"]), body)
+    stream = Streaming(str(spawned(world)[0]["url"]), body)
     world.extra["stack"].callback(lambda: stream.thread.join(30))
     assert stream.first_token.wait(30)
     world.extra["client"] = stream
@@ -142,7 +139,7 @@ def generating(world: World, tokens: int) -> None:
 
 @when("the worker receives SIGTERM")
 def sigterm_worker(world: World) -> None:
-    os.kill(int(workers(world)[0]["pid"]), signal.SIGTERM)
+    os.kill(int(spawned(world)[0]["pid"]), signal.SIGTERM)
 
 
 @then(parsers.parse('the client\'s stream ends with an "{kind}" event, then "[DONE]"'))
@@ -160,6 +157,6 @@ def saw_state(world: World, state: str) -> None:
 @then("the worker exits with code 0")
 def exits_zero(world: World) -> None:
     assert world.queen is not None
-    worker = workers(world)[0]
+    worker = spawned(world)[0]
     assert wait_for(lambda: f"worker {worker['worker_id']} (pid {worker['pid']}) died with exit code 0"
                     in world.queen.log(), timeout=10)

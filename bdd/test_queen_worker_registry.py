@@ -4,32 +4,26 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any
 
 import httpx
 from pytest_bdd import parsers, scenarios, then, when
 
-from bdd.conftest import COUNTING, Streaming, World, active_workers, job_value, queen_job
+from bdd.conftest import COUNTING, Streaming, World, active_workers, job_value, queen_job, spawned
 from tests.helpers import wait_for
 
 scenarios("queen_worker_registry.feature")
 
 
-def workers(world: World) -> list[dict[str, Any]]:
-    value = world.extra["workers"]
-    assert isinstance(value, list)
-    return value
-
 
 @then("the queen lists that worker with its url, hive, model, backend, device and slots")
 def lists_worker(world: World) -> None:
-    (spawned,) = workers(world)
+    (mine,) = spawned(world)
     assert wait_for(lambda: active_workers(world) != [], timeout=5)
     (listed,) = active_workers(world)
     assert (listed["worker_id"], listed["url"], listed["hive_id"]) == (
-        spawned["worker_id"], spawned["url"], "localhost")
+        mine["worker_id"], mine["url"], "localhost")
     assert (listed["model"], listed["backend"], listed["device"]) == ("smollm2-135m", "llama-cpp", "CPU-0")
-    assert listed["slots_total"] == 1 and listed["pid"] == spawned["pid"]
+    assert listed["slots_total"] == 1 and listed["pid"] == mine["pid"]
 
 
 @then(parsers.parse("the result lists {count:d} workers, each with worker_id, hive_id, url, model, device and state"))
@@ -42,7 +36,7 @@ def lists_count(world: World, count: int) -> None:
 
 @when("the worker is busy with a long request")
 def busy(world: World) -> None:
-    worker = workers(world)[0]
+    worker = spawned(world)[0]
     stream = Streaming(worker["url"], {**COUNTING, "request_id": "req-bdd-busy"})
 
     def cancel() -> None:
@@ -61,7 +55,7 @@ def listed_as(world: World, seconds: int, state: str) -> None:
 
 @when("I stop that worker through the queen")
 def stop_through_queen(world: World) -> None:
-    queen_job(world, {"operation": "worker_stop", "worker_id": workers(world)[0]["worker_id"]})
+    queen_job(world, {"operation": "worker_stop", "worker_id": spawned(world)[0]["worker_id"]})
     assert world.extra["terminator"] == "[DONE]"
 
 
@@ -72,7 +66,7 @@ def lists_none(world: World) -> None:
 
 @when("the first worker stops sending heartbeats")
 def first_silent(world: World) -> None:
-    pid = int(workers(world)[0]["pid"])
+    pid = int(spawned(world)[0]["pid"])
     os.kill(pid, signal.SIGSTOP)  # alive, but silent
 
     def thaw() -> None:
@@ -82,16 +76,11 @@ def first_silent(world: World) -> None:
     world.extra["stack"].callback(thaw)
 
 
-@then(parsers.parse("within {seconds:d} seconds the queen lists only the second worker"))
-def only_second(world: World, seconds: int) -> None:
-    second = workers(world)[1]["worker_id"]
-    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [second], timeout=seconds)
-
 
 @then("the queen log says the first worker is out of routing after missed heartbeats")
 def log_out_of_routing(world: World) -> None:
     assert world.queen is not None
-    first = workers(world)[0]["worker_id"]
+    first = spawned(world)[0]["worker_id"]
     assert f"worker {first} out of routing: no heartbeat for" in world.queen.log()
 
 

@@ -95,6 +95,7 @@ async def generate(
                             raise _Retry(event.message)
                         raise WorkerFailed(event.message, details={"worker_code": event.code})
                 if not ended:
+                    registry.forget(worker.worker_id, "its stream ended without an end event")
                     if sent_any:
                         raise WorkerFailed(
                             "The worker stopped in the middle of the answer.", code="WORKER_DIED",
@@ -106,12 +107,13 @@ async def generate(
             registry.forget(worker.worker_id, f"connection failed ({type(error).__name__})")
             failure = f"connection failed ({type(error).__name__})"
         except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout) as error:
+            # Out of routing until its next heartbeat says it lives.
+            registry.forget(worker.worker_id, f"its stream broke ({type(error).__name__})")
             if sent_any:
                 raise WorkerFailed(
                     "The worker stopped in the middle of the answer.", code="WORKER_DIED",
                     hint="Retry the request; the queen routes around the failed worker.",
                 ) from error
-            registry.forget(worker.worker_id, f"its stream broke ({type(error).__name__})")
             failure = f"stream broke ({type(error).__name__})"
         except _Retry as retry:
             failure = str(retry)

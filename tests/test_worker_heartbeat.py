@@ -18,7 +18,9 @@ def active_workers(queen_url: str) -> list[dict[str, object]]:
 
 def test_queen_lists_a_worker_from_its_heartbeats_and_drops_it_when_silent(isolated_dirs: Path) -> None:
     env = {"RBEE_QUEEN__WORKER_STALE_S": "1.5"}
-    with daemon([str(BIN / "queen-rbee"), "--port", "0"], env=env) as queen:
+    config = isolated_dirs / "queen.toml"
+    config.write_text('[hives.lab-1]\nhost = "127.0.0.1"\n')  # the queen takes beats from its own hives only
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--config", str(config)], env=env) as queen:
         argv = worker_argv("--port", "0", "--worker-id", "w-beat", "--hive-id", "lab-1",
                            "--queen-url", queen.url, "--heartbeat-s", "0.3")
         with daemon(argv) as worker:
