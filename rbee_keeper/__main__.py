@@ -14,8 +14,24 @@ import typer
 
 from rbee_common.client import JobClient
 from rbee_common.config import RbeeConfig, load_config
-from rbee_common.errors import RbeeError
-from rbee_common.wire import BuildInfo, JobCreated, Operation, Status
+from rbee_common.errors import NotFound, RbeeError, ValidationFailed
+from rbee_common.validation import describe_validation_error
+from rbee_common.wire import (
+    BuildInfo,
+    ChatMessage,
+    Infer,
+    JobCreated,
+    ModelDelete,
+    ModelDownload,
+    ModelGet,
+    ModelList,
+    Operation,
+    Status,
+    WorkerGet,
+    WorkerList,
+    WorkerSpawn,
+    WorkerStop,
+)
 from rbee_keeper import lifecycle
 from rbee_keeper.output import say, show_error, show_event, show_status
 
@@ -27,6 +43,10 @@ cli = typer.Typer(
 )
 queen_cli = typer.Typer(no_args_is_help=True, help="Start, stop and inspect queen-rbee.")
 cli.add_typer(queen_cli, name="queen")
+worker_cli = typer.Typer(no_args_is_help=True, help="Start, list and stop workers on the hives.")
+cli.add_typer(worker_cli, name="worker")
+model_cli = typer.Typer(no_args_is_help=True, help="Download, list and delete models on the hives.")
+cli.add_typer(model_cli, name="model")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,7 +102,7 @@ def main(
     )
 
 
-async def _run_job(url: str, operation: Operation, *, verbose: bool) -> Any:
+async def _run_job(url: str, operation: Operation, *, verbose: bool, tokens: bool = True) -> Any:
     def created(job: JobCreated) -> None:
         if verbose:
             say(f"Job created: {job.job_id}")
@@ -93,14 +113,165 @@ async def _run_job(url: str, operation: Operation, *, verbose: bool) -> Any:
         events = JobClient(url, http=http).run(operation, on_created=created)
         async with contextlib.aclosing(events):
             async for event in events:
-                value = show_event(event)
+                value = show_event(event, tokens=tokens)
                 if value is not None:
                     result = value
     return result
 
 
-def run_job(ctx: Context, operation: Operation) -> Any:
-    return trio.run(functools.partial(_run_job, ctx.queen_url, operation, verbose=ctx.verbose))
+def run_job(ctx: Context, operation: Operation, *, tokens: bool = True) -> Any:
+    return trio.run(functools.partial(_run_job, ctx.queen_url, operation, verbose=ctx.verbose, tokens=tokens))
+
+
+def run_with_queen(c: Context, operation: Operation, *, keep_queen: bool = False, tokens: bool = True) -> Any:
+    """Run a job on the queen; if none answers, on one started (--local-hive) for this command."""
+    with lifecycle.ephemeral_queen(
+        c.queen_url, say=say, config=c.config_path, keep=keep_queen,
+        timeout=c.config.keeper.queen_start_timeout_s,
+    ):
+        return run_job(c, operation, tokens=tokens)
+
+
+KeepQueen = Annotated[bool, typer.Option("--keep-queen", help="If this command starts a queen, leave it running.")]  # noqa: E501
+Hive = Annotated[str, typer.Option("--hive", help="The hive (an alias from the config; localhost is always there).")]  # noqa: E501
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.command()
+@handles_errors
+def infer(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="What to ask.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A model a hive has (see `rbee-keeper model list`).")] = "smollm2-135m",  # noqa: E501
+    max_tokens: Annotated[int, typer.Option(min=1, help="At most this many tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature.")] = 0.7,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    hive: Annotated[str | None, typer.Option("--hive", help="Prefer this hive (reserved; the queen schedules).")] = None,  # noqa: E501
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer at the end, not as it comes.")] = False,  # noqa: E501
+    keep_queen: KeepQueen = False,
+) -> None:
+    """Ask a model; the answer goes to stdout, everything else to stderr."""
+    c = _ctx(ctx)
+    messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
+    try:
+        operation = Infer(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                          hive_id=hive)
+    except msgspec.ValidationError:
+        raise ValidationFailed(
+            "That model name is not valid.", hint="See `rbee-keeper model list`."
+        ) from None
+    try:
+        result = run_with_queen(c, operation, keep_queen=keep_queen, tokens=not no_stream)
+    except RbeeError as error:
+        if error.code == "MODEL_NOT_FOUND":
+            raise NotFound(
+                f"Model {model} is not on any hive.",
+                hint=f"List models with `rbee-keeper model list`, or get it with `rbee-keeper model download {model}`.",  # noqa: E501
+            ) from None
+        raise
+    text = result.get("text", "") if isinstance(result, dict) else ""
+    if no_stream:
+        print(text)
+    elif not text.endswith("\n"):
+        print()
+
+
+@worker_cli.command("spawn")
+@handles_errors
+def worker_spawn(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", "-m", help="A model in the hive's catalog, or file:///abs/path.gguf.")],
+    device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
+    hive: Hive = "localhost",
+    backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: the hive's free cores).")] = None,  # noqa: E501
+) -> None:
+    """Start a worker for a model on a hive, with its progress."""
+    c = _ctx(ctx)
+    operation = _operation(
+        WorkerSpawn, model=model, device=device, hive_id=hive, backend=backend, threads=threads
+    )
+    worker = run_job(c, operation)
+    print(f"{worker['worker_id']}  {worker['model']}  {worker['device']}  {worker['url']}  "
+          f"(pid {worker['pid']})")
+
+
+@worker_cli.command("list")
+@handles_errors
+def worker_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
+    """The workers of a hive."""
+    workers = run_job(_ctx(ctx), _operation(WorkerList, hive_id=hive))
+    rows = [
+        [w["worker_id"], w["model"], w["device"], w["state"], str(w["slots_busy"]), w["url"], str(w["pid"])]
+        for w in workers
+    ]
+    _table(rows, ["WORKER", "MODEL", "DEVICE", "STATE", "BUSY", "URL", "PID"])
+
+
+@worker_cli.command("get")
+@handles_errors
+def worker_get(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") -> None:
+    """One worker of a hive."""
+    worker = run_job(_ctx(ctx), _operation(WorkerGet, worker_id=worker_id, hive_id=hive))
+    for key, value in worker.items():
+        print(f"{key:<12} {value}")
+
+
+@worker_cli.command("stop")
+@handles_errors
+def worker_stop(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") -> None:
+    """Stop a worker (graceful, then SIGKILL after the hive's deadline)."""
+    worker = run_job(_ctx(ctx), _operation(WorkerStop, worker_id=worker_id, hive_id=hive))
+    print(f"{worker['worker_id']} stopped")
+
+
+@model_cli.command("download")
+@handles_errors
+def model_download(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
+    """Download hf:<org>/<repo>[:<file or quant>] into a hive's catalog, with progress."""
+    entry = run_job(_ctx(ctx), _operation(ModelDownload, model=model, hive_id=hive))
+    print(f"{entry['id']}  {entry['size_bytes'] / 1e6:.0f} MB  {entry['path']}")
+
+
+@model_cli.command("list")
+@handles_errors
+def model_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
+    """The models in a hive's catalog."""
+    models = run_job(_ctx(ctx), _operation(ModelList, hive_id=hive))
+    _table([[m["id"], m["format"], f"{m['size_bytes'] / 1e6:.0f} MB", m["provider"], m.get("source") or ""]
+            for m in models], ["MODEL", "FORMAT", "SIZE", "FROM", "SOURCE"])
+
+
+@model_cli.command("get")
+@handles_errors
+def model_get(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
+    """One model of a hive's catalog."""
+    entry = run_job(_ctx(ctx), _operation(ModelGet, model=model, hive_id=hive))
+    for key, value in entry.items():
+        print(f"{key:<12} {value}")
+
+
+@model_cli.command("delete")
+@handles_errors
+def model_delete(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
+    """Delete a model from a hive (refused while a worker uses it)."""
+    entry = run_job(_ctx(ctx), _operation(ModelDelete, model=model, hive_id=hive))
+    print(f"{entry['id']} deleted")
+
+
+def _operation(kind: type[Operation], **fields: Any) -> Operation:
+    """Build an operation with the wire's validation, as a one-line error."""
+    try:
+        return msgspec.convert({k: v for k, v in fields.items() if v is not None}, kind)
+    except msgspec.ValidationError as error:
+        message, path = describe_validation_error(error)
+        raise ValidationFailed(f"{message} at `{path}`." if path else f"{message}.",
+                               hint="See --help for the accepted values.") from None
 
 
 @cli.command()
@@ -119,9 +290,12 @@ def status(
     show_status(c.queen_url, result)
 
 
+LocalHive = Annotated[bool, typer.Option("--local-hive/--no-local-hive", help="Run this machine's hive inside the queen.")]  # noqa: E501
+
+
 @queen_cli.command("start")
 @handles_errors
-def queen_start(ctx: typer.Context) -> None:
+def queen_start(ctx: typer.Context, local_hive: LocalHive = True) -> None:
     """Start queen-rbee as a background daemon (log and pid under the XDG state dir)."""
     c = _ctx(ctx)
     if lifecycle.is_healthy(c.queen_url):
@@ -129,7 +303,8 @@ def queen_start(ctx: typer.Context) -> None:
         return
     say("queen is asleep, waking queen")
     pid = lifecycle.start_queen(
-        c.queen_url, config=c.config_path, timeout=c.config.keeper.queen_start_timeout_s
+        c.queen_url, config=c.config_path, timeout=c.config.keeper.queen_start_timeout_s,
+        local_hive=local_hive,
     ).pid
     say("queen is awake and healthy")
     print(f"queen-rbee running at {c.queen_url} (pid {pid}, log {lifecycle.log_file(c.queen_url)})")
@@ -144,6 +319,14 @@ def queen_stop(ctx: typer.Context) -> None:
         print(f"queen-rbee at {c.queen_url} stopped")
     else:
         print(f"queen-rbee is not running at {c.queen_url}")
+
+
+@queen_cli.command("restart")
+@handles_errors
+def queen_restart(ctx: typer.Context, local_hive: LocalHive = True) -> None:
+    """Stop the queen (if it runs) and start it again."""
+    queen_stop(ctx)
+    queen_start(ctx, local_hive=local_hive)
 
 
 @queen_cli.command("status")

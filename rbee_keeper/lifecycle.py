@@ -56,10 +56,12 @@ def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
     return response.status_code == 200 and b'"ok"' in response.content
 
 
-def _queen_command(host: str, port: int, config: str | None) -> list[str]:
+def _queen_command(host: str, port: int, config: str | None, local_hive: bool) -> list[str]:
     script = Path(sys.executable).with_name("queen-rbee")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "rbee_queen"]
     command += ["--host", host, "--port", str(port)]
+    if local_hive:
+        command.append("--local-hive")
     if config:
         command += ["--config", config]
     return command
@@ -73,7 +75,7 @@ def _tail(path: Path, lines: int = 8) -> str:
 
 
 def start_queen(
-    url: str, *, config: str | None = None, timeout: float = 30.0
+    url: str, *, config: str | None = None, timeout: float = 30.0, local_hive: bool = False
 ) -> subprocess.Popen[bytes]:
     """Start a detached queen for `url`; its process, once it answers /health."""
     host, port = queen_address(url)
@@ -81,7 +83,7 @@ def start_queen(
     log_path = log_file(url)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            _queen_command(host, port, config),
+            _queen_command(host, port, config, local_hive),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -167,14 +169,15 @@ def stop_queen(url: str, *, say: Say, timeout: float = 10.0) -> bool:
 
 @contextlib.contextmanager
 def ephemeral_queen(
-    url: str, *, say: Say, config: str | None = None, keep: bool = False, timeout: float = 30.0
+    url: str, *, say: Say, config: str | None = None, keep: bool = False, timeout: float = 30.0,
+    local_hive: bool = True,
 ) -> Iterator[bool]:
     """Make sure a queen answers at `url` for the duration; yields whether we started it."""
     if is_healthy(url):
         yield False
         return
     say("queen is asleep, waking queen")
-    process = start_queen(url, config=config, timeout=timeout)
+    process = start_queen(url, config=config, timeout=timeout, local_hive=local_hive)
     say("queen is awake and healthy")
     try:
         yield True

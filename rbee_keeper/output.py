@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -17,7 +18,38 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def show_event(event: JobEvent) -> Any:
+_last_progress: dict[str, tuple[float, int]] = {}
+
+
+def _bar(event: Progress) -> str:
+    if event.unit == "bytes" and event.total:
+        share = event.done / event.total
+        filled = int(share * 20)
+        rate = f"  {event.rate / 1e6:.1f} MB/s" if event.rate else ""
+        return (f"  {event.what} [{'#' * filled}{'-' * (20 - filled)}] {share:4.0%} "
+                f"{event.done / 1e6:.1f}/{event.total / 1e6:.1f} MB{rate}")
+    if event.unit == "ms":
+        return f"  {event.what} … {event.done / 1000:.1f} s"
+    total = f"/{event.total}" if event.total is not None else ""
+    return f"  {event.what}: {event.done}{total} {event.unit}"
+
+
+def show_progress(event: Progress) -> None:
+    """A bar that redraws in place on a terminal; at most a line a second otherwise."""
+    now = time.monotonic()
+    last_at, last_done = _last_progress.get(event.what, (0.0, -1))
+    finished = event.total is not None and event.done >= event.total
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + _bar(event) + ("\n" if finished else ""))
+        sys.stderr.flush()
+    elif (finished and last_done != event.done) or now - last_at >= 1.0:
+        say(_bar(event))
+    else:
+        return
+    _last_progress[event.what] = (now, event.done)
+
+
+def show_event(event: JobEvent, *, tokens: bool = True) -> Any:
     """Render one event; return the result value when it is the result."""
     match event:
         case Narration(level="debug"):
@@ -25,9 +57,8 @@ def show_event(event: JobEvent) -> Any:
         case Narration():
             say(f"{_LEVEL_MARK[event.level]}{event.human}")
         case Progress():
-            total = f"/{event.total}" if event.total is not None else ""
-            say(f"  {event.what}: {event.done}{total} {event.unit}")
-        case Token():
+            show_progress(event)
+        case Token() if tokens:
             sys.stdout.write(event.t)
             sys.stdout.flush()
         case Result():
@@ -52,4 +83,5 @@ def show_status(url: str, value: Any) -> None:
     if not status.workers:
         print("  (none)")
     for worker in status.workers:
-        print(f"  {worker}")
+        print(f"  {worker.worker_id:<22} {worker.model:<24} {worker.hive_id:<12} {worker.device:<7} "
+              f"{worker.state:<8} {worker.slots_busy}/{worker.slots_total} busy  {worker.url}")

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from openai import OpenAI
@@ -56,6 +57,7 @@ def test_openai_client_streams_with_usage_after_a_cold_start(queen: Daemon) -> N
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 30 and chunks[-1].usage.prompt_tokens > 5
     assert [w["model"] for w in active(queen)] == ["smollm2-135m"]
+    assert "local-hive" in httpx.get(f"{queen.url}/v1/build-info").json()["features"]
 
 
 def test_openai_client_without_streaming_and_json_mode(queen: Daemon) -> None:
@@ -69,6 +71,14 @@ def test_openai_client_without_streaming_and_json_mode(queen: Daemon) -> None:
         model="smollm2-135m", messages=cat, response_format={"type": "json_object"}, temperature=0,
     )
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    reply = openai.chat.completions.create(
+        model="smollm2-135m", messages=cat, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
+    )
+    value = json.loads(reply.choices[0].message.content or "")
+    assert isinstance(value["name"], str) and isinstance(value["age"], int)
     completion = openai.completions.create(
         model="smollm2-135m", prompt="The capital of France is", max_tokens=5, temperature=0
     )

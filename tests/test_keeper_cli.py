@@ -1,0 +1,137 @@
+"""rbee-keeper: argument parsing (typer's CliRunner) and whole flows through real processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from rbee_keeper.__main__ import cli
+from tests.helpers import BIN, free_port, job_result, wait_for
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["infer"], "Missing argument"),
+        (["infer", "hi", "--temperature", "3"], "--temperature"),
+        (["infer", "hi", "--max-tokens", "0"], "--max-tokens"),
+        (["worker", "spawn"], "--model"),
+        (["nonsense"], "No such command"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args: list[str], words: str) -> None:
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2
+    assert words in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["worker", "spawn", "--model", "smollm2-135m", "--device", "GPU-x"], "device"),
+        (["worker", "spawn", "--model", "smollm2-135m", "--hive", "../etc"], "hive_id"),
+        (["model", "download", "hf:bad repo"], "model"),
+    ],
+)
+def test_invalid_values_are_one_line_errors_before_any_network(
+    isolated_dirs: Path, args: list[str], words: str
+) -> None:
+    result = runner.invoke(cli, ["--queen-url", f"http://127.0.0.1:{free_port()}", *args])
+    assert result.exit_code == 1
+    assert "error:" in result.output and words in result.output and "Traceback" not in result.output
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("infer", "status", "queen", "worker", "model"):
+        assert command in result.output
+
+
+def keeper(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "rbee-keeper"), "--queen-url", url, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ours(port: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if ("queen-rbee" in cmdline and str(port) in cmdline) or "llm-worker-rbee" in cmdline:
+            found.append(process)
+    return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_infer_with_no_queen_answers_and_leaves_nothing_running(isolated_dirs: Path) -> None:
+    port = free_port()
+    result = keeper(f"http://127.0.0.1:{port}", "infer", "Why is the sky blue?", "--max-tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 5  # the answer, and only the answer
+    assert "queen" not in result.stdout and "worker" not in result.stdout
+    assert "waking queen" in result.stderr and "starting one on hive localhost" in result.stderr
+    assert wait_for(lambda: ours(port) == [], timeout=5)
+
+
+def test_queen_start_status_spawn_infer_stop(isolated_dirs: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert keeper(url, "queen", "start").returncode == 0
+        status = keeper(url, "status")
+        assert status.returncode == 0 and "healthy" in status.stdout and "waking" not in status.stderr
+        spawned = keeper(url, "worker", "spawn", "--model", "smollm2-135m", "--device", "CPU-0", "--threads", "1")
+        assert spawned.returncode == 0, spawned.stderr
+        assert "Preflight passed" in spawned.stderr and "worker_load" in spawned.stderr
+        worker_id = spawned.stdout.split()[0]
+        answer = keeper(url, "infer", "Say hello.", "--max-tokens", "10")
+        assert answer.returncode == 0 and answer.stdout.strip()
+        assert "starting one" not in answer.stderr  # it used the worker we spawned
+        assert [w["worker_id"] for w in job_result(url, {"operation": "worker_list_active"})] == [worker_id]  # type: ignore[union-attr]
+        listed = keeper(url, "worker", "list")
+        assert worker_id in listed.stdout and "ready" in listed.stdout
+    finally:
+        stopped = keeper(url, "queen", "stop")
+    assert stopped.returncode == 0
+    assert wait_for(lambda: ours(port) == [], timeout=6)
+
+
+def test_an_unknown_model_names_it_and_the_fix(isolated_dirs: Path) -> None:
+    port = free_port()
+    result = keeper(f"http://127.0.0.1:{port}", "infer", "hi", "--model", "no-such-model")
+    assert result.returncode == 1
+    assert "no-such-model" in result.stderr and "rbee-keeper model list" in result.stderr
+    assert "rbee-keeper model download" in result.stderr and "Traceback" not in result.stderr
+    assert wait_for(lambda: ours(port) == [], timeout=5)
+
+
+def test_ctrl_c_during_infer_exits_130_and_frees_the_slot(isolated_dirs: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert keeper(url, "queen", "start").returncode == 0
+        spawned = keeper(url, "worker", "spawn", "--model", "smollm2-135m", "--threads", "1")
+        worker_url = spawned.stdout.split()[3]
+        process = subprocess.Popen(
+            [str(BIN / "rbee-keeper"), "--queen-url", url, "infer", "--max-tokens", "1500", "--temperature", "0",
+             "Write the numbers from 1 to 1000, separated by commas."],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert wait_for(lambda: httpx.get(f"{worker_url}/v1/ready").json()["slots_busy"] == 1, timeout=20)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 130
+        assert wait_for(lambda: httpx.get(f"{worker_url}/v1/ready").json()["slots_busy"] == 0, timeout=1)
+    finally:
+        keeper(url, "queen", "stop")
+    assert wait_for(lambda: ours(port) == [], timeout=6)
+
+

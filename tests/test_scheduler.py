@@ -1,0 +1,44 @@
+"""The scheduler's pure choice: model-aware, least loaded, only with a free slot."""
+
+from __future__ import annotations
+
+from rbee_common.wire import WorkerInfo
+from rbee_queen.scheduler import pick_worker
+
+
+def worker(worker_id: str, *, model: str = "smollm2-135m", slots: int = 1, state: str = "ready") -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=worker_id, hive_id="localhost", url=f"http://127.0.0.1:9300/{worker_id}", model=model,
+        backend="llama-cpp", device="CPU-0", state=state, slots_total=slots, slots_busy=0, pid=1,  # type: ignore[arg-type]
+        last_seen_s=0.1,
+    )
+
+
+def test_only_workers_of_the_model() -> None:
+    workers = [worker("a", model="other"), worker("b")]
+    assert pick_worker(workers, "smollm2-135m", load={}).worker_id == "b"  # type: ignore[union-attr]
+    assert pick_worker(workers, "missing", load={}) is None
+
+
+def test_least_loaded_by_share_of_slots() -> None:
+    workers = [worker("a", slots=4), worker("b", slots=1)]
+    assert pick_worker(workers, "smollm2-135m", load={"a": 1}).worker_id == "b"  # type: ignore[union-attr]
+    assert pick_worker(workers, "smollm2-135m", load={"a": 1, "b": 1}).worker_id == "a"  # type: ignore[union-attr]
+
+
+def test_a_full_worker_is_never_picked() -> None:
+    workers = [worker("a", slots=2)]
+    assert pick_worker(workers, "smollm2-135m", load={"a": 2}) is None
+
+
+def test_loading_and_draining_workers_are_skipped_and_excluded_ones_too() -> None:
+    workers = [worker("a", state="loading"), worker("b", state="draining"), worker("c"), worker("d")]
+    assert pick_worker(workers, "smollm2-135m", load={}).worker_id == "c"  # type: ignore[union-attr]
+    picked = pick_worker(workers, "smollm2-135m", load={}, exclude=frozenset({"c"}))
+    assert picked is not None and picked.worker_id == "d"
+
+
+def test_a_requested_reference_matches_the_name_its_workers_report() -> None:
+    workers = [worker("a", model="test-org--smol-gguf")]
+    aliases = {"hf:test-org/smol-GGUF": "test-org--smol-gguf"}
+    assert pick_worker(workers, "hf:test-org/smol-GGUF", load={}, aliases=aliases) is not None
