@@ -1,0 +1,139 @@
+"""The `[hives.<alias>]` sections of the config file, edited as text.
+
+Adding appends a section; removing cuts one out. Everything else in the file
+(comments, order, other sections) stays as the operator wrote it, and the
+file is replaced atomically. `import_ssh` reads `~/.ssh/config` Host blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import msgspec
+
+from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config
+from rbee_common.errors import ConfigError, Conflict, NotFound, ValidationFailed
+
+ALIAS = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SAFE_VALUE = re.compile(r"^[^\"\\\n\r\t]{1,512}$")
+
+
+def config_path(explicit: str | None) -> Path:
+    """The file to edit: the one in use, else the user's XDG config file."""
+    return find_config_file(explicit) or config_dir() / "config.toml"
+
+
+def _quote(value: str) -> str:
+    if not _SAFE_VALUE.match(value):
+        raise ValidationFailed("A value holds quotes, backslashes or control characters.",
+                               hint="Use plain host names, user names and paths.")
+    return f'"{value}"'
+
+
+def _section_lines(entry: HiveEntry) -> list[str]:
+    lines = [f"host = {_quote(entry.host)}"]
+    defaults = HiveEntry(host=entry.host)
+    for field in ("ssh_port", "ssh_user", "identity_file", "hive_port", "install_dir", "python"):
+        value = getattr(entry, field)
+        if value is None or value == getattr(defaults, field):
+            continue
+        lines.append(f"{field} = {value if isinstance(value, int) else _quote(str(value))}")
+    return lines
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def add_hive(explicit: str | None, alias: str, entry: HiveEntry) -> Path:
+    if not ALIAS.match(alias) or alias == "localhost":
+        raise ValidationFailed(
+            "A hive alias is letters, digits, '.', '_' and '-' (and localhost is built in).",
+            hint="Pick another alias, e.g. gpu-node-1.",
+        )
+    path = config_path(explicit)
+    if alias in load_config(explicit).hives:
+        raise Conflict(f"The hive {alias} is already configured in {path}.",
+                       hint=f"Remove it first: rbee-keeper hive remove {alias}")
+    text = path.read_text() if path.is_file() else ""
+    block = "\n".join([f"[hives.{alias}]", *_section_lines(entry)]) + "\n"
+    _write(path, text + ("\n" if text and not text.endswith("\n\n") else "") + block)
+    try:
+        load_config(str(path))  # what we wrote must load: a broken file is never left behind
+    except ConfigError:
+        _write(path, text)
+        raise
+    return path
+
+
+def remove_hive(explicit: str | None, alias: str) -> Path:
+    path = config_path(explicit)
+    if alias not in load_config(explicit).hives:
+        raise NotFound(f"No hive {alias} in {path}.", code="HIVE_NOT_FOUND",
+                       hint="See the configured hives with `rbee-keeper hive list`.")
+    kept: list[str] = []
+    skipping = False
+    for line in path.read_text().splitlines(keepends=True):
+        header = re.match(r"^\s*\[([^\]]+)\]\s*(#.*)?$", line)
+        if header:
+            skipping = header.group(1).strip() in (f"hives.{alias}", f'hives."{alias}"')
+        if not skipping:
+            kept.append(line)
+    _write(path, "".join(kept))
+    return path
+
+
+def parse_ssh_config(text: str) -> dict[str, HiveEntry]:
+    """Host blocks with one concrete alias each (no wildcards) as hive entries."""
+    found: dict[str, dict[str, str]] = {}
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, value = line.partition(" ") if " " in line else line.partition("=")
+        key, value = key.strip().lower(), value.strip().strip("=").strip()
+        if key == "host":
+            current = [h for h in value.split() if ALIAS.match(h) and h != "localhost"]
+            for alias in current:
+                found.setdefault(alias, {})
+        elif key == "match":
+            current = []
+        elif current and key in ("hostname", "user", "port", "identityfile"):
+            for alias in current:
+                found[alias].setdefault(key, value)
+    entries = {}
+    for alias, options in found.items():
+        fields: dict[str, object] = {"host": options.get("hostname", alias)}
+        if "user" in options:
+            fields["ssh_user"] = options["user"]
+        if options.get("port", "").isdigit():
+            fields["ssh_port"] = int(options["port"])
+        if "identityfile" in options:
+            fields["identity_file"] = options["identityfile"]
+        try:
+            entries[alias] = msgspec.convert(fields, HiveEntry)
+        except msgspec.ValidationError:
+            continue
+    return entries
+
+
+def import_ssh(explicit: str | None, ssh_config: Path) -> tuple[list[str], list[str]]:
+    """(added, skipped because already configured)."""
+    if not ssh_config.is_file():
+        raise ConfigError(f"There is no SSH config at {ssh_config}.",
+                          hint="Pass its path: rbee-keeper hive import-ssh PATH")
+    existing = load_config(explicit).hives
+    added, skipped = [], []
+    for alias, entry in parse_ssh_config(ssh_config.read_text()).items():
+        if alias in existing:
+            skipped.append(alias)
+            continue
+        add_hive(explicit, alias, entry)
+        added.append(alias)
+    return added, skipped
