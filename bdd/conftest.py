@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,12 @@ def running_queen(world: World) -> None:
 
 @when(parsers.parse('I run rbee-keeper with "{args}"'))
 def run_keeper(world: World, args: str) -> None:
+    started = time.monotonic()
     world.result = subprocess.run(
         [str(BIN / "rbee-keeper"), "--queen-url", world.queen_url, *args.split()],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )
+    world.extra["took"] = time.monotonic() - started
 
 
 @when(parsers.parse('I submit the operation "{operation}"'))

@@ -137,7 +137,7 @@ def run_with_queen(c: Context, operation: Operation, *, keep_queen: bool = False
     """Run a job on the queen; if none answers, on one started (--local-hive) for this command."""
     with lifecycle.ephemeral_queen(
         c.queen_url, say=say, config=c.config_path, keep=keep_queen,
-        timeout=c.config.keeper.queen_start_timeout_s,
+        timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose,
     ):
         return run_job(c, operation, tokens=tokens)
 
@@ -439,7 +439,7 @@ def status(
     c = _ctx(ctx)
     with lifecycle.ephemeral_queen(
         c.queen_url, say=say, config=c.config_path, keep=keep_queen,
-        timeout=c.config.keeper.queen_start_timeout_s,
+        timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose,
     ):
         result = run_job(c, Status())
     show_status(c.queen_url, result)

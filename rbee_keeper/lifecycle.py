@@ -170,11 +170,13 @@ def stop_queen(url: str, *, say: Say, timeout: float = 10.0) -> bool:
 @contextlib.contextmanager
 def ephemeral_queen(
     url: str, *, say: Say, config: str | None = None, keep: bool = False, timeout: float = 30.0,
-    local_hive: bool = True,
+    local_hive: bool = True, verbose: bool = False,
 ) -> Iterator[bool]:
     """Make sure a queen answers at `url` for the duration; yields whether we started it."""
     if is_healthy(url):
         yield False
+        if verbose:
+            say("Queen was already running, not shutting down")
         return
     say("queen is asleep, waking queen")
     process = start_queen(url, config=config, timeout=timeout, local_hive=local_hive)

@@ -135,3 +135,33 @@ def test_ctrl_c_during_infer_exits_130_and_frees_the_slot(isolated_dirs: Path) -
     assert wait_for(lambda: ours(port) == [], timeout=6)
 
 
+
+
+def test_hive_add_remove_and_import_ssh_edit_the_config_and_keep_the_rest(isolated_dirs: Path) -> None:
+    config = isolated_dirs / "config" / "rbee" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("# my fleet\n[queen]\nport = 8600\n")
+    assert runner.invoke(cli, ["hive", "add", "gpu-1", "--host", "10.231.0.9", "--user", "bee"]).exit_code == 0
+    again = runner.invoke(cli, ["hive", "add", "gpu-1", "--host", "10.231.0.9"])
+    assert again.exit_code == 1 and "already configured" in again.output
+    ssh = isolated_dirs / "ssh_config"
+    ssh.write_text("Host gpu-1 gpu-2\n  HostName 10.231.0.7\n  Port 2222\nHost *\n  User nobody\n")
+    imported = runner.invoke(cli, ["hive", "import-ssh", str(ssh)])
+    assert imported.exit_code == 0 and "added 1 hive(s): gpu-2" in imported.output and "gpu-1" in imported.output
+    listed = runner.invoke(cli, ["hive", "list"]).output
+    assert "10.231.0.9" in listed and "2222" in listed and "localhost" in listed
+    assert runner.invoke(cli, ["hive", "remove", "gpu-2"]).exit_code == 0
+    text = config.read_text()
+    assert text.startswith("# my fleet\n[queen]\nport = 8600\n") and "gpu-2" not in text and "[hives.gpu-1]" in text
+    assert runner.invoke(cli, ["hive", "remove", "gpu-2"]).exit_code == 1
+
+
+def test_hive_install_localhost_explains_local_hive_and_says_no_without_a_terminal(isolated_dirs: Path) -> None:
+    from tests.helpers import daemon
+
+    with daemon([str(BIN / "queen-rbee"), "--port", "0"]) as queen:
+        result = subprocess.run([str(BIN / "rbee-keeper"), "--queen-url", queen.url, "hive", "install", "localhost"],
+                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert "--local-hive" in result.stderr and "ms" in result.stderr
+    assert "the answer is no" in result.stderr
