@@ -200,13 +200,17 @@ def worker_spawn(
     hive: Hive = "localhost",
     backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: the hive's free cores).")] = None,  # noqa: E501
+    keep_queen: KeepQueen = False,
 ) -> None:
     """Start a worker for a model on a hive, with its progress."""
     c = _ctx(ctx)
     operation = _operation(
         WorkerSpawn, model=model, device=device, hive_id=hive, backend=backend, threads=threads
     )
-    worker = run_job(c, operation)
+    if not keep_queen and not lifecycle.is_healthy(c.queen_url):
+        say("No queen runs: one starts for this command, and the worker stops with it at the end.")
+        say("To keep the worker: `rbee-keeper queen start` first, or pass --keep-queen.")
+    worker = run_with_queen(c, operation, keep_queen=keep_queen)
     print(f"{worker['worker_id']}  {worker['model']}  {worker['device']}  {worker['url']}  "
           f"(pid {worker['pid']})")
 
@@ -215,7 +219,7 @@ def worker_spawn(
 @handles_errors
 def worker_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
     """The workers of a hive."""
-    workers = run_job(_ctx(ctx), _operation(WorkerList, hive_id=hive))
+    workers = run_with_queen(_ctx(ctx), _operation(WorkerList, hive_id=hive))
     rows = [
         [w["worker_id"], w["model"], w["device"], w["state"], str(w["slots_busy"]), w["url"], str(w["pid"])]
         for w in workers
@@ -227,7 +231,7 @@ def worker_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
 @handles_errors
 def worker_get(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") -> None:
     """One worker of a hive."""
-    worker = run_job(_ctx(ctx), _operation(WorkerGet, worker_id=worker_id, hive_id=hive))
+    worker = run_with_queen(_ctx(ctx), _operation(WorkerGet, worker_id=worker_id, hive_id=hive))
     for key, value in worker.items():
         print(f"{key:<12} {value}")
 
@@ -236,7 +240,7 @@ def worker_get(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") -> 
 @handles_errors
 def worker_stop(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") -> None:
     """Stop a worker (graceful, then SIGKILL after the hive's deadline)."""
-    worker = run_job(_ctx(ctx), _operation(WorkerStop, worker_id=worker_id, hive_id=hive))
+    worker = run_with_queen(_ctx(ctx), _operation(WorkerStop, worker_id=worker_id, hive_id=hive))
     print(f"{worker['worker_id']} stopped")
 
 
@@ -244,7 +248,7 @@ def worker_stop(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") ->
 @handles_errors
 def model_download(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
     """Download hf:<org>/<repo>[:<file or quant>] into a hive's catalog, with progress."""
-    entry = run_job(_ctx(ctx), _operation(ModelDownload, model=model, hive_id=hive))
+    entry = run_with_queen(_ctx(ctx), _operation(ModelDownload, model=model, hive_id=hive))
     print(f"{entry['id']}  {entry['size_bytes'] / 1e6:.0f} MB  {entry['path']}")
 
 
@@ -252,7 +256,7 @@ def model_download(ctx: typer.Context, model: str, hive: Hive = "localhost") -> 
 @handles_errors
 def model_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
     """The models in a hive's catalog."""
-    models = run_job(_ctx(ctx), _operation(ModelList, hive_id=hive))
+    models = run_with_queen(_ctx(ctx), _operation(ModelList, hive_id=hive))
     _table([[m["id"], m["format"], f"{m['size_bytes'] / 1e6:.0f} MB", m["provider"], m.get("source") or ""]
             for m in models], ["MODEL", "FORMAT", "SIZE", "FROM", "SOURCE"])
 
@@ -261,7 +265,7 @@ def model_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
 @handles_errors
 def model_get(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
     """One model of a hive's catalog."""
-    entry = run_job(_ctx(ctx), _operation(ModelGet, model=model, hive_id=hive))
+    entry = run_with_queen(_ctx(ctx), _operation(ModelGet, model=model, hive_id=hive))
     for key, value in entry.items():
         print(f"{key:<12} {value}")
 
@@ -270,7 +274,7 @@ def model_get(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
 @handles_errors
 def model_delete(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
     """Delete a model from a hive (refused while a worker uses it)."""
-    entry = run_job(_ctx(ctx), _operation(ModelDelete, model=model, hive_id=hive))
+    entry = run_with_queen(_ctx(ctx), _operation(ModelDelete, model=model, hive_id=hive))
     print(f"{entry['id']} deleted")
 
 
@@ -343,7 +347,7 @@ def hive_import_ssh(
 
 def _hive_operation(ctx: typer.Context, kind: type[Operation], alias: str) -> None:
     c = _ctx(ctx)
-    result = run_job(c, _operation(kind, hive_id=alias))
+    result = run_with_queen(c, _operation(kind, hive_id=alias))
     if result is not None:
         print(msgspec.json.encode(result).decode())
 

@@ -53,7 +53,7 @@ class Served(msgspec.Struct, kw_only=True):
 async def generate(
     scheduler: Scheduler, registry: WorkerRegistry, http: httpx.AsyncClient, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None = None,
-    served: Served | None = None,
+    served: Served | None = None, hive_id: str | None = None,
 ) -> AsyncGenerator[str, None]:
     """Text pieces as the worker streams them; `served` is filled in at the end."""
     served = served if served is not None else Served()
@@ -61,7 +61,7 @@ async def generate(
     body = _encode(request)
     excluded: set[str] = set()
     for attempt in range(1, attempts + 1):
-        worker = await scheduler.acquire(model, context, frozenset(excluded))
+        worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id)
         served.worker_id, served.attempts = worker.worker_id, attempt
         sent_any = False
         try:

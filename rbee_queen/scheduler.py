@@ -82,19 +82,24 @@ class Scheduler:
         return [w for w in self.registry.active() if serves(w, model, self.aliases)
                 and w.worker_id not in exclude and w.state != "draining"]
 
-    async def acquire(self, model: str, context: JobContext | None, exclude: frozenset[str]) -> WorkerInfo:
-        """A worker slot for one request; call `release` when the request ends."""
+    async def acquire(
+        self, model: str, context: JobContext | None, exclude: frozenset[str], hive_id: str | None = None,
+    ) -> WorkerInfo:
+        """A worker slot for one request (on `hive_id` if given); call `release` when it ends."""
         deadline = trio.current_time() + self.queue_timeout_s
         queued = False
+        given = exclude
         try:
             while True:
+                if hive_id is not None:  # workers of other hives do not count
+                    exclude = given | {w.worker_id for w in self.registry.active() if w.hive_id != hive_id}
                 worker = pick_worker(self.registry.active(), model, load=self.load, aliases=self.aliases,
                                      exclude=exclude)
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
                     return worker
                 if not self.candidates(model, exclude):
-                    await self.cold_start(model, context)
+                    await self.cold_start(model, context, hive_id)
                     continue
                 if not queued:
                     if self.waiting.get(model, 0) >= self.queue_size:
@@ -123,7 +128,7 @@ class Scheduler:
         self.load[worker_id] = max(self.load.get(worker_id, 0) - 1, 0)
         self.notify()
 
-    async def cold_start(self, model: str, context: JobContext | None) -> None:
+    async def cold_start(self, model: str, context: JobContext | None, hive_id: str | None = None) -> None:
         if not self.cold_start_enabled:
             raise ServiceUnavailable(
                 "No worker serves this model, and cold starts are off.", code="NO_WORKER",
@@ -134,12 +139,10 @@ class Scheduler:
             if context is not None:
                 context.narrate("cold_start", "A worker for this model is starting; waiting for it")
             await running.wait()
-            if not self.candidates(model, frozenset()):
-                raise ServiceUnavailable("The worker for this model could not be started.", code="NO_WORKER")
             return
         done = self._cold[model] = trio.Event()
         try:
-            hive_id, device = await self.best_hive(model)
+            hive_id, device = await self.best_hive(model, only=hive_id)
             if context is not None:
                 context.narrate(
                     "cold_start", f"No worker serves {model}; starting one on hive {hive_id} ({device})",
@@ -165,7 +168,7 @@ class Scheduler:
             slots_total=int(spawned.get("slots_total", 1)), slots_busy=0, pid=int(spawned["pid"]),
         ))
 
-    async def best_hive(self, model: str) -> tuple[str, str]:
+    async def best_hive(self, model: str, only: str | None = None) -> tuple[str, str]:
         """A hive with the model in its catalog first, then the most free memory; its best device."""
         options: list[tuple[bool, int, str, str]] = []
 
@@ -183,7 +186,7 @@ class Scheduler:
                 options.append((has, int(best.get("memory_free_bytes", 0)), hive_id, str(best["id"])))
 
         async with trio.open_nursery() as nursery:
-            for hive_id in self.router.ids():
+            for hive_id in [only] if only else self.router.ids():
                 nursery.start_soon(consider, hive_id)
         if not options:
             raise ServiceUnavailable(

@@ -17,8 +17,11 @@ from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     HIVE_OPERATIONS,
     GenerationParams,
+    HiveGet,
     HiveHealth,
     HiveList,
+    HiveRefreshCapabilities,
+    HiveStatus,
     Infer,
     ModelList,
     Operation,
@@ -73,6 +76,22 @@ class QueenService:
                         for hive_id, entry in self.config.hives.items()]
             case Infer():
                 return await self.infer(operation, context)
+            case HiveGet(hive_id=hive_id):
+                entry = self.router.entry(hive_id or "localhost")
+                return {"hive_id": hive_id or "localhost", "url": hive_url(entry),
+                        "local": self.router.is_local(hive_id or "localhost"), **msgspec.to_builtins(entry)}
+            case HiveStatus(hive_id=hive_id):
+                alias = hive_id or "localhost"
+                health = await self.probe_hive(alias, self.router.entry(alias))
+                context.narrate("hive_status", f"Hive {alias}: " + (
+                    "reachable" if health.reachable else f"{health.problem}"), hive_id=alias)
+                return health
+            case HiveRefreshCapabilities(hive_id=hive_id):
+                alias = hive_id or "localhost"
+                caps = await self.router.capabilities(alias)
+                context.narrate("hive_refresh_capabilities",
+                                f"Hive {alias}: {len(caps.get('devices', []))} device(s)", hive_id=alias)
+                return caps
             case WorkerStop(worker_id=worker_id, hive_id=hive_id):
                 stopped = await self.router.run(operation, hive_id or "localhost", context)
                 self.workers.forget(worker_id, "stopped through the queen")
@@ -109,6 +128,7 @@ class QueenService:
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._http, operation.model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
+            hive_id=operation.hive_id,
         )) as pieces:
             async for piece in pieces:
                 context.token(piece, len(text))

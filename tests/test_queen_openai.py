@@ -143,3 +143,26 @@ def test_the_queens_end_takes_its_local_hive_workers(isolated_dirs: Path, sig: i
         assert time.monotonic() - sent < limit
         if sig == signal.SIGTERM:
             assert queen.process.wait(limit) == 0
+
+
+def test_hive_operations_answered_by_the_queen(queen: Daemon) -> None:
+    status = job_result(queen.url, {"operation": "hive_status", "hive_id": "localhost"})
+    assert isinstance(status, dict) and status["reachable"] is True
+    caps = job_result(queen.url, {"operation": "hive_refresh_capabilities"})
+    assert isinstance(caps, dict) and caps["devices"][0]["id"] == "CPU-0"
+    entry = job_result(queen.url, {"operation": "hive_get", "hive_id": "localhost"})
+    assert isinstance(entry, dict) and entry["local"] is True
+    events, terminator = run_job(queen.url, {"operation": "hive_status", "hive_id": "nowhere"})
+    assert terminator.startswith("[ERROR]")
+    assert [e["error"]["code"] for e in events if e.get("error")] == ["HIVE_NOT_FOUND"]
+
+
+def test_infer_on_a_hive_that_is_not_up_does_not_run_elsewhere(isolated_dirs: Path) -> None:
+    config = isolated_dirs / "queen.toml"
+    config.write_text('[hives.lab-9]\nhost = "127.0.0.1"\nhive_port = 1\n')  # nothing listens there
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)]) as queen:
+        body = {"operation": "infer", "model": "smollm2-135m", "prompt": "Hi,", "max_tokens": 3}
+        assert job_result(queen.url, body)  # localhost serves it
+        events, terminator = run_job(queen.url, {**body, "hive_id": "lab-9"})
+        assert terminator.startswith("[ERROR]")
+        assert [e["error"]["code"] for e in events if e.get("error")] == ["NO_HIVE"]
