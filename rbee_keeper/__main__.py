@@ -161,7 +161,7 @@ def infer(
     max_tokens: Annotated[int, typer.Option(min=1, help="At most this many tokens.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature.")] = 0.7,
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
-    hive: Annotated[str | None, typer.Option("--hive", help="Prefer this hive (reserved; the queen schedules).")] = None,  # noqa: E501
+    hive: Annotated[str | None, typer.Option("--hive", help="Run it on this hive only (its workers, or a cold start there).")] = None,  # noqa: E501
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer at the end, not as it comes.")] = False,  # noqa: E501
     keep_queen: KeepQueen = False,
 ) -> None:

@@ -143,7 +143,8 @@ class QueenService:
         names = {w.model for w in self.workers.active()}
 
         async def catalog(hive_id: str) -> None:
-            with contextlib.suppress(RbeeError, httpx.HTTPError, OSError):
+            # A hive that does not answer within 3 s is left out, not waited for.
+            with contextlib.suppress(RbeeError, httpx.HTTPError, OSError), trio.move_on_after(3.0):
                 if self.router.is_local(hive_id) and self.local_hive is not None:
                     entries = msgspec.to_builtins(self.local_hive.catalog.list())
                 else:
