@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -165,3 +166,28 @@ def test_hive_install_localhost_explains_local_hive_and_says_no_without_a_termin
     assert result.returncode == 1
     assert "--local-hive" in result.stderr and "ms" in result.stderr
     assert "the answer is no" in result.stderr
+
+
+def test_model_download_shows_a_progress_bar_and_lists_the_model(isolated_dirs: Path) -> None:
+    from tests.fake_hf import FakeHub
+
+    url = f"http://127.0.0.1:{free_port()}"
+    with FakeHub(isolated_dirs / "hub") as hub:
+        hub.add_file("test-org/tiny-GGUF", "tiny.Q4_K_M.gguf", b"\0" * 5_000_000)
+        hub.rate = 5e6  # about a second: the bar redraws
+        env = {**os.environ, "HF_ENDPOINT": hub.url}
+        try:
+            assert subprocess.run([str(BIN / "rbee-keeper"), "--queen-url", url, "queen", "start"],
+                                  capture_output=True, timeout=60, env=env).returncode == 0
+            result = subprocess.run(
+                [str(BIN / "rbee-keeper"), "--queen-url", url, "model", "download", "hf:test-org/tiny-GGUF"],
+                capture_output=True, text=True, timeout=60, env=env,
+            )
+            assert result.returncode == 0, result.stderr
+            assert "download [####################] 100% 5.0/5.0 MB" in result.stderr
+            assert result.stdout.startswith("test-org--tiny-gguf  5 MB  ")
+            listed = keeper(url, "model", "list")
+            assert "test-org--tiny-gguf" in listed.stdout and "smollm2-135m" in listed.stdout
+        finally:
+            keeper(url, "queen", "stop")
+    assert wait_for(lambda: ours(int(url.rsplit(":", 1)[1])) == [], timeout=6)
