@@ -366,3 +366,39 @@ def start_queen_for_hive(world: World) -> Daemon:
     config = world.tmp / "queen.toml"
     config.write_text(f'[hives.localhost]\nhost = "127.0.0.1"\nhive_port = {hive_port}\n')
     return start_queen(world, "--config", str(config), port=world.extra["queen_port"])
+
+
+def stream_on_worker(world: World, url: str, body: dict[str, Any]) -> Streaming:
+    """A client streaming from a worker until the scenario ends (then it cancels and leaves)."""
+    stream = Streaming(url, body)
+
+    def cancel() -> None:
+        stream.disconnect.set()
+        if "request_id" in body:
+            httpx.delete(f"{url}/v1/inference/{body['request_id']}")
+        stream.thread.join(30)
+
+    world.extra["stack"].callback(cancel)
+    assert stream.first_token.wait(30) and stream.status == 200
+    return stream
+
+
+@given("the worker is busy with a long request")
+@when("the worker is busy with a long request")
+def worker_busy(world: World) -> None:
+    stream_on_worker(world, spawned(world)[-1]["url"], {**COUNTING, "request_id": "req-busy"})
+
+
+@given(parsers.parse("the worker is generating {tokens:d} tokens for a client"))
+def worker_generating(world: World, tokens: int) -> None:
+    body = {"prompt": COUNTING["prompt"], "max_tokens": tokens, "temperature": 0}
+    world.extra["client"] = stream_on_worker(world, spawned(world)[0]["url"], body)
+
+
+@then(parsers.parse('the client\'s stream ends with an "{kind}" event, then "[DONE]"'))
+def client_stream_ends(world: World, kind: str) -> None:
+    stream: Streaming = world.extra["client"]
+    stream.thread.join(30)
+    assert stream.events[-1] == "[DONE]"
+    end = json.loads(stream.events[-2])
+    assert end["type"] == kind and end["stop_reason"] in ("length", "stop")  # finished, not cut off

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 
-import psutil
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, spawned
-from tests.helpers import BIN
+from tests.helpers import BIN, gone
 
 scenarios("cli_commands.feature")
 
@@ -66,7 +64,7 @@ def keeper_get(world: World) -> None:
 def shows_worker(world: World, state: str) -> None:
     assert world.result is not None and world.result.returncode == 0
     worker = spawned(world)[0]
-    assert f"state        {state}" in world.result.stdout
+    assert ["state", state] in [line.split() for line in world.result.stdout.splitlines()]
     assert str(worker["pid"]) in world.result.stdout and worker["url"] in world.result.stdout
 
 
@@ -83,6 +81,4 @@ def says_stopped(world: World) -> None:
 
 @then("its process is gone")
 def process_gone(world: World) -> None:
-    pid = int(spawned(world)[0]["pid"])
-    with contextlib.suppress(psutil.NoSuchProcess):
-        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert gone(int(spawned(world)[0]["pid"]))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -11,7 +10,6 @@ import psutil
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import (
-    Streaming,
     World,
     active_workers,
     hub,
@@ -111,14 +109,9 @@ def kept_running(world: World) -> None:
     assert psutil.Process(int(spawned(world)[0]["pid"])).is_running()
 
 
-@given(parsers.parse("the worker is generating {tokens:d} tokens for a client"))
-def generating(world: World, tokens: int) -> None:
-    body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": tokens, "temperature": 0}
-    stream = Streaming(str(spawned(world)[0]["url"]), body)
-    world.extra["stack"].callback(lambda: stream.thread.join(30))
-    assert stream.first_token.wait(30)
-    world.extra["client"] = stream
-    states: list[str] = []
+@when("the worker receives SIGTERM")
+def sigterm_worker(world: World) -> None:
+    states: list[str] = []  # what the queen's registry says while the worker drains
     stop = threading.Event()
 
     def watch() -> None:
@@ -135,18 +128,7 @@ def generating(world: World, tokens: int) -> None:
 
     world.extra["stack"].callback(stop_watching)
     world.extra["states"] = states
-
-
-@when("the worker receives SIGTERM")
-def sigterm_worker(world: World) -> None:
     os.kill(int(spawned(world)[0]["pid"]), signal.SIGTERM)
-
-
-@then(parsers.parse('the client\'s stream ends with an "{kind}" event, then "[DONE]"'))
-def client_ends(world: World, kind: str) -> None:
-    stream: Streaming = world.extra["client"]
-    stream.thread.join(30)
-    assert stream.events[-1] == "[DONE]" and json.loads(stream.events[-2])["type"] == kind
 
 
 @then(parsers.parse('the queen saw the worker "{state}"'))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -10,18 +9,12 @@ from datetime import datetime
 
 import httpx
 import psutil
-from pytest_bdd import given, parsers, scenarios, then, when
+from pytest_bdd import parsers, scenarios, then, when
 
-from bdd.conftest import Streaming, World, hive_job, hive_url, job_value, start_hive
-from tests.helpers import wait_for
+from bdd.conftest import World, hive_job, hive_url, job_value, spawned, start_hive
+from tests.helpers import gone, wait_for
 
 scenarios("hive_lifecycle.feature")
-
-
-def workers(world: World) -> list[dict[str, object]]:
-    value = world.extra.get("workers", [])
-    assert isinstance(value, list)
-    return value
 
 
 def listed(world: World) -> list[dict[str, object]]:
@@ -32,12 +25,6 @@ def listed(world: World) -> list[dict[str, object]]:
     assert isinstance(value, list)
     return value
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def hive_log(world: World) -> str:
@@ -58,23 +45,23 @@ def freeze(world: World, worker: dict[str, object]) -> None:
 @when("the worker freezes")
 @when("the first worker freezes")
 def first_freezes(world: World) -> None:
-    freeze(world, workers(world)[0])
+    freeze(world, spawned(world)[0])
 
 
 @when("the second worker freezes")
 def second_freezes(world: World) -> None:
-    freeze(world, workers(world)[1])
+    freeze(world, spawned(world)[1])
 
 
 @when("every worker freezes")
 def all_freeze(world: World) -> None:
-    for worker in workers(world):
+    for worker in spawned(world):
         freeze(world, worker)
 
 
 @when("the first worker is killed with SIGKILL")
 def kill_first(world: World) -> None:
-    os.kill(int(str(workers(world)[0]["pid"])), signal.SIGKILL)
+    os.kill(int(str(spawned(world)[0]["pid"])), signal.SIGKILL)
 
 
 @then("the hive still answers /health")
@@ -91,13 +78,13 @@ def lists_state(world: World, state: str) -> None:
 @then(parsers.re(r"within (?P<seconds>\d+) seconds the (worker|first worker) is gone from the hive"),
       converters={"seconds": int})
 def first_gone(world: World, seconds: int) -> None:
-    worker_id = workers(world)[0]["worker_id"]
+    worker_id = spawned(world)[0]["worker_id"]
     assert wait_for(lambda: worker_id not in [w["worker_id"] for w in listed(world)], timeout=seconds)
 
 
 @then(parsers.parse("within {seconds:d} seconds the second worker is gone from the hive"))
 def second_gone(world: World, seconds: int) -> None:
-    worker_id = workers(world)[1]["worker_id"]
+    worker_id = spawned(world)[1]["worker_id"]
     assert wait_for(lambda: worker_id not in [w["worker_id"] for w in listed(world)], timeout=seconds)
 
 
@@ -125,13 +112,13 @@ def hive_exits(world: World, code: int, seconds: int) -> None:
 
 @then(parsers.parse('the hive log shows "{text}" for each worker'))
 def log_for_each(world: World, text: str) -> None:
-    for worker in workers(world):
+    for worker in spawned(world):
         assert f"{worker['url']}{text}" in hive_log(world)
 
 
 @then("no worker process is left")
 def none_left(world: World) -> None:
-    pids = [int(str(w["pid"])) for w in workers(world)]
+    pids = [int(str(w["pid"])) for w in spawned(world)]
     assert wait_for(lambda: all(gone(pid) for pid in pids), timeout=2)
 
 
@@ -142,18 +129,9 @@ def catalog_survives(world: World, ref: str) -> None:
     assert job_value(world) == world.extra["downloaded"][ref]
 
 
-@given(parsers.parse("the worker is generating {tokens:d} tokens for a client"))
-def generating(world: World, tokens: int) -> None:
-    body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": tokens, "temperature": 0}
-    stream = Streaming(str(workers(world)[0]["url"]), body)
-    world.extra["stack"].callback(lambda: stream.thread.join(30))
-    assert stream.first_token.wait(30)
-    world.extra["client"] = stream
-
-
 @when("I stop the worker through the hive without waiting")
 def stop_in_background(world: World) -> None:
-    worker_id = workers(world)[0]["worker_id"]
+    worker_id = spawned(world)[0]["worker_id"]
     url = hive_url(world)
     thread = threading.Thread(
         target=lambda: httpx.post(f"{url}/v1/jobs", json={"operation": "worker_stop", "worker_id": worker_id})
@@ -165,18 +143,9 @@ def stop_in_background(world: World) -> None:
 
 @then(parsers.parse('a new request to the worker gets 503 "{code}"'))
 def new_request_refused(world: World, code: str) -> None:
-    url = workers(world)[0]["url"]
+    url = spawned(world)[0]["url"]
     response = httpx.post(f"{url}/v1/inference", json={"prompt": "hi", "max_tokens": 2})
     assert response.status_code == 503 and response.json()["error"]["code"] == code
-
-
-@then(parsers.parse('the client\'s stream ends with an "{kind}" event, then "[DONE]"'))
-def client_stream_ends(world: World, kind: str) -> None:
-    stream: Streaming = world.extra["client"]
-    stream.thread.join(30)
-    assert stream.events[-1] == "[DONE]"
-    end = json.loads(stream.events[-2])
-    assert end["type"] == kind and end["stop_reason"] in ("length", "stop")
 
 
 @then("the worker's pid is a live llm-worker-rbee process, a child of the hive")
@@ -197,12 +166,12 @@ def same_pid(world: World) -> None:
 
 @when("I stop the worker through the hive")
 def stop_worker(world: World) -> None:
-    hive_job(world, {"operation": "worker_stop", "worker_id": workers(world)[0]["worker_id"]})
+    hive_job(world, {"operation": "worker_stop", "worker_id": spawned(world)[0]["worker_id"]})
 
 
 @then("the worker's process is gone")
 def process_gone(world: World) -> None:
-    assert gone(int(str(workers(world)[0]["pid"])))
+    assert gone(int(str(spawned(world)[0]["pid"])))
 
 
 @then(parsers.parse('the hive log shows "{first}" and "{second}" on one line'))
@@ -230,20 +199,20 @@ def log_in_order(world: World, datatable: list[list[str]]) -> None:
 
 @then(parsers.parse('worker_get of that worker fails with "{code}"'))
 def get_fails(world: World, code: str) -> None:
-    hive_job(world, {"operation": "worker_get", "worker_id": workers(world)[0]["worker_id"]})
+    hive_job(world, {"operation": "worker_get", "worker_id": spawned(world)[0]["worker_id"]})
     errors = [e["error"] for e in world.extra["events"] if e.get("error")]
     assert errors and errors[-1]["code"] == code
 
 
 @then(parsers.parse('the hive log shows the worker\'s id and pid with "{text}"'))
 def crash_logged(world: World, text: str) -> None:
-    worker = workers(world)[0]
+    worker = spawned(world)[0]
     assert f"worker {worker['worker_id']} (pid {worker['pid']}) {text}" in hive_log(world)
 
 
 @then(parsers.parse("within {seconds:d} seconds the worker's process is reaped, not a zombie"))
 def reaped(world: World, seconds: int) -> None:
-    pid = int(str(workers(world)[0]["pid"]))
+    pid = int(str(spawned(world)[0]["pid"]))
 
     def no_such_process() -> bool:
         try:
@@ -265,7 +234,7 @@ def parallel_kills(world: World, count: int, text: str) -> None:
 
 @then("the hive's SIGKILL log line has a timestamp, the worker id, the pid and the reason")
 def audit_line(world: World) -> None:
-    worker = workers(world)[0]
+    worker = spawned(world)[0]
     (line,) = [line for line in hive_log(world).splitlines() if "SIGKILL" in line and "killing" in line]
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING hive ", line)
     assert f"killing worker {worker['worker_id']} (pid {worker['pid']}, SIGKILL): " in line

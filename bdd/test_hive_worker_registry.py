@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import httpx
-from pytest_bdd import given, parsers, scenarios, then, when
+from pytest_bdd import parsers, scenarios, then, when
 
-from bdd.conftest import COUNTING, Streaming, World, hive_url, job_value
+from bdd.conftest import World, hive_url, job_value
 
 scenarios("hive_worker_registry.feature")
 
@@ -23,20 +23,6 @@ def health_body(world: World, status: str, api: str) -> None:
 @then("the result is an empty list")
 def empty(world: World) -> None:
     assert job_value(world) == []
-
-
-@given("the worker is busy with a long request")
-def busy(world: World) -> None:
-    worker = world.extra["workers"][-1]
-    stream = Streaming(worker["url"], {**COUNTING, "request_id": "req-busy"})
-
-    def cancel() -> None:
-        stream.disconnect.set()
-        httpx.delete(f"{worker['url']}/v1/inference/req-busy")
-        stream.thread.join(30)
-
-    world.extra["stack"].callback(cancel)
-    assert stream.first_token.wait(30)
 
 
 @then(parsers.parse('the result lists 1 worker of "{model}" in state "{state}" with {busy:d} slots busy'))

@@ -10,7 +10,7 @@ import psutil
 from pytest_bdd import parsers, scenarios, then, when
 
 from bdd.conftest import World, active_workers
-from tests.helpers import wait_for
+from tests.helpers import gone, wait_for
 
 scenarios("queen_lifecycle.feature")
 
@@ -70,12 +70,6 @@ def queen_exits(world: World, seconds: int) -> None:
 
 @then("none of its workers is left")
 def none_left(world: World) -> None:
-    def gone(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
     assert wait_for(lambda: all(gone(pid) for pid in world.extra["pids"]), timeout=2)
 
 

@@ -8,7 +8,7 @@ import time
 import httpx
 from pytest_bdd import parsers, scenarios, then, when
 
-from bdd.conftest import COUNTING, Streaming, World, active_workers, job_value, queen_job, spawned
+from bdd.conftest import World, active_workers, job_value, queen_job, spawned
 from tests.helpers import wait_for
 
 scenarios("queen_worker_registry.feature")
@@ -32,20 +32,6 @@ def lists_count(world: World, count: int) -> None:
     assert len(value) == count
     for worker in value:
         assert {"worker_id", "hive_id", "url", "model", "device", "state"} <= set(worker)
-
-
-@when("the worker is busy with a long request")
-def busy(world: World) -> None:
-    worker = spawned(world)[0]
-    stream = Streaming(worker["url"], {**COUNTING, "request_id": "req-bdd-busy"})
-
-    def cancel() -> None:
-        stream.disconnect.set()
-        httpx.delete(f"{worker['url']}/v1/inference/req-bdd-busy")
-        stream.thread.join(30)
-
-    world.extra["stack"].callback(cancel)
-    assert stream.first_token.wait(30)
 
 
 @then(parsers.parse('within {seconds:d} seconds the queen lists the worker as "{state}"'))

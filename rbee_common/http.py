@@ -129,6 +129,11 @@ async def read_body() -> bytes:
     return data if isinstance(data, bytes) else data.encode()
 
 
+def no_content() -> Response:
+    """204. The body must be b"": with none, quart iterates [] through asyncio and fails under trio."""
+    return Response(b"", status=204)
+
+
 def sse_frame(event_id: int | None, data: str) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}data: {data}\n\n".encode()

@@ -26,7 +26,7 @@ from rbee_common.wire import (
 from rbee_hive.catalog import Catalog, CatalogEntry
 from rbee_hive.devices import Capabilities, available_backends, detect_devices, disk_free
 from rbee_hive.downloads import Downloader
-from rbee_hive.workers import HiveWorker, Workers
+from rbee_hive.workers import Workers
 
 
 class HiveService:
@@ -91,6 +91,3 @@ class HiveService:
             disk_free_bytes=disk_free(self.catalog.root), models=len(self.catalog.list()),
             workers=len(self.workers.list()),
         )
-
-    def worker_list(self) -> list[HiveWorker]:
-        return self.workers.list()

@@ -146,6 +146,12 @@ KeepQueen = Annotated[bool, typer.Option("--keep-queen", help="If this command s
 Hive = Annotated[str, typer.Option("--hive", help="The hive (an alias from the config; localhost is always there).")]  # noqa: E501
 
 
+def _fields(record: dict[str, Any]) -> None:
+    width = max(map(len, record), default=0) + 1
+    for key, value in record.items():
+        print(f"{key:<{width}} {value}")
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -231,9 +237,7 @@ def worker_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
 @handles_errors
 def worker_get(ctx: typer.Context, worker_id: str, hive: Hive = "localhost") -> None:
     """One worker of a hive."""
-    worker = run_with_queen(_ctx(ctx), _operation(WorkerGet, worker_id=worker_id, hive_id=hive))
-    for key, value in worker.items():
-        print(f"{key:<12} {value}")
+    _fields(run_with_queen(_ctx(ctx), _operation(WorkerGet, worker_id=worker_id, hive_id=hive)))
 
 
 @worker_cli.command("stop")
@@ -265,9 +269,7 @@ def model_list(ctx: typer.Context, hive: Hive = "localhost") -> None:
 @handles_errors
 def model_get(ctx: typer.Context, model: str, hive: Hive = "localhost") -> None:
     """One model of a hive's catalog."""
-    entry = run_with_queen(_ctx(ctx), _operation(ModelGet, model=model, hive_id=hive))
-    for key, value in entry.items():
-        print(f"{key:<12} {value}")
+    _fields(run_with_queen(_ctx(ctx), _operation(ModelGet, model=model, hive_id=hive)))
 
 
 @model_cli.command("delete")
@@ -328,8 +330,7 @@ def hive_get(ctx: typer.Context, alias: str) -> None:
     if entry is None:
         raise NotFound("No hive with that alias is configured.", code="HIVE_NOT_FOUND",
                        hint="See `rbee-keeper hive list`, or add it with `rbee-keeper hive add`.")
-    for key, value in msgspec.structs.asdict(entry).items():
-        print(f"{key:<14} {value}")
+    _fields(msgspec.structs.asdict(entry))
 
 
 @hive_cli.command("import-ssh")

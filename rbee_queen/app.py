@@ -11,7 +11,7 @@ from quart_trio import QuartTrio
 
 from rbee_common.daemon import build_timestamp, package_version
 from rbee_common.errors import NotFound
-from rbee_common.http import add_shutdown_route, create_app, json_response, read_body
+from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.validation import decode_body
 from rbee_common.wire import BuildInfo, WorkerHeartbeat
@@ -51,7 +51,7 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
                 hint="Add it under [hives.<id>] in the queen's config.",
             )
         service.workers.record(beat)
-        return Response(b"", status=204)  # not None: quart would iterate [] through asyncio
+        return no_content()
 
     add_openai_routes(app, generate=service.generate, list_models=service.model_names)
     add_shutdown_route(app, stop)

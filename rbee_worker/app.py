@@ -11,7 +11,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from rbee_common.errors import NotFound
-from rbee_common.http import create_app, json_response, read_body, sse_frame, sse_response
+from rbee_common.http import create_app, json_response, no_content, read_body, sse_frame, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import DONE, InferenceEvent, InferenceRequest
 from rbee_worker.service import WorkerService, encode_event
@@ -64,7 +64,7 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
         # Idempotent: a request that already ended (or was cancelled) answers 204 again.
         if not service.cancel(request_id):
             raise NotFound("No running or recent request with that id.", code="REQUEST_NOT_FOUND")
-        return Response(b"", status=204)  # not None: quart would iterate [] through asyncio
+        return no_content()
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> Response:

@@ -107,6 +107,16 @@ def wait_for(predicate: object, timeout: float = 5.0, interval: float = 0.05) ->
     return bool(predicate())
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it no longer runs)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
 def port_open(url_or_port: str | int) -> bool:
     port = url_or_port if isinstance(url_or_port, int) else int(str(url_or_port).rsplit(":", 1)[1])
     with socket.socket() as sock:

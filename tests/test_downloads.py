@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -27,14 +28,14 @@ def hub(tmp_path: Path) -> Iterator[FakeHub]:
         yield running
 
 
-def start_hive(hub: FakeHub, **settings: object) -> daemon:  # type: ignore[valid-type]
+def start_hive(hub: FakeHub, **settings: object) -> contextlib.AbstractContextManager[Daemon]:
     env = {"HF_ENDPOINT": hub.url, **{f"RBEE_HIVE__{k.upper()}": str(v) for k, v in settings.items()}}
     return daemon([str(BIN / "rbee-hive"), "--port", "0"], env=env)
 
 
 @pytest.fixture
 def hive(hub: FakeHub, isolated_dirs: Path) -> Iterator[Daemon]:
-    with start_hive(hub, download_stall_s=2) as running:  # type: ignore[attr-defined]
+    with start_hive(hub, download_stall_s=2) as running:
         yield running
 
 
@@ -69,7 +70,7 @@ def test_download_streams_progress_and_lands_in_the_catalog(hub: FakeHub, hive: 
 
 def test_a_cut_download_is_not_registered_and_resumes_on_the_next_try(hub: FakeHub, isolated_dirs: Path) -> None:
     hub.cut_once_after = SIZE * 4 // 10
-    with start_hive(hub, download_attempts=1) as hive:  # type: ignore[attr-defined]
+    with start_hive(hub, download_attempts=1) as hive:
         events, terminator = download(hive.url)
         assert terminator.startswith("[ERROR]")
         assert job_error(events)["code"] == "DOWNLOAD_FAILED"
@@ -116,7 +117,7 @@ def test_unknown_repo_or_file_is_model_not_found(hive: Daemon, ref: str, code: s
 
 def test_a_gated_repo_needs_hf_token(hub: FakeHub, isolated_dirs: Path) -> None:
     hub.gate(REPO, "hf_test_token_0123456789")
-    with start_hive(hub) as hive:  # type: ignore[attr-defined]
+    with start_hive(hub) as hive:
         error = job_error(download(hive.url)[0])
         assert error["code"] == "ACCESS_DENIED" and "HF_TOKEN" in error["details"]["hint"]  # type: ignore[index]
     env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token_0123456789"}
@@ -128,7 +129,7 @@ def test_a_gated_repo_needs_hf_token(hub: FakeHub, isolated_dirs: Path) -> None:
 
 def test_a_stalled_download_is_reported(hub: FakeHub, isolated_dirs: Path) -> None:
     hub.stall_after = SIZE // 4
-    with start_hive(hub, download_stall_s=0.5, download_attempts=2) as hive:  # type: ignore[attr-defined]
+    with start_hive(hub, download_stall_s=0.5, download_attempts=2) as hive:
         events, terminator = download(hive.url)
         assert terminator.startswith("[ERROR]")
         error = job_error(events)
@@ -137,7 +138,7 @@ def test_a_stalled_download_is_reported(hub: FakeHub, isolated_dirs: Path) -> No
 
 
 def test_disk_space_preflight_names_the_numbers(hub: FakeHub, isolated_dirs: Path) -> None:
-    with start_hive(hub, disk_reserve_bytes=10**18) as hive:  # type: ignore[attr-defined]
+    with start_hive(hub, disk_reserve_bytes=10**18) as hive:
         error = job_error(download(hive.url)[0])
         assert error["code"] == "INSUFFICIENT_DISK"
         details = error["details"]

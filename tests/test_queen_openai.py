@@ -16,7 +16,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.helpers import BIN, Daemon, daemon, job_result, run_job, wait_for
+from tests.helpers import BIN, Daemon, daemon, gone, job_result, run_job, wait_for
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -36,12 +36,6 @@ def active(queen: Daemon) -> list[dict[str, object]]:
     assert isinstance(value, list)
     return value
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_openai_client_streams_with_usage_after_a_cold_start(queen: Daemon) -> None:

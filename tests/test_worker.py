@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import BIN, Daemon, daemon, wait_for
+from tests.helpers import BIN, Daemon, daemon, gone, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 40, "seed": 7}
 
@@ -190,13 +190,7 @@ def test_worker_exits_when_its_parent_is_killed(isolated_dirs: Path) -> None:
         parent.wait()
         killed_at = time.monotonic()
 
-        def gone() -> bool:
-            try:
-                return psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return True
-
-        assert wait_for(gone, timeout=5)
+        assert wait_for(lambda: gone(worker_pid), timeout=5)
         assert time.monotonic() - killed_at < 2.0
     finally:
         if parent.poll() is None:
