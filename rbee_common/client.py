@@ -129,6 +129,10 @@ class JobClient:
                                 if message.id:
                                     last_id = int(message.id)
                                 data = message.data
+                                if not data:
+                                    # a keep-alive comment: httpx-sse reports it as an empty
+                                    # event once any event has had an id
+                                    continue
                                 if data == DONE:
                                     return
                                 if data == CANCELLED:
