@@ -244,11 +244,13 @@ class JobServer:
             except RbeeError as error:
                 self._fail(job, context, error)
             except Exception as error:
-                log.error("job %s (%s) crashed", job.id, job.operation.name, exc_info=error)
-                self._fail(
-                    job, context,
-                    InternalError(f"Operation {job.operation.name} failed unexpectedly; see the server log."),
-                )
+                leaf = _single_leaf(error)  # nurseries wrap errors in groups; one rbee error is that error
+                if isinstance(leaf, RbeeError):
+                    self._fail(job, context, leaf)
+                else:
+                    log.error("job %s (%s) crashed", job.id, job.operation.name, exc_info=error)
+                    failed = f"Operation {job.operation.name} failed unexpectedly; see the server log."
+                    self._fail(job, context, InternalError(failed))
             else:
                 if value is not None:
                     job.emit(Result(job_id=job.id, value=value))
@@ -392,3 +394,9 @@ def add_job_routes(app: QuartTrio, jobs: JobServer) -> None:
                 yield b": keep-alive\n\n" if seq is None else sse_frame(seq, data)
 
         return sse_response(frames())
+
+
+def _single_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
