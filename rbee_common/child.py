@@ -20,11 +20,11 @@ import trio
 
 
 def _popen(
-    argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int], stdout: int
+    argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int], stdout: int, env: dict[str, str] | None
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
-        close_fds=True,
+        close_fds=True, env=env,
     )
 
 
@@ -63,11 +63,13 @@ class Child:
         return int(await trio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True))
 
 
-def spawn_child(argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int] = ()) -> Child:
+def spawn_child(
+    argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int] = (), env: dict[str, str] | None = None
+) -> Child:
     """Start `argv` with its stdout piped to us; raises OSError if it cannot start."""
     read_end, write_end = os.pipe()
     try:
-        popen = _popen(argv, stderr=stderr, pass_fds=pass_fds, stdout=write_end)
+        popen = _popen(argv, stderr=stderr, pass_fds=pass_fds, stdout=write_end, env=env)
     except BaseException:
         os.close(read_end)
         raise

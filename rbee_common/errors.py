@@ -14,6 +14,7 @@
     ├── TooManyRequests            TOO_MANY_REQUESTS        429
     ├── InternalError              INTERNAL_ERROR           500
     ├── NotImplementedYet          NOT_IMPLEMENTED          501
+    ├── RemoteFailed               REMOTE_FAILED            502 (SSH and remote installs)
     ├── ServiceUnavailable         SERVICE_UNAVAILABLE      503
     │   └── ShuttingDown           SHUTTING_DOWN            503
     ├── TransportError             (client side only: never on the wire)
@@ -158,6 +159,13 @@ class InternalError(RbeeError):
 class NotImplementedYet(RbeeError):
     code = "NOT_IMPLEMENTED"
     status = 501
+
+
+class RemoteFailed(RbeeError):
+    """Work on another machine over SSH failed; the code says how (SSH_AUTH_FAILED, ...)."""
+
+    code = "REMOTE_FAILED"
+    status = 502
 
 
 class ServiceUnavailable(RbeeError):

@@ -6,6 +6,5 @@ operations the queen forwards to it: workers, models, devices. Files:
 `serve.py` (the nursery tree), `__main__.py` (CLI, signals, stdin lifeline).
 It never imports another daemon; the queen's local-hive mode imports it.
 
-So far it serves health, the job API and shutdown; every hive operation
-answers NOT_IMPLEMENTED naming itself until the hive issue lands.
+A queen operation that reaches it by mistake is refused with WRONG_DAEMON.
 """

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from rbee_common.auth import load_token, require_token_for_bind
 from rbee_common.daemon import configure_logging, exit_on_config_error, package_version, run_daemon
 from rbee_common.errors import ConfigError
 from rbee_hive.config import load_hive_settings
@@ -34,6 +35,7 @@ def main(
     queen_url: Annotated[str | None, typer.Option(help="The queen its workers heartbeat to.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Where models live (default: XDG data dir).")] = None,
     lifeline: Annotated[Lifeline | None, typer.Option(help="`stdin`: stop when stdin closes (started over SSH).")] = None,  # noqa: E501
+    api_token_file: Annotated[str | None, typer.Option(help="Bearer token file (one line, mode 0600); else $RBEE_API_TOKEN. Needed to bind beyond loopback.")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
@@ -43,10 +45,12 @@ def main(
         settings = load_hive_settings(
             config, host=host, port=port, hive_id=hive_id, queen_url=queen_url, data_dir=data_dir
         )
+        token = load_token(api_token_file)
+        require_token_for_bind(settings.host, token, "rbee-hive")
     except ConfigError as error:
         exit_on_config_error(error, "rbee-hive")
     code = run_daemon(
-        functools.partial(serve, settings, lifeline_stdin=lifeline is Lifeline.stdin),
+        functools.partial(serve, settings, lifeline_stdin=lifeline is Lifeline.stdin, token=token),
         component="rbee-hive",
     )
     raise typer.Exit(code)

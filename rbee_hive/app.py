@@ -6,14 +6,18 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
+from rbee_common.auth import install_auth
 from rbee_common.daemon import package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_hive.service import HiveService
 
 
-def build_app(service: HiveService, jobs: JobServer, *, stop: trio.Event) -> QuartTrio:
+def build_app(
+    service: HiveService, jobs: JobServer, *, stop: trio.Event, token: str | None = None
+) -> QuartTrio:
     app = create_app("rbee-hive", component="hive", max_body_bytes=service.settings.max_body_bytes)
+    install_auth(app, token)
 
     @app.get("/health")
     async def health() -> Response:

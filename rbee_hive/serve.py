@@ -18,6 +18,7 @@ async def serve(
     *,
     stop: trio.Event,
     lifeline_stdin: bool = False,
+    token: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     limits = JobLimits(max_live_jobs=settings.max_live_jobs, retention_s=settings.job_retention_s)
@@ -25,12 +26,12 @@ async def serve(
     # job server's (which it cancels when HTTP is down): after the server has
     # stopped, every worker is stopped (graceful, then SIGKILL), then the hive exits.
     async with trio.open_nursery() as children:
-        service = HiveService(settings, children)
+        service = HiveService(settings, children, token=token)
         children.start_soon(service.workers.monitor_forever)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
-                app = build_app(service, jobs, stop=stop)
+                app = build_app(service, jobs, stop=stop, token=token)
                 if lifeline_stdin:
                     nursery.start_soon(watch_stdin_lifeline, stop)
                 urls = await nursery.start(

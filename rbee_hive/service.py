@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 
 from rbee_common.config import HiveSettings, data_dir, state_dir
@@ -30,7 +29,7 @@ from rbee_hive.workers import Workers
 
 
 class HiveService:
-    def __init__(self, settings: HiveSettings, nursery: trio.Nursery) -> None:
+    def __init__(self, settings: HiveSettings, nursery: trio.Nursery, *, token: str | None = None) -> None:
         self.settings = settings
         root = Path(settings.data_dir) if settings.data_dir else data_dir()
         self.catalog = Catalog(root / "models")
@@ -38,7 +37,7 @@ class HiveService:
             self.catalog, nursery, stall_s=settings.download_stall_s, attempts=settings.download_attempts,
             reserve_bytes=settings.disk_reserve_bytes,
         )
-        self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers")
+        self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers", token=token)
 
     async def handle(self, operation: Operation, context: JobContext) -> Any:
         match operation:
@@ -52,7 +51,7 @@ class HiveService:
             case WorkerSpawn():
                 return await self.workers.spawn(operation, context)
             case WorkerList():
-                async with httpx.AsyncClient() as http:
+                async with self.workers.http() as http:
                     await self.workers.check_all(http)  # live state and slots
                 workers = self.workers.list()
                 context.narrate("worker_list", f"{len(workers)} worker(s) on this hive")

@@ -27,6 +27,7 @@ import msgspec
 import psutil
 import trio
 
+from rbee_common.auth import TOKEN_ENV, bearer
 from rbee_common.child import Child, spawn_child
 from rbee_common.config import HiveSettings
 from rbee_common.errors import NotFound, RbeeError, ServiceUnavailable, Unprocessable
@@ -99,14 +100,21 @@ def worker_command(settings: HiveSettings) -> list[str]:
 
 class Workers:
     def __init__(
-        self, settings: HiveSettings, catalog: Catalog, nursery: trio.Nursery, *, log_dir: Path
+        self, settings: HiveSettings, catalog: Catalog, nursery: trio.Nursery, *, log_dir: Path,
+        token: str | None = None,
     ) -> None:
         self.settings = settings
+        self.token = token
+        """The workers' API token: they want it, and present it on heartbeats to the queen."""
         self.catalog = catalog
         self.nursery = nursery
         self.log_dir = log_dir
         self.running: dict[str, _Running] = {}
         self._reserved_ports: set[int] = set()
+
+    def http(self, timeout: float = 5.0) -> httpx.AsyncClient:
+        """A client for talking to our workers (with their token)."""
+        return httpx.AsyncClient(timeout=timeout, headers=bearer(self.token))
 
     # --- queries --------------------------------------------------------------
 
@@ -272,7 +280,9 @@ class Workers:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)
-            process = spawn_child(argv, stderr=log_fd, pass_fds=(read_end,))
+            # the token goes in the environment, not argv: `ps` shows argv to every user
+            env = {**os.environ, TOKEN_ENV: self.token} if self.token else None
+            process = spawn_child(argv, stderr=log_fd, pass_fds=(read_end,), env=env)
         except OSError as error:
             os.close(write_end)
             raise WorkerStartFailed(f"The worker could not be started: {error.strerror}.") from None
@@ -414,7 +424,7 @@ class Workers:
                 nursery.start_soon(self.check, running, http)
 
     async def monitor_forever(self) -> None:
-        async with httpx.AsyncClient() as http:
+        async with self.http() as http:
             while True:
                 await trio.sleep(self.settings.worker_check_s)
                 await self.check_all(http)
@@ -437,7 +447,7 @@ class Workers:
         grace = self.settings.worker_stop_grace_s
         say(f"Asking {info.worker_id} to shut down (drain up to {grace:g} s)")
         try:
-            async with httpx.AsyncClient(timeout=1.0) as http:
+            async with self.http(timeout=1.0) as http:
                 await http.post(f"{info.url}/v1/admin/shutdown")
         except httpx.HTTPError:
             say("It did not answer over HTTP; sending SIGTERM")

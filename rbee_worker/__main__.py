@@ -12,7 +12,15 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.daemon import announce_ready, configure_logging, package_version, run_daemon
+from rbee_common.auth import load_token, require_token_for_bind
+from rbee_common.daemon import (
+    announce_ready,
+    configure_logging,
+    exit_on_config_error,
+    package_version,
+    run_daemon,
+)
+from rbee_common.errors import ConfigError
 from rbee_worker.config import WorkerConfig
 from rbee_worker.serve import serve
 
@@ -69,11 +77,16 @@ def main(
     if device.startswith("GPU-"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.removeprefix("GPU-")
     die_with_parent()
+    try:
+        token = load_token(None)
+        require_token_for_bind(host, token, "llm-worker-rbee")
+    except ConfigError as error:
+        exit_on_config_error(error, "llm-worker-rbee")
     config = WorkerConfig(
         model=model, model_name=model_name, device=device, backend=backend, host=host, port=port,
         worker_id=worker_id,
         hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx, slots=slots,
-        lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s,
+        lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s, api_token=token,
     )
     code = run_daemon(
         functools.partial(serve, config),

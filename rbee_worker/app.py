@@ -10,6 +10,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
+from rbee_common.auth import install_auth
 from rbee_common.errors import NotFound
 from rbee_common.http import create_app, json_response, no_content, read_body, sse_frame, sse_response
 from rbee_common.validation import decode_body
@@ -23,6 +24,7 @@ _request_decoder = msgspec.json.Decoder(InferenceRequest)
 
 def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event) -> QuartTrio:
     app = create_app("llm-worker-rbee", component="worker", max_body_bytes=service.config.max_body_bytes)
+    install_auth(app, service.config.api_token)
 
     @app.get("/health")
     async def health() -> Response:

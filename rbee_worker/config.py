@@ -23,6 +23,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_s: float = 2.0
     drain_s: float = 5.0
     max_body_bytes: int = 1 << 20
+    api_token: str | None = None
+    """Wanted on every endpoint but /health, and presented on heartbeats ($RBEE_API_TOKEN)."""
 
     @property
     def served_name(self) -> str:

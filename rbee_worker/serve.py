@@ -10,6 +10,7 @@ import httpx
 import msgspec
 import trio
 
+from rbee_common.auth import bearer
 from rbee_common.http import serve_app
 from rbee_worker.app import build_app
 from rbee_worker.backends import load_backend
@@ -28,7 +29,7 @@ async def heartbeat_forever(service: WorkerService, http: httpx.AsyncClient, que
         try:
             response = await http.post(
                 f"{queen_url.rstrip('/')}/v1/worker-heartbeat", content=_encode(service.heartbeat()),
-                headers={"Content-Type": "application/json"}, timeout=2.0,
+                headers={"Content-Type": "application/json", **bearer(service.config.api_token)}, timeout=2.0,
             )
             ok = response.status_code < 400
         except httpx.HTTPError:

@@ -1,0 +1,185 @@
+"""Bearer tokens (DESIGN §8): loading them, checking them, never showing them.
+
+A daemon accepts a token from `--api-token-file PATH` (one line, at least 16
+characters, mode 0600 or stricter), else from `$RBEE_API_TOKEN`. With no
+token it serves only on loopback ("dev mode"); a non-loopback bind without
+one refuses to start. With a token, every endpoint but `/health` wants
+`Authorization: Bearer <token>`, compared in constant time. Logs name a token
+by its fingerprint (the first 6 hex characters of its SHA-256), never by
+itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from rbee_common.errors import ConfigError, Unauthorized
+
+MIN_TOKEN_CHARS = 16
+TOKEN_ENV = "RBEE_API_TOKEN"
+
+log = logging.getLogger("rbee.auth")
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:6]
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+_CREATE = "Create it: one line, mode 0600."
+_READABLE = "Make it readable by this user (chmod 600, owned by this user)."
+_ONE_TOKEN = "Put one token of at least 16 characters in it."
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The token in `path`; errors name the path and the fix, never the content."""
+    file = Path(path).expanduser()
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"API token file not found: {file}.", hint=_CREATE) from None
+    except PermissionError:
+        raise ConfigError(f"API token file {file}: permission denied.", hint=_READABLE) from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"API token file {file} has insecure permissions {stat.S_IMODE(info.st_mode):04o}; "
+            "expected 0600.",
+            hint=f"chmod 600 {file}",
+        )
+    try:
+        text = file.read_text(encoding="utf-8")
+    except PermissionError:
+        raise ConfigError(f"API token file {file}: permission denied.", hint=_READABLE) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Cannot read API token file {file}: {type(error).__name__}.") from None
+    return _check(text.rstrip("\r\n"), f"API token file {file}")
+
+
+def _check(token: str, source: str) -> str:
+    if not token:
+        raise ConfigError(f"{source} is empty.", hint=_ONE_TOKEN)
+    if not token.strip():
+        raise ConfigError(f"{source} contains only whitespace.", hint=_ONE_TOKEN)
+    if "\n" in token or "\r" in token:
+        raise ConfigError(f"{source} must contain exactly one line.", hint="Keep only the token in it.")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{source} holds a token shorter than {MIN_TOKEN_CHARS} characters.",
+            hint="Make a longer one: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+        )
+    return token
+
+
+def load_token(
+    path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None
+) -> str | None:
+    """The token a daemon accepts: the file if given, else `$RBEE_API_TOKEN`, else None."""
+    if path is not None:
+        return read_token_file(path)
+    value = (os.environ if environ is None else environ).get(TOKEN_ENV)
+    return _check(value.rstrip("\r\n"), f"${TOKEN_ENV}") if value is not None else None
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Write `token` to `path` with mode 0600 from the start (never readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    os.replace(temporary, path)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def require_token_for_bind(host: str, token: str | None, program: str) -> None:
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            f"API token required for non-loopback bind ({program} on {host}).",
+            hint=f"Give --api-token-file PATH (one line, mode 0600, at least 16 characters), "
+                 f"or set ${TOKEN_ENV}, or bind 127.0.0.1.",
+        )
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The header a client sends: none when there is no token."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def presented_token() -> str:
+    """The token in this request's Authorization header, or Unauthorized (with the reason)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise _refuse("Missing API key", "MISSING_API_KEY", "missing_header")
+    if not header.startswith("Bearer "):  # the scheme is case-sensitive, one space
+        raise _refuse("Invalid Authorization header format", "INVALID_AUTH_FORMAT", "invalid_format")
+    token = header[len("Bearer "):]
+    if not token.strip():
+        raise _refuse("Missing API key", "MISSING_API_KEY", "empty_token")
+    return token
+
+
+def matches(token: str, accepted: Iterable[str]) -> bool:
+    found = False
+    for candidate in accepted:  # compare with each one: the time does not tell which matched
+        found |= hmac.compare_digest(token.encode(), candidate.encode())
+    return found
+
+
+def _refuse(message: str, code: str, reason: str, token: str | None = None) -> Unauthorized:
+    identity = f" identity=token:{fingerprint(token)}" if token else ""
+    log.warning("auth failed reason=%s path=%s%s", reason, request.path, identity)
+    return Unauthorized(message, code=code, hint="Send Authorization: Bearer <token>.")
+
+
+def check_request(accepted: Iterable[str]) -> str:
+    token = presented_token()
+    if not matches(token, accepted):
+        raise _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", token)
+    return token
+
+
+def install_auth(
+    app: QuartTrio, token: str | None, *, public: Iterable[str] = ("/health",),
+    own_check: Iterable[str] = (),
+) -> None:
+    """Require `token` on every route but `public` ones; `own_check` routes check by themselves."""
+    @app.after_request
+    async def _challenge(response: Response) -> Response:
+        if response.status_code == 401:
+            response.headers.setdefault("WWW-Authenticate", "Bearer")
+        return response
+
+    if token is None:
+        log.info("no API token: dev mode, loopback only")
+        return
+    log.info("API token loaded identity=token:%s", fingerprint(token))
+    skip = set(public) | set(own_check)
+
+    @app.before_request
+    async def _authenticate() -> Response | None:
+        if request.path in skip:
+            return None
+        check_request((token,))
+        return None
