@@ -27,3 +27,11 @@ def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_mlx import make_tiny_mlx_model
 
     return make_tiny_mlx_model(tmp_path_factory.mktemp("mlx") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheels `hive install` and ansible/site.yml upload, built once per run (pip's cache helps)."""
+    from tests.fleet import build_wheelhouse
+
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse") / "wh")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -60,6 +60,14 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """No worker for a model: start one on the best hive."""
     infer_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     """Workers tried for one request that fails before its first token."""
+    known_hosts: str = "~/.ssh/known_hosts"
+    """Host keys of the machines whose hives this queen installs and starts over SSH."""
+    wheelhouse: str | None = None
+    """Wheels uploaded at `hive_install` (default: $XDG_CACHE_HOME/rbee/wheelhouse, built when missing)."""
+    advertise_url: str | None = None
+    """The URL hives' workers heartbeat to (default: this queen's port on the address SSH used)."""
+    hive_start_timeout_s: Positive = 60.0
+    """A hive started over SSH that is not ready this long after is stopped, with its last log lines."""
 
 
 class HiveSettings(_Section, frozen=True, kw_only=True):
@@ -108,6 +116,14 @@ class HiveEntry(_Section, frozen=True, kw_only=True):
     hive_port: Port = 9000
     install_dir: str = "~/.local/share/rbee/hive"
     python: str = "python3"
+    host_key_policy: Literal["strict", "accept-new"] = "strict"
+    """`strict`: the host key must be in the queen's known_hosts; `accept-new`: a first key is recorded."""
+    connect_timeout_s: Positive = 10.0
+    ssh_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    token_file: str | None = None
+    """This hive's API token on the queen's machine (default: the one `hive_install` made)."""
+    wheelhouse: str | None = None
+    """Wheels for this host, when its platform differs from the queen's."""
 
 
 class RbeeConfig(_Section, frozen=True, kw_only=True):
@@ -133,6 +149,10 @@ def config_dir() -> Path:
 
 def state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "rbee"
+
+
+def cache_dir() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "rbee"
 
 
 def data_dir() -> Path:

@@ -40,6 +40,7 @@ def configure_logging(component: str, level: str | None = None) -> None:
         format=f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every channel at INFO
 
 
 def announce_ready(urls: list[str], **extra: Any) -> None:

@@ -278,6 +278,11 @@ class HiveHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     url: str
     reachable: bool
     problem: str | None = None
+    installed: bool | None = None
+    """Installed by this queen over SSH (absent for the in-process hive)."""
+    attached: bool = False
+    """Started by this queen, which holds its SSH session."""
+    version: str | None = None
 
 
 class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):

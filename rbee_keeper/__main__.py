@@ -14,6 +14,8 @@ import msgspec
 import trio
 import typer
 
+from rbee_common import wheelhouse
+from rbee_common.auth import bearer
 from rbee_common.client import JobClient
 from rbee_common.config import HiveEntry, RbeeConfig, load_config
 from rbee_common.errors import NotFound, RbeeError, ValidationFailed
@@ -34,6 +36,7 @@ from rbee_common.wire import (
     ModelGet,
     ModelList,
     Operation,
+    SshTest,
     Status,
     WorkerGet,
     WorkerList,
@@ -120,7 +123,7 @@ async def _run_job(url: str, operation: Operation, *, verbose: bool, tokens: boo
 
     result = None
     async with httpx.AsyncClient() as http:
-        events = JobClient(url, http=http).run(operation, on_created=created)
+        events = JobClient(url, http=http, token=lifecycle.client_token()).run(operation, on_created=created)
         async with contextlib.aclosing(events):
             async for event in events:
                 value = show_event(event, tokens=tokens)
@@ -288,15 +291,24 @@ def hive_add(
     host: Annotated[str, typer.Option(help="Host name or address to reach it over SSH.")],
     user: Annotated[str | None, typer.Option(help="SSH user.")] = None,
     ssh_port: Annotated[int, typer.Option(min=1, max=65535, help="SSH port.")] = 22,
-    identity_file: Annotated[str | None, typer.Option(help="SSH private key.")] = None,
+    identity_file: Annotated[str | None, typer.Option(help="SSH private key (checked here: it must exist).")] = None,  # noqa: E501
     hive_port: Annotated[int, typer.Option(min=1, max=65535, help="Port rbee-hive listens on.")] = 9000,
-    install_dir: Annotated[str | None, typer.Option(help="Where to install rbee on it.")] = None,
+    install_dir: Annotated[str | None, typer.Option(help="Where to install rbee on it (default ~/.local/share/rbee/hive).")] = None,  # noqa: E501
+    python: Annotated[str | None, typer.Option(help="Python >= 3.11 on it (default python3).")] = None,
+    host_key_policy: Annotated[str | None, typer.Option(help="`strict` (default: the host key must be in known_hosts) or `accept-new` (record a first key).")] = None,  # noqa: E501
 ) -> None:
     """Add a hive to the config file."""
     c = _ctx(ctx)
+    if identity_file is not None:
+        key = Path(identity_file).expanduser()
+        if not key.is_file():
+            raise NotFound(f"SSH key not found: {key}.", code="SSH_KEY_NOT_FOUND",
+                           hint="Give the path of an existing private key, or make one: ssh-keygen")
+        identity_file = str(key.resolve())
     fields: dict[str, Any] = {
         "host": host, "ssh_user": user, "ssh_port": ssh_port, "identity_file": identity_file,
-        "hive_port": hive_port, "install_dir": install_dir,
+        "hive_port": hive_port, "install_dir": install_dir, "python": python,
+        "host_key_policy": host_key_policy,
     }
     entry = msgspec.convert({k: v for k, v in fields.items() if v is not None}, HiveEntry)
     path = hives.add_hive(c.config_path, alias, entry)
@@ -316,9 +328,10 @@ def hive_remove(ctx: typer.Context, alias: str) -> None:
 def hive_list(ctx: typer.Context) -> None:
     """The configured hives (localhost is always one)."""
     configured = {"localhost": HiveEntry(host="127.0.0.1"), **_ctx(ctx).config.hives}
-    rows = [[alias, e.host, str(e.ssh_port), e.ssh_user or "", str(e.hive_port)]
+    rows = [[alias, e.host, str(e.ssh_port), e.ssh_user or "", str(e.hive_port),
+             "-" if alias == "localhost" else e.install_dir]
             for alias, e in configured.items()]
-    _table(rows, ["HIVE", "HOST", "SSH", "USER", "PORT"])
+    _table(rows, ["HIVE", "HOST", "SSH", "USER", "PORT", "INSTALL_DIR"])
 
 
 @hive_cli.command("get")
@@ -346,9 +359,11 @@ def hive_import_ssh(
         print(f"kept {len(skipped)} already configured: {', '.join(skipped)}")
 
 
-def _hive_operation(ctx: typer.Context, kind: type[Operation], alias: str) -> None:
+def _hive_operation(
+    ctx: typer.Context, kind: type[Operation], alias: str, *, keep_queen: bool = False, **fields: Any
+) -> None:
     c = _ctx(ctx)
-    result = run_with_queen(c, _operation(kind, hive_id=alias))
+    result = run_with_queen(c, _operation(kind, hive_id=alias, **fields), keep_queen=keep_queen)
     if result is not None:
         print(msgspec.json.encode(result).decode())
 
@@ -366,16 +381,41 @@ def hive_install(ctx: typer.Context, alias: str) -> None:
 
 @hive_cli.command("uninstall")
 @handles_errors
-def hive_uninstall(ctx: typer.Context, alias: str) -> None:
-    """Remove rbee from the hive's machine (through the queen)."""
-    _hive_operation(ctx, HiveUninstall, alias)
+def hive_uninstall(
+    ctx: typer.Context, alias: str,
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete its models and the whole install dir.")] = False,  # noqa: E501
+) -> None:
+    """Stop the hive and remove rbee from its machine (through the queen); models stay unless --purge."""
+    _hive_operation(ctx, HiveUninstall, alias, purge=purge)
 
 
 @hive_cli.command("start")
 @handles_errors
-def hive_start(ctx: typer.Context, alias: str) -> None:
-    """Start the hive over SSH; the queen keeps the session as its lifeline."""
-    _hive_operation(ctx, HiveStart, alias)
+def hive_start(
+    ctx: typer.Context, alias: str,
+    detached: Annotated[bool, typer.Option("--detached", help="Let the hive outlive the queen (for hosts where a service manager owns it).")] = False,  # noqa: E501
+) -> None:
+    """Start the hive over SSH; the queen keeps the session as its lifeline (a queen started here stays)."""
+    _hive_operation(ctx, HiveStart, alias, keep_queen=True, detached=detached)
+
+
+@hive_cli.command("wheelhouse")
+@handles_errors
+def hive_wheelhouse(
+    directory: Annotated[Path | None, typer.Option("--dir", help="Where to build it (default: the queen's cache, ~/.cache/rbee/wheelhouse).")] = None,  # noqa: E501
+) -> None:
+    """Build the wheels `hive install` uploads (rbee and all it needs), for hosts without internet."""
+    target = (directory or wheelhouse.default_dir()).expanduser().resolve()
+    manifest = trio.run(wheelhouse.build, target, say)
+    print(f"{target}: {len(manifest.wheels) + len(manifest.no_deps)} wheels for CPython {manifest.python} "
+          f"on {manifest.platform}")
+
+
+@hive_cli.command("ssh-test")
+@handles_errors
+def hive_ssh_test(ctx: typer.Context, alias: str) -> None:
+    """Check SSH to the hive's machine: login, a command, the round trip, rbee-hive there."""
+    _hive_operation(ctx, SshTest, alias)
 
 
 @hive_cli.command("stop")
@@ -401,7 +441,9 @@ def hive_refresh(ctx: typer.Context, alias: str) -> None:
 
 def _has_local_hive(c: Context) -> bool:
     try:
-        return "local-hive" in httpx.get(f"{c.queen_url}/v1/build-info", timeout=2).json().get("features", [])
+        headers = bearer(lifecycle.client_token())
+        response = httpx.get(f"{c.queen_url}/v1/build-info", timeout=2, headers=headers)
+        return "local-hive" in response.json().get("features", [])
     except (httpx.HTTPError, ValueError):
         return False
 
@@ -509,7 +551,8 @@ def queen_info(ctx: typer.Context) -> None:
 
     async def fetch() -> BuildInfo:
         async with httpx.AsyncClient() as http:
-            response = await JobClient(c.queen_url, http=http).request("GET", "/v1/build-info")
+            response = await JobClient(c.queen_url, http=http, token=lifecycle.client_token()).request(
+                "GET", "/v1/build-info")
         return msgspec.json.decode(response.content, type=BuildInfo)
 
     info = trio.run(fetch)

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 
+from rbee_common.auth import TOKEN_ENV, bearer
 from rbee_common.config import state_dir
 from rbee_common.errors import ConfigError, ServiceUnavailable
 
@@ -45,6 +46,11 @@ def pid_file(url: str) -> Path:
 
 def log_file(url: str) -> Path:
     return state_dir() / f"queen-{queen_address(url)[1]}.log"
+
+
+def client_token() -> str | None:
+    """The token this keeper presents to the queen: $RBEE_API_TOKEN (None: none)."""
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
@@ -146,7 +152,7 @@ def stop_queen(url: str, *, say: Say, timeout: float = 10.0) -> bool:
     """Stop the queen at `url`; False when none was running."""
     pid = _queen_pid(url)
     try:
-        response = httpx.post(f"{url.rstrip('/')}/v1/shutdown", timeout=2.0)
+        response = httpx.post(f"{url.rstrip('/')}/v1/shutdown", timeout=2.0, headers=bearer(client_token()))
         asked = response.status_code < 400
     except httpx.HTTPError:
         asked = False

@@ -26,13 +26,15 @@ def main(
     host: Annotated[str | None, typer.Option(help="Address to bind (default from config: 127.0.0.1).")] = None,  # noqa: E501
     port: Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one (default 8500).")] = None,
     local_hive: Annotated[bool, typer.Option("--local-hive", help="Run the localhost hive inside the queen: direct calls, its workers are the queen's children.")] = False,  # noqa: E501
+    api_token_file: Annotated[str | None, typer.Option(help="Bearer token file (one line, mode 0600); else $RBEE_API_TOKEN. Needed to bind beyond loopback.")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
     """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling)."""
     configure_logging("queen")
     try:
-        queen_config = QueenConfig.load(config, host=host, port=port, local_hive=local_hive)
+        queen_config = QueenConfig.load(
+            config, host=host, port=port, local_hive=local_hive, api_token_file=api_token_file)
     except ConfigError as error:
         exit_on_config_error(error, "queen-rbee")
     code = run_daemon(functools.partial(serve, queen_config), component="queen-rbee")

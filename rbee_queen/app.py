@@ -9,6 +9,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
+from rbee_common.auth import check_request, install_auth
 from rbee_common.daemon import build_timestamp, package_version
 from rbee_common.errors import NotFound
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
@@ -25,6 +26,7 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
     app = create_app(
         "queen-rbee", component="queen", max_body_bytes=service.config.settings.max_body_bytes
     )
+    install_auth(app, service.token, own_check=("/v1/worker-heartbeat",))
 
     @app.get("/health")
     async def health() -> Response:
@@ -45,6 +47,8 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
     @app.post("/v1/worker-heartbeat")
     async def worker_heartbeat() -> Response:
         beat = decode_body(await read_body(), _heartbeat_decoder)
+        if service.token is not None:  # a worker presents our token or its hive's
+            check_request(service.heartbeat_tokens(beat.hive_id))
         if beat.hive_id not in service.config.hives:
             raise NotFound(
                 "That worker's hive is not configured on this queen.", code="HIVE_NOT_FOUND",

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 
+from rbee_common.auth import load_token, require_token_for_bind
 from rbee_common.config import HiveEntry, HiveSettings, QueenSettings, RbeeConfig, load_config
+from rbee_common.errors import ConfigError
+
+log = logging.getLogger("rbee.queen.config")
 
 LOCALHOST_HIVE = HiveEntry(host="127.0.0.1")
 """`localhost` is always a hive, even when the config does not name it."""
@@ -15,11 +21,16 @@ class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
     hives: dict[str, HiveEntry]
     hive: HiveSettings = msgspec.field(default_factory=HiveSettings)
     """The `[hive]` section: the in-process hive's settings under --local-hive."""
+    api_token: str | None = None
+    """Wanted from clients on every endpoint but /health (`--api-token-file`, $RBEE_API_TOKEN)."""
+    config_path: str | None = None
+    from_file: bool = False
+    """Loaded from the config file, so `reload_hives` may read it again."""
 
     @classmethod
     def load(
         cls, path: str | None = None, *, host: str | None = None, port: int | None = None,
-        local_hive: bool | None = None,
+        local_hive: bool | None = None, api_token_file: str | None = None,
     ) -> QueenConfig:
         config: RbeeConfig = load_config(path)
         settings = config.queen
@@ -30,4 +41,19 @@ class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
         if local_hive:
             settings = msgspec.structs.replace(settings, local_hive=True)
         hives = {"localhost": LOCALHOST_HIVE, **config.hives}
-        return cls(settings=settings, hives=hives, hive=config.hive)
+        token = load_token(api_token_file)
+        require_token_for_bind(settings.host, token, "queen-rbee")
+        return cls(settings=settings, hives=hives, hive=config.hive, api_token=token, config_path=path,
+                   from_file=True)
+
+    def reload_hives(self) -> None:
+        """The `[hives.*]` of the config file as it is now, in place (a broken file changes nothing)."""
+        if not self.from_file:
+            return
+        try:
+            fresh = {"localhost": LOCALHOST_HIVE, **load_config(self.config_path).hives}
+        except ConfigError as error:
+            log.warning("config not reloaded: %s", error.message)
+            return
+        self.hives.clear()
+        self.hives.update(fresh)

@@ -10,15 +10,17 @@ operation is a method call.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import msgspec
 import trio
 
+from rbee_common.auth import bearer
 from rbee_common.client import JobClient
 from rbee_common.config import HiveEntry
-from rbee_common.errors import NotFound, RbeeError
+from rbee_common.errors import NotFound, RbeeError, ServiceUnavailable, error_from_response
 from rbee_common.jobs import JobContext, detached_context
 from rbee_common.wire import ModelGet, Operation, Result
 from rbee_hive.service import HiveService
@@ -31,17 +33,28 @@ def hive_url(entry: HiveEntry) -> str:
 
 class HiveRouter:
     def __init__(
-        self, hives: dict[str, HiveEntry], *, http: httpx.AsyncClient, local: HiveService | None
+        self, hives: dict[str, HiveEntry], *, http: httpx.AsyncClient, local: HiveService | None,
+        token_for: Callable[[str], str | None] = lambda hive_id: None,
     ) -> None:
         self.hives = hives
         self.http = http
         self.local = local
+        self.token_for = token_for
+        """The token a hive (and its workers) want from us."""
+        self.reload: Callable[[], None] | None = None
+        """Reads the hives from the config file again (into `hives`, in place)."""
+
+    def headers(self, hive_id: str) -> dict[str, str]:
+        return bearer(self.token_for(hive_id))
 
     def ids(self) -> list[str]:
         return list(self.hives)
 
     def entry(self, hive_id: str) -> HiveEntry:
         entry = self.hives.get(hive_id)
+        if entry is None and self.reload is not None:
+            self.reload()  # `rbee-keeper hive add` may have added it since the queen started
+            entry = self.hives.get(hive_id)
         if entry is None:
             raise NotFound(
                 "No hive with that id is configured.", code="HIVE_NOT_FOUND",
@@ -58,7 +71,7 @@ class HiveRouter:
         if self.is_local(hive_id) and self.local is not None:
             context = context or detached_context(operation, "queen")
             return msgspec.to_builtins(await self.local.handle(operation, context))
-        client = JobClient(hive_url(self.entry(hive_id)), http=self.http)
+        client = JobClient(hive_url(self.entry(hive_id)), http=self.http, token=self.token_for(hive_id))
         result: Any = None
         async with contextlib.aclosing(client.run(operation)) as events:
             async for event in events:
@@ -81,8 +94,16 @@ class HiveRouter:
         if self.is_local(hive_id) and self.local is not None:
             value = msgspec.to_builtins(await trio.to_thread.run_sync(self.local.capabilities))
         else:
-            response = await self.http.get(f"{hive_url(self.entry(hive_id))}/v1/capabilities", timeout=5.0)
-            response.raise_for_status()
+            url = f"{hive_url(self.entry(hive_id))}/v1/capabilities"
+            try:
+                response = await self.http.get(url, timeout=5.0, headers=self.headers(hive_id))
+            except httpx.HTTPError as error:
+                raise ServiceUnavailable(
+                    f"Hive {hive_id} did not answer: {type(error).__name__}.", code="HIVE_UNREACHABLE",
+                    hint=f"Is it running? rbee-keeper hive status {hive_id}",
+                ) from None
+            if response.status_code >= 400:
+                raise error_from_response(response.status_code, response.content)
             value = response.json()
         if not isinstance(value, dict):
             raise NotFound("The hive answered no capabilities.")

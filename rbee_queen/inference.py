@@ -9,7 +9,7 @@ that cannot be connected to leaves the registry at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import httpx
 import msgspec
@@ -54,6 +54,7 @@ async def generate(
     scheduler: Scheduler, registry: WorkerRegistry, http: httpx.AsyncClient, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None = None,
     served: Served | None = None, hive_id: str | None = None,
+    headers: Callable[[str], dict[str, str]] = lambda hive_id: {},
 ) -> AsyncGenerator[str, None]:
     """Text pieces as the worker streams them; `served` is filled in at the end."""
     served = served if served is not None else Served()
@@ -67,7 +68,8 @@ async def generate(
         try:
             async with http.stream(
                 "POST", f"{worker.url}/v1/inference", content=body,
-                headers={"Content-Type": "application/json"}, timeout=httpx.Timeout(10.0, read=120.0),
+                headers={"Content-Type": "application/json", **headers(worker.hive_id)},
+                timeout=httpx.Timeout(10.0, read=120.0),
             ) as response:
                 if response.status_code == 503:
                     await response.aread()

@@ -16,8 +16,10 @@ import trio
 
 from rbee_common.jobs import JobLimits, JobServer
 from rbee_hive.service import HiveService
+from rbee_queen import ssh
 from rbee_queen.app import build_app
 from rbee_queen.config import QueenConfig
+from rbee_queen.remote import Remote
 from rbee_queen.service import QueenService
 
 
@@ -35,9 +37,11 @@ async def serve(
         event_buffer=settings.event_buffer,
     )
     limits_http = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(limits=limits_http) as http, trio.open_nursery() as children:
-        local = HiveService(config.hive, children) if settings.local_hive else None
-        service = QueenService(config, http=http, local_hive=local)
+    async with ssh.open_loop(), httpx.AsyncClient(limits=limits_http) as http, \
+            trio.open_nursery() as children:
+        local = HiveService(config.hive, children, token=config.api_token) if settings.local_hive else None
+        remote = Remote(settings, config.hives, nursery=children, http=http)
+        service = QueenService(config, http=http, local_hive=local, remote=remote)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="queen", limits=limits)
@@ -51,8 +55,11 @@ async def serve(
                         local.settings, queen_url=urls[0]
                     )
                     children.start_soon(local.workers.monitor_forever)
+                remote.queen_url = urls[0]
                 task_status.started(urls)
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(20):
+                await remote.stop_all()  # hives started over SSH, and their workers
             if local is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(config.hive.worker_stop_grace_s + 3):
                     await local.workers.stop_all()

@@ -12,20 +12,25 @@ import trio
 
 from rbee_common.config import HiveEntry
 from rbee_common.daemon import package_version
-from rbee_common.errors import NotImplementedYet, RbeeError
+from rbee_common.errors import InvalidRequest, NotImplementedYet, RbeeError
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     HIVE_OPERATIONS,
     GenerationParams,
     HiveGet,
     HiveHealth,
+    HiveInstall,
     HiveList,
     HiveRefreshCapabilities,
+    HiveStart,
     HiveStatus,
+    HiveStop,
+    HiveUninstall,
     Infer,
     ModelList,
     Operation,
     QueenStatus,
+    SshTest,
     Status,
     WorkerInfo,
     WorkerListActive,
@@ -37,6 +42,7 @@ from rbee_queen.hives import HiveRouter, hive_url
 from rbee_queen.inference import Served, generate
 from rbee_queen.openai_api import Usage
 from rbee_queen.registry import WorkerRegistry
+from rbee_queen.remote import Remote
 from rbee_queen.scheduler import Scheduler
 
 
@@ -52,14 +58,18 @@ class InferResult(msgspec.Struct, kw_only=True):
 
 class QueenService:
     def __init__(
-        self, config: QueenConfig, *, http: httpx.AsyncClient, local_hive: HiveService | None = None
+        self, config: QueenConfig, *, http: httpx.AsyncClient, local_hive: HiveService | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.config = config
         self._http = http
         settings = config.settings
+        self.token = config.api_token
         self.workers = WorkerRegistry(stale_after_s=settings.worker_stale_s)
         self.local_hive = local_hive
-        self.router = HiveRouter(config.hives, http=http, local=local_hive)
+        self.remote = remote
+        self.router = HiveRouter(config.hives, http=http, local=local_hive, token_for=self.hive_token)
+        self.router.reload = config.reload_hives
         self.scheduler = Scheduler(
             self.workers, self.router, queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s, cold_start=settings.cold_start,
@@ -72,7 +82,9 @@ class QueenService:
             case WorkerListActive(model=model, device=device):
                 return self.worker_list_active(context, model=model, device=device)
             case HiveList():
-                return [{"hive_id": hive_id, "url": hive_url(entry), "local": self.router.is_local(hive_id)}
+                self.config.reload_hives()
+                return [{"hive_id": hive_id, "url": hive_url(entry), "local": self.router.is_local(hive_id),
+                         "installed": self.installed(hive_id)}
                         for hive_id, entry in self.config.hives.items()]
             case Infer():
                 return await self.infer(operation, context)
@@ -83,6 +95,9 @@ class QueenService:
             case HiveStatus(hive_id=hive_id):
                 alias = hive_id or "localhost"
                 health = await self.probe_hive(alias, self.router.entry(alias))
+                health = msgspec.structs.replace(
+                    health, installed=self.installed(alias),
+                    attached=self.remote is not None and alias in self.remote.attached)
                 context.narrate("hive_status", f"Hive {alias}: " + (
                     "reachable" if health.reachable else f"{health.problem}"), hive_id=alias)
                 return health
@@ -92,6 +107,8 @@ class QueenService:
                 context.narrate("hive_refresh_capabilities",
                                 f"Hive {alias}: {len(caps.get('devices', []))} device(s)", hive_id=alias)
                 return caps
+            case SshTest() | HiveInstall() | HiveUninstall() | HiveStart() | HiveStop():
+                return await self.lifecycle(operation, context)
             case WorkerStop(worker_id=worker_id, hive_id=hive_id):
                 stopped = await self.router.run(operation, hive_id or "localhost", context)
                 self.workers.forget(worker_id, "stopped through the queen")
@@ -101,10 +118,56 @@ class QueenService:
                 return await self.router.run(op, hive_id, context)
             case _:
                 raise NotImplementedYet(
-                    f"Operation `{operation.name}` is not implemented yet in this queen.",
+                    f"This queen does not handle the operation `{operation.name}`.",
                     details={"operation": operation.name},
-                    hint="Upgrade rbee; `rbee-keeper status` works today.",
+                    hint="Run the same rbee version on the keeper and the queen.",
                 )
+
+    def hive_token(self, hive_id: str) -> str | None:
+        """What a hive and its workers want from us; under --local-hive, our own token."""
+        if self.router.is_local(hive_id):
+            return self.token
+        return self.remote.token(hive_id) if self.remote is not None else None
+
+    def heartbeat_tokens(self, hive_id: str) -> list[str]:
+        """Tokens a worker of `hive_id` may present: ours, or its hive's."""
+        tokens = [self.token] if self.token else []
+        if hive_id in self.config.hives and (hive := self.hive_token(hive_id)):
+            tokens.append(hive)
+        return tokens
+
+    def installed(self, hive_id: str) -> bool | None:
+        """Installed by this queen over SSH (None: not ours to say, as for the in-process hive)."""
+        if self.router.is_local(hive_id) or self.remote is None:
+            return None
+        return self.remote.installs.record(hive_id) is not None
+
+    async def lifecycle(
+        self, operation: SshTest | HiveInstall | HiveUninstall | HiveStart | HiveStop, context: JobContext
+    ) -> Any:
+        """Hive lifecycle over SSH (DESIGN §7)."""
+        alias = operation.hive_id or "localhost"
+        entry = self.router.entry(alias)
+        if self.router.is_local(alias) or self.remote is None:
+            raise InvalidRequest(
+                f"Hive {alias} runs inside this queen (--local-hive); it has no SSH lifecycle.",
+                code="HIVE_IS_LOCAL", hint="Restart the queen to restart it.",
+            )
+        match operation:
+            case SshTest():
+                return await self.remote.ssh_test(alias, entry, context)
+            case HiveInstall():
+                return await self.remote.install(alias, entry, context)
+            case HiveUninstall(purge=purge):
+                return await self.remote.uninstall(alias, entry, context, purge=purge)
+            case HiveStart(detached=detached):
+                return await self.remote.start(alias, entry, context, detached=detached)
+            case HiveStop():
+                result = await self.remote.stop(alias, entry, context)
+                for worker in self.workers.active():
+                    if worker.hive_id == alias:
+                        self.workers.forget(worker.worker_id, f"hive {alias} stopped")
+                return result
 
     # --- inference ----------------------------------------------------------------
 
@@ -115,6 +178,7 @@ class QueenService:
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._http, model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
+            headers=self.router.headers,
         )) as pieces:
             async for piece in pieces:
                 yield piece
@@ -122,13 +186,15 @@ class QueenService:
         usage.finish_reason = served.stop_reason
 
     async def infer(self, operation: Infer, context: JobContext) -> InferResult:
+        if operation.hive_id is not None:
+            self.router.entry(operation.hive_id)  # an unknown hive is HIVE_NOT_FOUND, not "no hive reachable"
         params = GenerationParams(**{f: getattr(operation, f) for f in GenerationParams.__struct_fields__})
         served = Served()
         text: list[str] = []
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._http, operation.model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
-            hive_id=operation.hive_id,
+            hive_id=operation.hive_id, headers=self.router.headers,
         )) as pieces:
             async for piece in pieces:
                 context.token(piece, len(text))
@@ -164,6 +230,7 @@ class QueenService:
         url = hive_url(entry)
         timeout = self.config.settings.hive_probe_timeout_s
         problem: str | None = None
+        version: str | None = None
         try:
             response = await self._http.get(f"{url}/health", timeout=timeout)
         except httpx.ConnectError:
@@ -175,10 +242,15 @@ class QueenService:
         else:
             if response.status_code != 200:
                 problem = f"unhealthy (HTTP {response.status_code})"
-        return HiveHealth(hive_id=hive_id, url=url, reachable=problem is None, problem=problem)
+            else:
+                with contextlib.suppress(ValueError, AttributeError):
+                    version = response.json().get("version")
+        return HiveHealth(
+            hive_id=hive_id, url=url, reachable=problem is None, problem=problem, version=version)
 
     async def status(self, context: JobContext) -> QueenStatus:
-        hives = self.config.hives
+        self.config.reload_hives()
+        hives = dict(self.config.hives)
         context.narrate("status", f"Checking {len(hives)} hive(s)")
         results: dict[str, HiveHealth] = {}
 

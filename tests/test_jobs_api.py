@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from rbee_common.client import JobClient
-from rbee_common.errors import JobCancelled, NotImplementedYet
+from rbee_common.errors import JobCancelled, NotFound
 from rbee_common.wire import Narration, Result, SshTest, Status
 from tests.conftest import QueenHandle
 
@@ -146,24 +146,24 @@ async def test_error_envelope_has_correlation_id_matching_header(queen: QueenHan
     assert re.fullmatch(r"[0-9a-f-]{36}", ids[0])
 
 
-async def test_not_implemented_operation_fails_with_its_name(queen: QueenHandle) -> None:
-    job_id = await submit(queen.http, {"operation": "ssh_test"})
+async def test_a_failed_operation_ends_with_error_and_the_job_keeps_it(queen: QueenHandle) -> None:
+    job_id = await submit(queen.http, {"operation": "ssh_test", "hive_id": "nowhere"})
     events = await read_stream(queen.http, job_id)
     assert events[-1][1].startswith("[ERROR] ")
-    assert "ssh_test" in events[-1][1]
+    assert "No hive with that id" in events[-1][1]
     info = (await queen.http.get(f"/v1/jobs/{job_id}")).json()
     assert info["state"] == "failed"
-    assert info["error"]["code"] == "NOT_IMPLEMENTED"
+    assert info["error"]["code"] == "HIVE_NOT_FOUND"
 
 
 async def test_client_raises_the_servers_error_class(queen: QueenHandle) -> None:
     client = JobClient(queen.url, http=queen.http)
-    with pytest.raises(NotImplementedYet) as caught:
-        async with contextlib.aclosing(client.run(SshTest())) as events:
+    with pytest.raises(NotFound) as caught:
+        async with contextlib.aclosing(client.run(SshTest(hive_id="nowhere"))) as events:
             async for _ in events:
                 pass
-    assert caught.value.code == "NOT_IMPLEMENTED"
-    assert caught.value.details["operation"] == "ssh_test"
+    assert caught.value.code == "HIVE_NOT_FOUND"
+    assert caught.value.details["hives"] == ["localhost"]
 
 
 async def test_client_yields_typed_events(queen: QueenHandle) -> None:

@@ -1,0 +1,192 @@
+"""Hives over SSH on namespace hosts: install, start, spawn, infer, and the SIGKILL cascade.
+
+Each host is a network namespace with its own sshd (tests/netns.py); the
+queen runs in the root namespace on the bridge address, with a token, as an
+operator would run it for a fleet. Everything goes through `rbee-keeper`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests import netns
+from tests.fleet import Site, altered_wheelhouse, make_site
+from tests.helpers import gone, wait_for
+
+pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netns.Fleet]:
+    with netns.fleet(2, tmp_path_factory.mktemp("fleet")) as made:
+        yield made
+
+
+@pytest.fixture
+def site(hosts: netns.Fleet, wheelhouse: Path, tmp_path: Path) -> Site:
+    return make_site(hosts, tmp_path / "site", wheelhouse)
+
+
+def rbee_processes(host: netns.Host) -> dict[int, str]:
+    """Our programs running inside the host's namespace: pid -> which."""
+    found = {}
+    for pid in host.pids():
+        try:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        for program in ("rbee-hive", "llm-worker-rbee"):
+            if f"bin/{program}" in cmdline:
+                found[pid] = program
+    return found
+
+
+def installed(site: Site, alias: str) -> bool:
+    return (site.root / "xdg-state" / "rbee" / "hives" / alias / "install.json").exists()
+
+
+def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(site: Site) -> None:
+    h1, h2 = site.host("h1"), site.host("h2")
+    site.add_hive("h1", h1)
+    site.add_hive("h2", h2)
+    with site.queen() as queen:
+        # both machines at once, as an operator with a fleet would
+        results: dict[str, subprocess.CompletedProcess[str]] = {}
+        threads = [threading.Thread(target=lambda a=alias: results.__setitem__(a, site.keeper("hive", "install", a)))
+                   for alias in ("h1", "h2")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for alias in ("h1", "h2"):
+            assert results[alias].returncode == 0, results[alias].stderr
+            assert "Uploading" in results[alias].stderr and "the same as this queen" in results[alias].stderr
+            assert installed(site, alias)
+        record = json.loads(results["h1"].stdout)
+        token = Path(record["install_dir"]) / "hive.token"
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+        queen_side = site.root / "xdg-state" / "rbee" / "hives" / "h1" / "token"
+        assert oct(queen_side.stat().st_mode & 0o777) == "0o600"
+        assert queen_side.read_text() == token.read_text()
+
+        for alias in ("h1", "h2"):
+            started = site.keeper("hive", "start", alias)
+            assert started.returncode == 0, started.stderr
+        status = site.keeper("hive", "status", "h1")
+        assert status.returncode == 0, status.stderr
+        health = json.loads(status.stdout)
+        assert health["reachable"] and health["installed"] and health["attached"], health
+
+        spawned = site.keeper("worker", "spawn", "--hive", "h1", "--model", "smollm2-135m", "--threads", "1")
+        assert spawned.returncode == 0, spawned.stderr
+        on_h1 = rbee_processes(h1)
+        assert sorted(on_h1.values()) == ["llm-worker-rbee", "rbee-hive"], on_h1
+        for pid in on_h1:
+            assert netns.netns_of(pid) == netns.netns_inode(h1.netns)  # it runs on "machine" h1
+        assert sorted(rbee_processes(h2).values()) == ["rbee-hive"]
+
+        answer = site.keeper("infer", "--hive", "h1", "--max-tokens", "8", "--temperature", "0", "Say hi")
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip(), "no tokens came back"
+
+        # the worker's API wants the hive's token: the network cannot use it without one
+        worker_url = spawned.stdout.split()[3]
+        import httpx
+
+        assert httpx.get(f"{worker_url}/v1/ready", timeout=5).status_code == 401
+
+        ours = {**on_h1, **rbee_processes(h2)}
+        os.kill(queen.process.pid, signal.SIGKILL)
+        began = time.monotonic()
+        assert wait_for(lambda: all(gone(pid) for pid in ours), timeout=5.0), {
+            pid: program for pid, program in ours.items() if not gone(pid)}
+        print(f"hives and worker gone {time.monotonic() - began:.2f} s after SIGKILL of the queen")
+
+
+def test_a_wrong_key_names_the_host_and_the_key_and_registers_nothing(site: Site) -> None:
+    site.add_hive("h2-badkey", site.host("h2"), key=site.fleet.other_key)
+    with site.queen():
+        done = site.keeper("hive", "install", "h2-badkey")
+        assert done.returncode == 1
+        assert "h2-badkey" in done.stderr and str(site.fleet.other_key) in done.stderr, done.stderr
+        assert "authentication failed" in done.stderr and "Traceback" not in done.stderr
+        assert not installed(site, "h2-badkey")
+        status = json.loads(site.keeper("hive", "status", "h2-badkey").stdout)
+        assert status["installed"] is False
+
+
+def test_an_unreachable_host_times_out_after_the_retries(site: Site) -> None:
+    nobody = site.fleet.gateway.rsplit(".", 1)[0] + ".99"  # on the bridge, no machine there
+    site.config.write_text(site.config.read_text() + (
+        f'\n[hives.ghost]\nhost = "{nobody}"\nssh_user = "root"\nidentity_file = "{site.fleet.client_key}"\n'
+        "connect_timeout_s = 1\nssh_attempts = 3\n"))
+    with site.queen():
+        began = time.monotonic()
+        done = site.keeper("hive", "install", "ghost")
+        took = time.monotonic() - began
+    assert done.returncode == 1
+    assert "ghost" in done.stderr and "tried 3 times" in done.stderr, done.stderr
+    assert "SSH attempt 1 of 3" in done.stderr and "SSH attempt 2 of 3" in done.stderr
+    assert took >= 2.0  # three attempts of 1 s, with backoff between
+    assert not installed(site, "ghost")
+
+
+def test_a_failed_install_removes_what_it_made_and_registers_nothing(site: Site, tmp_path: Path) -> None:
+    # a wheelhouse that lacks one dependency: pip fails on the host, after the upload
+    broken = altered_wheelhouse(site.wheelhouse, tmp_path / "broken-wh", drop="msgspec")
+    site.add_hive("h1-broken", site.host("h1"), extra=f'wheelhouse = "{broken}"')
+    remote_dir = site.root / "remote" / "h1-broken" / "rbee"
+    with site.queen():
+        done = site.keeper("hive", "install", "h1-broken")
+    assert done.returncode == 1
+    assert "pip failed on h1-broken" in done.stderr and "msgspec" in done.stderr, done.stderr
+    assert "removing" in done.stderr
+    assert not remote_dir.exists()
+    assert not installed(site, "h1-broken")
+
+
+def test_no_python_and_a_wheelhouse_for_another_platform_are_named(site: Site, tmp_path: Path) -> None:
+    other = altered_wheelhouse(site.wheelhouse, tmp_path / "arm-wh", platform="linux-aarch64")
+    site.add_hive("nopython", site.host("h2"), extra='python = "python9.9"')
+    site.add_hive("arm", site.host("h2"), extra=f'wheelhouse = "{other}"')
+    with site.queen():
+        missing = site.keeper("hive", "install", "nopython")
+        arm = site.keeper("hive", "install", "arm")
+    assert missing.returncode == 1 and "No Python at `python9.9` on nopython" in missing.stderr, missing.stderr
+    assert "apt install python3" in missing.stderr
+    assert arm.returncode == 1 and "linux-aarch64" in arm.stderr and "arm (root@" in arm.stderr, arm.stderr
+    assert not installed(site, "nopython") and not installed(site, "arm")
+
+
+def test_a_full_disk_is_named_before_anything_is_copied(site: Site) -> None:
+    small = site.root / "small"
+    small.mkdir(parents=True)
+    if shutil.which("nsenter") is None:
+        pytest.skip("needs nsenter")
+    h2 = site.host("h2")
+    assert h2.sshd is not None
+    # `ip netns exec` gave h2's sshd a mount namespace of its own: the small disk goes there
+    inside = ["nsenter", "-t", str(h2.sshd.pid), "-m", "--"]
+    subprocess.run([*inside, "mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], check=True)
+    try:
+        site.add_hive("tiny", site.host("h2"), install_dir=f"{small}/rbee")
+        with site.queen():
+            done = site.keeper("hive", "install", "tiny")
+        assert done.returncode == 1
+        assert "The disk is full on tiny" in done.stderr and "MB are free" in done.stderr, done.stderr
+        assert not installed(site, "tiny")
+        listing = subprocess.run([*inside, "ls", "-A", str(small)], capture_output=True, text=True)
+        assert listing.stdout == ""
+    finally:
+        subprocess.run([*inside, "umount", "-l", str(small)], check=False)
