@@ -85,6 +85,13 @@ def submit_operation(world: World, operation: str) -> None:
         world.job_id = world.response.json()["job_id"]
 
 
+@when(parsers.parse('I submit the operation "{operation}" for the hive "{hive}"'))
+def submit_operation_for(world: World, operation: str, hive: str) -> None:
+    world.response = httpx.post(f"{world.queen_url}/v1/jobs", json={"operation": operation, "hive_id": hive})
+    if world.response.status_code == 201:
+        world.job_id = world.response.json()["job_id"]
+
+
 @when(parsers.parse("I submit a job with body '{body}'"))
 def submit_body(world: World, body: str) -> None:
     world.response = httpx.post(

@@ -60,10 +60,10 @@ Feature: Error Handling - Structured Errors
       | body too large  | 413    | PAYLOAD_TOO_LARGE |
 
   Scenario: ERR-014 - A job that fails carries its error type
-    When I submit the operation "ssh_test"
+    When I submit the operation "ssh_test" for the hive "nowhere"
     And I follow the job with the job client
-    Then the job client raises the error "NOT_IMPLEMENTED"
-    And the job's status shows the error code "NOT_IMPLEMENTED"
+    Then the job client raises the error "HIVE_NOT_FOUND"
+    And the job's status shows the error code "HIVE_NOT_FOUND"
 
   Scenario: ERR-015 - Error audit logging
     When I submit a job with body '{'
