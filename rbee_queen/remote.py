@@ -224,7 +224,6 @@ class Remote:
         files = wheelhouse.files(wheels_dir, manifest)
         total = wheelhouse.total_bytes(wheels_dir, manifest)
         token = self.token(hive_id) or new_token()  # a reinstall keeps the token a running hive knows
-        self.installs.forget(hive_id)  # from here until the end, it is not installed
         say(f"Connecting to {target.where}")
         async with ssh.connect(target, say) as session:
             say("Connected; checking the remote Python")
@@ -244,6 +243,7 @@ class Remote:
                     hint=f"Free space there, or set install_dir in [hives.{hive_id}] to a bigger disk.",
                 )
             created = not remote["existed"]
+            self.installs.forget(hive_id)  # the host changes from here: until the end, it is not installed
             try:
                 return await self._install_into(
                     session, hive_id, entry, target, directory, files, total, manifest, remote, created, say,
@@ -413,7 +413,9 @@ class Remote:
             async with ssh.connect(target, say) as session:
                 command = self._command(record, self._queen_url(session, say), lifeline=False)
                 d = _q(record.install_dir)
-                await session.run(f"cd {d} && nohup setsid {command} > {d}/hive.log 2>&1 < /dev/null &")
+                # every fd of the background group away from the session, or SSH waits for it to end
+                background = f"(cd {d} && exec nohup setsid {command}) >> {d}/hive.log 2>&1 < /dev/null &"
+                await session.run(background, limit_s=30)
             say(f"Started a detached hive on {hive_id}; waiting for {url}/health")
             with trio.move_on_after(self.settings.hive_start_timeout_s):
                 while not await self._healthy(url):  # noqa: ASYNC110 (another machine: polling is all there is)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,8 @@ class Host:
     netns: str
     address: str
     dir: Path
+    veth: str = ""
+    """Our end of its veth pair (in the root namespace)."""
     sshd: subprocess.Popen[bytes] | None = None
 
     def host_key_line(self) -> str:
@@ -95,8 +98,9 @@ def _keygen(path: Path) -> None:
 def _subnet() -> int:
     """A 10.231.S.0/24 that no interface here uses yet."""
     used = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+    start = secrets.randbelow(200)
     for offset in range(200):
-        subnet = 20 + (os.getpid() + offset) % 200
+        subnet = 20 + (start + offset) % 200
         if f"10.231.{subnet}." not in used:
             return subnet
     raise RuntimeError("no free 10.231.x.0/24 subnet")
@@ -145,6 +149,8 @@ def _remove_host(host: Host) -> None:
     if host.sshd is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             host.sshd.wait(5)
+    if host.veth:  # now, not when the kernel finally frees the namespace
+        subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
     subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
 
 
@@ -152,8 +158,10 @@ def _remove_host(host: Host) -> None:
 def fleet(count: int, root: Path) -> Iterator[Fleet]:
     """`count` namespace hosts with sshd, removed on exit."""
     subnet = _subnet()
-    tag = f"{os.getpid() % 100000}{subnet}"
-    bridge = f"rbbr{tag}"[:15]
+    # Fresh names every time: a deleted namespace lingers in the kernel while its sockets
+    # time out, and with it the old veth pair, so reusing a name would collide.
+    tag = secrets.token_hex(3)
+    bridge = f"rbbr{tag}"
     root.mkdir(parents=True, exist_ok=True)
     client_key, other_key = root / "client_key", root / "other_key"
     _keygen(client_key)
@@ -174,7 +182,8 @@ def fleet(count: int, root: Path) -> Iterator[Fleet]:
             hosts.append(host)
             host.dir.mkdir()
             _ip("netns", "add", host.netns)
-            outside, inside = f"rbv{tag}h{index}"[:15], f"rbi{tag}h{index}"[:15]
+            outside, inside = f"rbv{tag}h{index}", f"rbi{tag}h{index}"
+            host.veth = outside
             _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
             _ip("link", "set", inside, "netns", host.netns)
             _ip("link", "set", outside, "master", bridge, "up")

@@ -190,3 +190,65 @@ def test_a_full_disk_is_named_before_anything_is_copied(site: Site) -> None:
         assert listing.stdout == ""
     finally:
         subprocess.run([*inside, "umount", "-l", str(small)], check=False)
+
+
+def test_host_keys_strict_by_default_accept_new_when_asked_and_never_a_changed_one(site: Site) -> None:
+    known = site.root / "queen_known_hosts"
+    known.write_text("")
+    site.config.write_text(site.config.read_text().replace(
+        f'known_hosts = "{site.fleet.known_hosts}"', f'known_hosts = "{known}"'))
+    h1 = site.host("h1")
+    site.add_hive("strict", h1)
+    site.add_hive("firstuse", h1, extra='host_key_policy = "accept-new"')
+    with site.queen():
+        refused = site.keeper("hive", "ssh-test", "strict")
+        assert refused.returncode == 1
+        assert f"The host key of strict (root@{h1.address}:22) is not in {known}" in refused.stderr
+        assert "ssh-keyscan" in refused.stderr and 'host_key_policy = "accept-new"' in refused.stderr
+
+        accepted = site.keeper("hive", "ssh-test", "firstuse")
+        assert accepted.returncode == 0, accepted.stderr
+        assert known.read_text().split()[:2] == h1.host_key_line().split()[:2]  # recorded
+        assert site.keeper("hive", "ssh-test", "strict").returncode == 0  # now known
+
+        # a different key on record for that address: refused, even under accept-new
+        other = site.fleet.hosts[1].host_key_line().split(maxsplit=1)[1]
+        known.write_text(f"{h1.address} {other}\n")
+        changed = site.keeper("hive", "ssh-test", "firstuse")
+        assert changed.returncode == 1
+        assert "does not match the one in" in changed.stderr and "ssh-keygen -R" in changed.stderr
+        assert known.read_text() == f"{h1.address} {other}\n"  # nothing was added
+
+
+def test_a_python_older_than_3_11_is_named(site: Site) -> None:
+    old = site.root / "python3.8"
+    # stands in for an old interpreter on the host: it answers the install's probe as Python 3.8 would
+    old.write_text('#!/bin/sh\necho \'{"version": [3, 8, 10], "platform": "linux-x86_64", "dir": "/x", '
+                   '"existed": false, "free": 1000000000000}\'\n')
+    old.chmod(0o755)
+    site.add_hive("oldpython", site.host("h2"), extra=f'python = "{old}"')
+    with site.queen():
+        done = site.keeper("hive", "install", "oldpython")
+    assert done.returncode == 1
+    assert "has Python 3.8.10" in done.stderr and "rbee needs 3.11 or newer" in done.stderr, done.stderr
+    assert not installed(site, "oldpython")
+
+
+def test_a_detached_hive_outlives_the_queen_and_stops_when_asked(site: Site) -> None:
+    h2 = site.host("h2")
+    site.add_hive("h2", h2)
+    with site.queen() as queen:
+        assert site.keeper("hive", "install", "h2").returncode == 0
+        started = site.keeper("hive", "start", "h2", "--detached")
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["attached"] is False, started.stdout + started.stderr
+        queen.process.send_signal(signal.SIGTERM)
+        queen.process.wait(30)
+    hives = [pid for pid, program in rbee_processes(h2).items() if program == "rbee-hive"]
+    assert len(hives) == 1, "the detached hive stopped with the queen"
+    with site.queen():
+        status = json.loads(site.keeper("hive", "status", "h2").stdout)
+        assert status["reachable"] and not status.get("attached")
+        stopped = site.keeper("hive", "stop", "h2")
+        assert stopped.returncode == 0, stopped.stderr
+        assert wait_for(lambda: gone(hives[0]), timeout=10)
