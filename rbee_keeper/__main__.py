@@ -62,6 +62,7 @@ hive_cli = typer.Typer(no_args_is_help=True, help="Configure hives and install, 
 cli.add_typer(hive_cli, name="hive")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class Context(msgspec.Struct, kw_only=True):
@@ -310,7 +311,7 @@ def hive_add(
         "hive_port": hive_port, "install_dir": install_dir, "python": python,
         "host_key_policy": host_key_policy,
     }
-    entry = msgspec.convert({k: v for k, v in fields.items() if v is not None}, HiveEntry)
+    entry = _convert(HiveEntry, fields)
     path = hives.add_hive(c.config_path, alias, entry)
     print(f"hive {alias} added to {path}")
 
@@ -468,6 +469,11 @@ def _confirm_localhost(c: Context) -> bool:
 
 def _operation(kind: type[Operation], **fields: Any) -> Operation:
     """Build an operation with the wire's validation, as a one-line error."""
+    return _convert(kind, fields)
+
+
+def _convert(kind: type[T], fields: dict[str, Any]) -> T:
+    """Build `kind` from the options given (None: not given), a bad value as a one-line error."""
     try:
         return msgspec.convert({k: v for k, v in fields.items() if v is not None}, kind)
     except msgspec.ValidationError as error:

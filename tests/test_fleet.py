@@ -56,6 +56,15 @@ def installed(site: Site, alias: str) -> bool:
     return (site.root / "xdg-state" / "rbee" / "hives" / alias / "install.json").exists()
 
 
+def install_fails(site: Site, alias: str) -> str:
+    """`hive install alias` fails cleanly and records nothing; its stderr."""
+    with site.queen():
+        done = site.keeper("hive", "install", alias)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not installed(site, alias)
+    return done.stderr
+
+
 def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(site: Site) -> None:
     h1, h2 = site.host("h1"), site.host("h2")
     site.add_hive("h1", h1)
@@ -147,13 +156,9 @@ def test_a_failed_install_removes_what_it_made_and_registers_nothing(site: Site,
     broken = altered_wheelhouse(site.wheelhouse, tmp_path / "broken-wh", drop="msgspec")
     site.add_hive("h1-broken", site.host("h1"), extra=f'wheelhouse = "{broken}"')
     remote_dir = site.root / "remote" / "h1-broken" / "rbee"
-    with site.queen():
-        done = site.keeper("hive", "install", "h1-broken")
-    assert done.returncode == 1
-    assert "pip failed on h1-broken" in done.stderr and "msgspec" in done.stderr, done.stderr
-    assert "removing" in done.stderr
+    stderr = install_fails(site, "h1-broken")
+    assert "pip failed on h1-broken" in stderr and "msgspec" in stderr and "removing" in stderr, stderr
     assert not remote_dir.exists()
-    assert not installed(site, "h1-broken")
 
 
 def test_no_python_and_a_wheelhouse_for_another_platform_are_named(site: Site, tmp_path: Path) -> None:
@@ -181,11 +186,8 @@ def test_a_full_disk_is_named_before_anything_is_copied(site: Site) -> None:
     subprocess.run([*inside, "mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], check=True)
     try:
         site.add_hive("tiny", site.host("h2"), install_dir=f"{small}/rbee")
-        with site.queen():
-            done = site.keeper("hive", "install", "tiny")
-        assert done.returncode == 1
-        assert "The disk is full on tiny" in done.stderr and "MB are free" in done.stderr, done.stderr
-        assert not installed(site, "tiny")
+        stderr = install_fails(site, "tiny")
+        assert "The disk is full on tiny" in stderr and "MB are free" in stderr, stderr
         listing = subprocess.run([*inside, "ls", "-A", str(small)], capture_output=True, text=True)
         assert listing.stdout == ""
     finally:
@@ -227,11 +229,8 @@ def test_a_python_older_than_3_11_is_named(site: Site) -> None:
                    '"existed": false, "free": 1000000000000}\'\n')
     old.chmod(0o755)
     site.add_hive("oldpython", site.host("h2"), extra=f'python = "{old}"')
-    with site.queen():
-        done = site.keeper("hive", "install", "oldpython")
-    assert done.returncode == 1
-    assert "has Python 3.8.10" in done.stderr and "rbee needs 3.11 or newer" in done.stderr, done.stderr
-    assert not installed(site, "oldpython")
+    stderr = install_fails(site, "oldpython")
+    assert "has Python 3.8.10" in stderr and "rbee needs 3.11 or newer" in stderr, stderr
 
 
 def test_a_detached_hive_outlives_the_queen_and_stops_when_asked(site: Site) -> None:

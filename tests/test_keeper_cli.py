@@ -41,6 +41,8 @@ def test_bad_arguments_are_usage_errors(args: list[str], words: str) -> None:
         (["worker", "spawn", "--model", "smollm2-135m", "--device", "GPU-x"], "device"),
         (["worker", "spawn", "--model", "smollm2-135m", "--hive", "../etc"], "hive_id"),
         (["model", "download", "hf:bad repo"], "model"),
+        (["hive", "add", "lab-9", "--host", "10.231.0.9", "--host-key-policy", "trust-all"], "host_key_policy"),
+        (["hive", "add", "lab-9", "--host", "10.231.0.9", "--identity-file", "/no/such/key"], "SSH key not found"),
     ],
 )
 def test_invalid_values_are_one_line_errors_before_any_network(
@@ -49,6 +51,7 @@ def test_invalid_values_are_one_line_errors_before_any_network(
     result = runner.invoke(cli, ["--queen-url", f"http://127.0.0.1:{free_port()}", *args])
     assert result.exit_code == 1
     assert "error:" in result.output and words in result.output and "Traceback" not in result.output
+    assert not (isolated_dirs / "config" / "rbee" / "config.toml").exists()  # nothing written
 
 
 def test_help_lists_the_commands() -> None:
