@@ -62,6 +62,7 @@ class HiveGet(_HiveOp, tag="hive_get", frozen=True, kw_only=True):
 
 class HiveInstall(_HiveOp, tag="hive_install", frozen=True, kw_only=True):
     force: bool = False
+    """Upload every wheel again and reinstall rbee even when the same version is there."""
 
 
 class HiveUninstall(_HiveOp, tag="hive_uninstall", frozen=True, kw_only=True):

@@ -371,13 +371,16 @@ def _hive_operation(
 
 @hive_cli.command("install")
 @handles_errors
-def hive_install(ctx: typer.Context, alias: str) -> None:
+def hive_install(
+    ctx: typer.Context, alias: str,
+    force: Annotated[bool, typer.Option("--force", help="Upload every wheel again and reinstall rbee, even at the same version.")] = False,  # noqa: E501
+) -> None:
     """Install rbee on the hive's machine over SSH (through the queen)."""
     c = _ctx(ctx)
     local = alias == "localhost" and lifecycle.is_healthy(c.queen_url) and not _has_local_hive(c)
     if local and not _confirm_localhost(c):
         raise typer.Exit(1)
-    _hive_operation(ctx, HiveInstall, alias)
+    _hive_operation(ctx, HiveInstall, alias, force=force)
 
 
 @hive_cli.command("uninstall")

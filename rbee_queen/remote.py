@@ -214,7 +214,9 @@ class Remote:
 
     # --- install ------------------------------------------------------------------
 
-    async def install(self, hive_id: str, entry: HiveEntry, context: JobContext) -> InstallRecord:
+    async def install(
+        self, hive_id: str, entry: HiveEntry, context: JobContext, *, force: bool = False
+    ) -> InstallRecord:
         def say(text: str, **fields: Any) -> None:
             context.narrate("hive_install", text, hive_id=hive_id, **fields)
 
@@ -247,7 +249,7 @@ class Remote:
             try:
                 return await self._install_into(
                     session, hive_id, entry, target, directory, files, total, manifest, remote, created, say,
-                    context, token)
+                    context, token, force)
             except BaseException:
                 with trio.CancelScope(shield=True), trio.move_on_after(30):
                     if created:
@@ -284,7 +286,7 @@ class Remote:
     async def _install_into(
         self, session: ssh.Session, hive_id: str, entry: HiveEntry, target: ssh.Target, directory: str,
         files: list[Path], total: int, manifest: Manifest, remote: dict[str, Any], created: bool,
-        say: Callable[..., None], context: JobContext, token: str,
+        say: Callable[..., None], context: JobContext, token: str, force: bool,
     ) -> InstallRecord:
         d = _q(directory)
         await session.run(f"mkdir -p {d}/wheels {d}/data && chmod 700 {d}")
@@ -298,7 +300,7 @@ class Remote:
             elapsed = time.monotonic() - began
             context.progress("upload", sent, total, rate=sent / elapsed if elapsed > 0 else None)
 
-        await session.put(files, f"{directory}/wheels", on_file)
+        await session.put(files, f"{directory}/wheels", on_file, again=force)
         say(f"Uploaded {sent / 1e6:.0f} MB in {time.monotonic() - began:.1f} s")
         say("Creating the venv")
         await session.run(
@@ -314,6 +316,9 @@ class Remote:
         say(f"Installing rbee {version} offline from the wheelhouse")
         pip = f"{d}/venv/bin/python -m pip install -q --disable-pip-version-check --no-index"
         installs = [f"{pip} --find-links {d}/wheels {_q(f'rbee=={version}')}"]
+        if force:  # the same version number, other code (a checkout): pip would keep what is there
+            say(f"--force: reinstalling rbee {version} over what is there")
+            installs.append(f"{pip} --no-deps --force-reinstall {d}/wheels/{_q(manifest.rbee_wheel)}")
         installs += [f"{pip} --no-deps {d}/wheels/{_q(name)}" for name in manifest.no_deps]
         for command in installs:
             done = await session.run(command, limit_s=900, check=False)

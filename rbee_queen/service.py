@@ -156,8 +156,8 @@ class QueenService:
         match operation:
             case SshTest():
                 return await self.remote.ssh_test(alias, entry, context)
-            case HiveInstall():
-                return await self.remote.install(alias, entry, context)
+            case HiveInstall(force=force):
+                return await self.remote.install(alias, entry, context, force=force)
             case HiveUninstall(purge=purge):
                 return await self.remote.uninstall(alias, entry, context, purge=purge)
             case HiveStart(detached=detached):

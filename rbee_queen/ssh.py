@@ -151,14 +151,16 @@ class Session:
             )
         return done
 
-    async def put(self, files: list[Path], remote_dir: str, on_file: Callable[[Path], None]) -> None:
-        """Copy `files` into `remote_dir` over SFTP (same size there: skipped)."""
+    async def put(
+        self, files: list[Path], remote_dir: str, on_file: Callable[[Path], None], *, again: bool = False
+    ) -> None:
+        """Copy `files` into `remote_dir` over SFTP (one of the same size there is skipped unless `again`)."""
         try:
             async with trio_asyncio.aio_as_trio(self.connection.start_sftp_client()) as sftp:
                 for file in files:
                     remote = f"{remote_dir}/{file.name}"
                     with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                        if (await _aio(sftp.stat, remote)).size == file.stat().st_size:
+                        if not again and (await _aio(sftp.stat, remote)).size == file.stat().st_size:
                             on_file(file)
                             continue
                     await _aio(sftp.put, str(file), remote + ".part")

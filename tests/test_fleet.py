@@ -238,6 +238,12 @@ def test_a_detached_hive_outlives_the_queen_and_stops_when_asked(site: Site) -> 
     site.add_hive("h2", h2)
     with site.queen() as queen:
         assert site.keeper("hive", "install", "h2").returncode == 0
+        code = next((site.root / "remote" / "h2" / "rbee" / "venv" / "lib").glob("python*/site-packages/rbee_hive"))
+        before = (code / "__init__.py").stat().st_mtime_ns
+        again = site.keeper("hive", "install", "h2", "--force")  # the same version: reinstalled anyway
+        assert again.returncode == 0, again.stderr
+        assert "--force: reinstalling rbee" in again.stderr
+        assert (code / "__init__.py").stat().st_mtime_ns > before
         started = site.keeper("hive", "start", "h2", "--detached")
         assert started.returncode == 0, started.stderr
         assert json.loads(started.stdout)["attached"] is False, started.stdout + started.stderr
