@@ -139,6 +139,9 @@ def stop_in_background(world: World) -> None:
     thread.start()
     thread.join(5)
     assert wait_for(lambda: "Asking" in hive_log(world), timeout=3)
+    # the hive logs "Asking" before its shutdown request reaches the worker: wait for the worker itself
+    worker = spawned(world)[0]["url"]
+    assert wait_for(lambda: httpx.get(f"{worker}/health", timeout=2).json().get("state") == "draining", timeout=3)
 
 
 @then(parsers.parse('a new request to the worker gets 503 "{code}"'))
