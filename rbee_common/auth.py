@@ -69,6 +69,25 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     return _check(text.rstrip("\r\n"), f"API token file {file}")
 
 
+_read: dict[Path, tuple[tuple[int, int, int], str]] = {}
+
+
+def cached_token_file(path: str | os.PathLike[str]) -> str:
+    """`read_token_file`, read again only when the file's mtime, size or mode change."""
+    file = Path(path).expanduser()
+    try:
+        info = file.stat()
+    except OSError:
+        return read_token_file(file)  # raises, with the path and the fix
+    key = (info.st_mtime_ns, info.st_size, info.st_mode)
+    hit = _read.get(file)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    token = read_token_file(file)
+    _read[file] = (key, token)
+    return token
+
+
 def _check(token: str, source: str) -> str:
     if not token:
         raise ConfigError(f"{source} is empty.", hint=_ONE_TOKEN)

@@ -22,7 +22,7 @@ from typing import Any, NoReturn, Protocol
 
 import trio
 
-from rbee_common.errors import RbeeError
+from rbee_common.errors import RbeeError, first_leaf
 
 log = logging.getLogger("rbee.daemon")
 
@@ -88,27 +88,19 @@ def run_daemon(
     try:
         trio.run(main)
     except* RbeeError as group:
-        error = _first_leaf(group)
+        error = first_leaf(group)
         hint = error.hint if isinstance(error, RbeeError) else None
         log.error("%s could not start: %s%s", component, error, f" (hint: {hint})" if hint else "")
         failed = True
     except* OSError as group:
         # Typically the port is taken: say so in one line, not a traceback.
-        first = _first_leaf(group)
+        first = first_leaf(group)
         hint = ""
         if getattr(first, "errno", None) == errno.EADDRINUSE:
             hint = " (hint: another process holds that port; pick another --port, or 0 for a free one)"
         log.error("%s could not start: %s%s", component, getattr(first, "strerror", None) or first, hint)
         failed = True
     return 1 if failed or outcome["hard"] else 0
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """Nested nurseries nest groups; the operator wants the one error inside."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def exit_on_config_error(error: RbeeError, program: str) -> NoReturn:

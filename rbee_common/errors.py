@@ -252,3 +252,10 @@ def error_from_response(status: int, content: bytes) -> RbeeError:
         cls = _class_for("", status)
         return cls(f"The server answered HTTP {status} without an rbee error body.")
     return error_from_body(envelope.error, status)
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The error inside nested exception groups (trio nurseries wrap what their tasks raise)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

@@ -36,6 +36,7 @@ from rbee_common.errors import (
     ShuttingDown,
     TooManyRequests,
     ValidationFailed,
+    first_leaf,
 )
 from rbee_common.http import json_response, read_body, serve_app, sse_frame, sse_response
 from rbee_common.validation import decode_body
@@ -244,7 +245,7 @@ class JobServer:
             except RbeeError as error:
                 self._fail(job, context, error)
             except Exception as error:
-                leaf = _single_leaf(error)  # nurseries wrap errors in groups; one rbee error is that error
+                leaf = first_leaf(error)  # nurseries wrap errors in groups: report the rbee error inside
                 if isinstance(leaf, RbeeError):
                     self._fail(job, context, leaf)
                 else:
@@ -395,8 +396,3 @@ def add_job_routes(app: QuartTrio, jobs: JobServer) -> None:
 
         return sse_response(frames())
 
-
-def _single_leaf(error: BaseException) -> BaseException:
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error

@@ -31,13 +31,14 @@ import msgspec
 import trio
 
 from rbee_common import wheelhouse
-from rbee_common.auth import bearer, new_token, read_token_file, write_token_file
+from rbee_common.auth import bearer, cached_token_file, new_token, write_token_file
 from rbee_common.config import HiveEntry, QueenSettings, state_dir
 from rbee_common.daemon import package_version
 from rbee_common.errors import ConfigError, NotFound, RemoteFailed
 from rbee_common.jobs import JobContext
 from rbee_common.wheelhouse import Manifest, check_platform, ensure
 from rbee_queen import ssh
+from rbee_queen.hives import hive_url
 
 log = logging.getLogger("rbee.queen.remote")
 
@@ -84,7 +85,7 @@ class Installs:
 
     def token(self, hive_id: str) -> str | None:
         path = self._dir(hive_id) / "token"
-        return read_token_file(path) if path.exists() else None
+        return cached_token_file(path) if path.exists() else None
 
     def save(self, record: InstallRecord, token: str) -> None:
         folder = self._dir(record.hive_id)
@@ -128,7 +129,6 @@ class Remote:
         self.attached: dict[str, Attached] = {}
         self.queen_url: str | None = None
         """This queen's own URL, once it is listening."""
-        self.queen_token: str | None = None
 
     # --- helpers ------------------------------------------------------------------
 
@@ -141,14 +141,17 @@ class Remote:
         )
 
     def token(self, hive_id: str) -> str | None:
-        """The token this hive wants (None: it has none, or is not installed by us)."""
+        """The token this hive wants (None: it has none, is not installed by us, or its file is bad).
+
+        Asked on every heartbeat: the file is read again only when it changes.
+        """
         entry = self.hives.get(hive_id)
-        if entry is not None and entry.token_file:
-            return read_token_file(entry.token_file)
         try:
+            if entry is not None and entry.token_file:
+                return cached_token_file(entry.token_file)
             return self.installs.token(hive_id)
-        except ConfigError:
-            log.warning("the stored token of hive %s is unreadable", hive_id)
+        except ConfigError as error:
+            log.warning("no usable token for hive %s: %s", hive_id, error.message)
             return None
 
     def _installed(self, hive_id: str) -> InstallRecord:
@@ -159,10 +162,6 @@ class Remote:
                 details={"hive_id": hive_id}, hint=f"Install it first: rbee-keeper hive install {hive_id}",
             )
         return record
-
-    def _url(self, hive_id: str, entry: HiveEntry) -> str:
-        host = f"[{entry.host}]" if ":" in entry.host else entry.host
-        return f"http://{host}:{entry.hive_port}"
 
     async def _healthy(self, url: str) -> bool:
         try:
@@ -190,14 +189,8 @@ class Remote:
                 f"network round trip {network_ms:.1f} ms (a TCP connect)",
                 latency_ms=round(latency_ms, 2), network_ms=round(network_ms, 2))
             record = self.installs.record(hive_id)
-            binary = f"{record.install_dir}/venv/bin/rbee-hive" if record else None
-            found = None
-            if binary:
-                check = await session.run(f"command -v {_q(binary)}", check=False)
-                found = check.stdout.strip() or None
-            else:
-                check = await session.run("command -v rbee-hive", check=False)
-                found = check.stdout.strip() or None
+            binary = _q(f"{record.install_dir}/venv/bin/rbee-hive") if record else "rbee-hive"
+            found = (await session.run(f"command -v {binary}", check=False)).stdout.strip() or None
             say(f"rbee-hive on {hive_id}: " + (found or "not installed (rbee-keeper hive install "
                                                          f"{hive_id})"))
         return {"hive_id": hive_id, "ok": True, "echo": echo.stdout.strip(),
@@ -407,7 +400,7 @@ class Remote:
             context.narrate("hive_start", text, hive_id=hive_id, **fields)
 
         record = self._installed(hive_id)
-        url = self._url(hive_id, entry)
+        url = hive_url(entry)
         running = self.attached.get(hive_id)
         if (running is not None and not running.exited.is_set()) or await self._healthy(url):
             say(f"Hive {hive_id} is already running at {url}")
@@ -502,7 +495,7 @@ class Remote:
                 context.narrate("hive_stop", text, hive_id=hive_id)
             log.info("%s", text)
 
-        url = self._url(hive_id, entry)
+        url = hive_url(entry)
         attached = self.attached.get(hive_id)
         if attached is None and not await self._healthy(url):
             say(f"Hive {hive_id} is not running")

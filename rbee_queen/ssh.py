@@ -130,12 +130,11 @@ class Session:
 
     async def run(self, command: str, *, limit_s: float = 120.0, check: bool = True) -> Completed:
         """Run `command` to its end (at most `limit_s`); a non-zero exit raises when `check`."""
-        timeout = limit_s
         try:
-            result = await _aio(self.connection.run, command, check=False, timeout=timeout)
+            result = await _aio(self.connection.run, command, check=False, timeout=limit_s)
         except asyncssh.TimeoutError:
             raise RemoteFailed(
-                f"A command on {self.target.where} did not finish within {timeout:g} s.",
+                f"A command on {self.target.where} did not finish within {limit_s:g} s.",
                 code="SSH_COMMAND_TIMEOUT", details={"hive_id": self.target.alias},
             ) from None
         except (asyncssh.Error, OSError) as error:

@@ -14,7 +14,7 @@ import pytest
 
 from rbee_common.config import load_config
 from tests import netns
-from tests.helpers import BIN
+from tests.helpers import BIN, daemon
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 
@@ -108,8 +108,6 @@ def test_site_yml_installs_and_starts_hives_and_a_second_run_changes_nothing(
     token.write_text("queen-token-for-the-ansible-test\n")
     token.chmod(0o600)
     queen_env = {**os.environ, "RBEE_CONFIG": str(tmp_path / "queen.toml")}
-    from tests.helpers import daemon
-
     with daemon([str(BIN / "queen-rbee"), "--host", hosts.gateway, "--port", "0", "--api-token-file", str(token)],
                 env=queen_env) as queen:
         status = subprocess.run(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
+from rbee_common.auth import cached_token_file
+from rbee_common.errors import ConfigError
 from tests.helpers import BIN, daemon, wait_for
 
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -113,13 +116,24 @@ def test_workers_of_a_token_queen_heartbeat_with_it_and_their_api_wants_it(isola
 
 def test_the_keeper_presents_rbee_api_token(isolated_dirs: Path) -> None:
     with daemon([str(BIN / "queen-rbee"), "--port", "0", "--api-token-file", str(token_file(isolated_dirs))]) as queen:
-        env_ok = {"RBEE_API_TOKEN": TOKEN}
-        import os
-
         ok = subprocess.run([str(BIN / "rbee-keeper"), "--queen-url", queen.url, "status"],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, **env_ok})
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "RBEE_API_TOKEN": TOKEN})
         assert ok.returncode == 0, ok.stderr
         refused = subprocess.run([str(BIN / "rbee-keeper"), "--queen-url", queen.url, "status"],
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1
         assert "Missing API key" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_cached_token_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    """The queen asks for a hive's token on every heartbeat; a rotated or opened-up file is seen."""
+    path = token_file(tmp_path)
+    assert cached_token_file(path) == TOKEN
+    rotated = "another-token-0123456789abcdefgh"
+    path.write_text(rotated + "\n")
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
+    assert cached_token_file(path) == rotated
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="insecure permissions"):
+        cached_token_file(path)
+

@@ -141,13 +141,10 @@ def test_an_unreachable_host_times_out_after_the_retries(site: Site) -> None:
         f'\n[hives.ghost]\nhost = "{nobody}"\nssh_user = "root"\nidentity_file = "{site.fleet.client_key}"\n'
         "connect_timeout_s = 1\nssh_attempts = 3\n"))
     with site.queen():
-        began = time.monotonic()
         done = site.keeper("hive", "install", "ghost")
-        took = time.monotonic() - began
     assert done.returncode == 1
     assert "ghost" in done.stderr and "tried 3 times" in done.stderr, done.stderr
     assert "SSH attempt 1 of 3" in done.stderr and "SSH attempt 2 of 3" in done.stderr
-    assert took >= 2.0  # three attempts of 1 s, with backoff between
     assert not installed(site, "ghost")
 
 
