@@ -187,6 +187,13 @@ def running_hive_with(world: World, settings: str) -> None:
     start_hive(world, settings)
 
 
+def models_dir(world: World) -> Path:
+    """A folder inside the hive's catalog root, where `file://` models are allowed."""
+    folder = world.tmp / "data" / "rbee" / "models" / "local"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def hive_url(world: World) -> str:
     return str(world.extra["hive"].url)
 

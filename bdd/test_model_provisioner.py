@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World, hive_job, hub, job_value, spawn_worker
+from bdd.conftest import World, hive_job, hub, job_value, models_dir, spawn_worker
 
 scenarios("model_provisioner.feature")
 
@@ -108,7 +108,7 @@ def requantized(world: World, quant: str) -> None:
 
     source = builtin_model_path("smollm2-135m")
     assert source is not None
-    target = world.tmp / f"smollm2.{quant}.gguf"
+    target = models_dir(world) / f"smollm2.{quant}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {name: number for number, name in GGUF_FILE_TYPES.items()}[quant]
     params.allow_requantize = True

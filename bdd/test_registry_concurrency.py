@@ -13,7 +13,7 @@ from bdd.conftest import World, active_workers, start_queen
 scenarios("registry_concurrency.feature")
 
 
-def beat(worker_id: str, hive: str, *, state: str = "ready", port: int = 9401) -> dict[str, Any]:
+def beat(worker_id: str, hive: str, *, state: str = "ready", port: int = 9351) -> dict[str, Any]:
     return {"worker_id": worker_id, "hive_id": hive, "url": f"http://127.0.0.1:{port}", "model": "smollm2-135m",
             "backend": "llama-cpp", "device": "CPU-0", "state": state, "slots_total": 1,
             "slots_busy": int(state == "busy"), "pid": port}
@@ -44,7 +44,7 @@ def register_at_once(world: World, hives: str, worker_id: str) -> None:
 
     def register(index: int) -> int:
         barrier.wait()
-        return post(world, beat(worker_id, names[index], port=9401 + index))
+        return post(world, beat(worker_id, names[index], port=9351 + index))
 
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
         world.extra["codes"] = list(pool.map(register, range(len(names))))
@@ -99,7 +99,7 @@ def wait(seconds: int) -> None:
 def register_while_listing(world: World, worker_id: str, hive: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         listing = pool.submit(active_workers, world)
-        code = pool.submit(post, world, beat(worker_id, hive, port=9500))
+        code = pool.submit(post, world, beat(worker_id, hive, port=9360))
         assert code.result(10) == 204 and isinstance(listing.result(10), list)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import psutil
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World, hub, job_error_body, spawn_worker
+from bdd.conftest import World, hub, job_error_body, models_dir, spawn_worker
+from tests.helpers import wait_for
 
 scenarios("worker_preflight.feature")
 
@@ -33,7 +34,7 @@ def backend_passed(world: World, backend: str) -> None:
 
 @given("a sparse GGUF file as large as this machine's RAM")
 def sparse(world: World) -> None:
-    path = world.tmp / "huge.gguf"
+    path = models_dir(world) / "huge.gguf"
     with open(path, "wb") as file:
         file.truncate(psutil.virtual_memory().total)
     world.extra["model_file"] = path
@@ -41,7 +42,7 @@ def sparse(world: World) -> None:
 
 @given(parsers.parse('a file "{name}" that llama.cpp cannot load'))
 def broken(world: World, name: str) -> None:
-    path = world.tmp / name
+    path = models_dir(world) / name
     path.write_bytes(b"GGUF? no." * 1000)
     world.extra["model_file"] = path
 
@@ -64,10 +65,14 @@ def none_started(world: World) -> None:
     assert not [e for e in world.extra["events"] if e.get("action") == "worker_spawn"]
 
 
-@then(parsers.parse('the error carries the worker\'s last log lines, which say "{text}"'))
-def last_lines(world: World, text: str) -> None:
-    lines = job_error_body(world)["details"]["last_log_lines"]
-    assert any(text in line for line in lines), lines
+@then(parsers.parse('the error says in one line "{text}", and the hive\'s log has the worker\'s last lines under its correlation id'))
+def one_line(world: World, text: str) -> None:
+    error = job_error_body(world)
+    assert text in error["message"] and "\n" not in error["message"] and "last_log_lines" not in error["details"]
+    hive_log = world.extra["hive"].log()
+    assert wait_for(lambda: error["correlation_id"] in world.extra["hive"].log())
+    hive_log = world.extra["hive"].log()
+    assert "could not load the model" in hive_log[hive_log.index(error["correlation_id"]):]
 
 
 @then("the error lists the available backends")

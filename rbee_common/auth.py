@@ -18,10 +18,10 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from rbee_common.errors import ConfigError, Unauthorized
@@ -113,11 +113,50 @@ def load_token(
     return _check(value.rstrip("\r\n"), f"${TOKEN_ENV}") if value is not None else None
 
 
+class TokenSource:
+    """The token a daemon accepts now: loaded at start, read again on SIGHUP (`reload`).
+
+    A reload that fails (a missing file, bad mode, empty) is logged and keeps
+    the old token, so a slip while rotating never locks everyone out. Open
+    streams are not touched: a token is checked when a request starts.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> None:
+        self.path = path
+        self.current = load_token(path, environ)
+
+    @classmethod
+    def fixed(cls, token: str | None, path: str | os.PathLike[str] | None = None) -> TokenSource:
+        """A source already loaded (`token`), which `reload` reads from `path` if given."""
+        source = cls.__new__(cls)
+        source.path, source.current = path, token
+        return source
+
+    def reload(self) -> bool:
+        _read.clear()  # hives' token files too: read them again on next use
+        if self.path is None:
+            log.info("SIGHUP: no API token file to reload (the token came from the environment or none)")
+            return False
+        try:
+            token = read_token_file(self.path)
+        except ConfigError as error:
+            log.warning("API token not reloaded, the old one stays: %s", error.message)
+            return False
+        self.current = token
+        log.info("API token reloaded identity=token:%s", fingerprint(token))
+        return True
+
+
 def write_token_file(path: Path, token: str) -> None:
-    """Write `token` to `path` with mode 0600 from the start (never readable by others)."""
+    """Write `token` to `path` with mode 0600 from the start (never readable by others).
+
+    The temporary file is created with O_EXCL, so a file or symlink someone
+    left at its name is never written through.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(token + "\n")
     os.replace(temporary, path)
@@ -139,6 +178,12 @@ def require_token_for_bind(host: str, token: str | None, program: str) -> None:
             hint=f"Give --api-token-file PATH (one line, mode 0600, at least 16 characters), "
                  f"or set ${TOKEN_ENV}, or bind 127.0.0.1.",
         )
+
+
+def request_identity() -> str:
+    """Who this request is, for the audit log: a token fingerprint, or loopback in dev mode."""
+    identity = getattr(g, "identity", None)
+    return identity if isinstance(identity, str) else "loopback (no token)"
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -166,10 +211,25 @@ def matches(token: str, accepted: Iterable[str]) -> bool:
     return found
 
 
-def _refuse(message: str, code: str, reason: str, token: str | None = None) -> Unauthorized:
+class AuthFailed(Unauthorized):
+    """A 401, with what the audit log records (never sent to the client)."""
+
+    reason: str = "invalid_token"
+    identity: str | None = None
+
+
+def _refuse(message: str, code: str, reason: str, token: str | None = None) -> AuthFailed:
     identity = f" identity=token:{fingerprint(token)}" if token else ""
-    log.warning("auth failed reason=%s path=%s%s", reason, request.path, identity)
-    return Unauthorized(message, code=code, hint="Send Authorization: Bearer <token>.")
+    log.warning("auth failed reason=%s path=%r%s", reason, request.path, identity)
+    error = AuthFailed(message, code=code, hint="Send Authorization: Bearer <token>.")
+    error.reason, error.identity = reason, f"token:{fingerprint(token)}" if token else None
+    return error
+
+
+
+def refuse_token(token: str | None) -> AuthFailed:
+    """The 401 for a presented token that no credential matches."""
+    return _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", token)
 
 
 def check_request(accepted: Iterable[str]) -> str:
@@ -180,25 +240,52 @@ def check_request(accepted: Iterable[str]) -> str:
 
 
 def install_auth(
-    app: QuartTrio, token: str | None, *, public: Iterable[str] = ("/health",),
-    own_check: Iterable[str] = (),
+    app: QuartTrio, token: str | TokenSource | None, *, public: Iterable[str] = ("/health",),
+    own_check: Iterable[str] = (), on_success: Callable[[str], None] | None = None,
+    on_failure: Callable[[str, str | None, str], None] | None = None,
 ) -> None:
-    """Require `token` on every route but `public` ones; `own_check` routes check by themselves."""
+    """Require the token on every route but `public` ones.
+
+    `own_check` routes accept other credentials and check them themselves; the
+    header must still be there and well formed, for every method, before any
+    body is read (401 first, never 400 or 405 to a stranger). `on_success` and
+    `on_failure` see each outcome (the audit log): a fingerprint, never a token.
+    """
+    source = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
+
     @app.after_request
     async def _challenge(response: Response) -> Response:
         if response.status_code == 401:
             response.headers.setdefault("WWW-Authenticate", "Bearer")
         return response
 
-    if token is None:
+    if source.current is None:
         log.info("no API token: dev mode, loopback only")
         return
-    log.info("API token loaded identity=token:%s", fingerprint(token))
-    skip = set(public) | set(own_check)
+    seen: set[str] = set()
+    log.info("API token loaded identity=token:%s", fingerprint(source.current))
+    skip = set(public)
+    own = set(own_check)
 
     @app.before_request
     async def _authenticate() -> Response | None:
-        if request.path in skip:
+        if request.path in skip or source.current is None:
             return None
-        check_request((token,))
+        try:
+            presented = presented_token()
+            if request.path in own:
+                return None
+            if not matches(presented, (source.current,)):
+                raise _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", presented)
+        except AuthFailed as error:
+            if on_failure is not None:
+                on_failure(error.reason, error.identity, request.path)
+            raise
+        identity = f"token:{fingerprint(presented)}"
+        g.identity = identity
+        if identity not in seen:  # once per token and process: the log is not a request log
+            seen.add(identity)
+            log.info("authenticated identity=%s", identity)
+            if on_success is not None:
+                on_success(identity)
         return None

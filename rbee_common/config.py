@@ -99,6 +99,8 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     download_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
     disk_reserve_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 << 20
     """Downloads leave at least this much of the data disk free."""
+    model_roots: list[str] = msgspec.field(default_factory=list)
+    """Folders a `file://` model may be in, besides the catalog and the built-in model's package."""
 
 
 class KeeperSettings(_Section, frozen=True, kw_only=True):
@@ -106,16 +108,29 @@ class KeeperSettings(_Section, frozen=True, kw_only=True):
     queen_start_timeout_s: Positive = 30.0
 
 
-class HiveEntry(_Section, frozen=True, kw_only=True):
-    """A machine whose hive the queen manages."""
+HOST_PATTERN = (
+    r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]{2,45}|\[[0-9A-Fa-f:.]{2,45}\])$"
+)
+"""A host name (letters, digits, '.', '_', '-') or an IPv4/IPv6 address: nothing a shell would read."""
+Host = Annotated[str, msgspec.Meta(pattern=HOST_PATTERN)]
+User = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9._-]{0,31}$")]
+CommandPath = Annotated[str, msgspec.Meta(pattern=r"^(~/)?[A-Za-z0-9._/+-]{1,255}$")]
+"""A program name or path (`python3`, `/usr/bin/python3.11`, `~/py/bin/python`)."""
 
-    host: str
+
+class HiveEntry(_Section, frozen=True, kw_only=True):
+    """A machine whose hive the queen manages.
+
+    Every value that reaches a remote shell is validated here and quoted there.
+    """
+
+    host: Host
     ssh_port: Port = 22
-    ssh_user: str | None = None
+    ssh_user: User | None = None
     identity_file: str | None = None
     hive_port: Port = 9000
     install_dir: str = "~/.local/share/rbee/hive"
-    python: str = "python3"
+    python: CommandPath = "python3"
     host_key_policy: Literal["strict", "accept-new"] = "strict"
     """`strict`: the host key must be in the queen's known_hosts; `accept-new`: a first key is recorded."""
     connect_timeout_s: Positive = 10.0
@@ -124,6 +139,9 @@ class HiveEntry(_Section, frozen=True, kw_only=True):
     """This hive's API token on the queen's machine (default: the one `hive_install` made)."""
     wheelhouse: str | None = None
     """Wheels for this host, when its platform differs from the queen's."""
+    worker_port_min: Port = 9300
+    worker_port_max: Port = 9399
+    """The hive's worker port range: the queen takes heartbeats only from workers on these ports."""
 
 
 class RbeeConfig(_Section, frozen=True, kw_only=True):

@@ -33,13 +33,29 @@ class Serve(Protocol):
     ) -> Awaitable[None]: ...
 
 
+class OneLineFormatter(logging.Formatter):
+    """Every record is one line: control characters in a message (a newline or an ANSI
+    escape that came in with a request) are written escaped, so nobody can forge a line.
+    Tracebacks, which we write ourselves, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+
+_CONTROLS = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS) if not text.isprintable() else text
+
+
 def configure_logging(component: str, level: str | None = None) -> None:
     level = level or os.environ.get("RBEE_LOG", "INFO")
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every channel at INFO
 
 
@@ -50,24 +66,38 @@ def announce_ready(urls: list[str], **extra: Any) -> None:
     sys.stdout.flush()
 
 
+def announce_failed(error: RbeeError) -> None:
+    line = {"event": "failed", "code": error.code, "message": error.message}
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
 def run_daemon(
     serve: Serve,
     *,
     component: str,
     on_ready: Callable[[list[str]], None] = announce_ready,
+    on_hangup: Callable[[], object] | None = None,
 ) -> int:
-    """Run `serve` under trio with rbee's signal policy; the process exit code."""
+    """Run `serve` under trio with rbee's signal policy; the process exit code.
+
+    SIGHUP calls `on_hangup` (reload token files and config) and stops nothing.
+    """
     outcome = {"hard": False}
 
     async def main() -> None:
         stop = trio.Event()
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def watch_signals() -> None:
                     async for signum in signals:
                         name = signal.Signals(signum).name
-                        if not stop.is_set():
+                        if signum == signal.SIGHUP:
+                            log.info("SIGHUP received: reloading")
+                            if on_hangup is not None:
+                                on_hangup()
+                        elif not stop.is_set():
                             log.info("%s received: stopping gracefully (again to force)", name)
                             stop.set()
                         else:
@@ -91,6 +121,8 @@ def run_daemon(
         error = first_leaf(group)
         hint = error.hint if isinstance(error, RbeeError) else None
         log.error("%s could not start: %s%s", component, error, f" (hint: {hint})" if hint else "")
+        if isinstance(error, RbeeError):  # one line our parent may pass on: our words, no input echoed
+            announce_failed(error)
         failed = True
     except* OSError as group:
         # Typically the port is taken: say so in one line, not a traceback.

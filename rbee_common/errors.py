@@ -62,9 +62,12 @@ class RbeeError(Exception):
         details: dict[str, Any] | None = None,
         code: str | None = None,
         hint: str | None = None,
+        correlation_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.correlation_id = correlation_id
+        """Set where the server logged more under this id than the client is told."""
         self.details: dict[str, Any] = dict(details or {})
         if hint is not None:
             self.details.setdefault("hint", hint)
@@ -237,7 +240,7 @@ def error_from_body(body: ErrorBody, status: int) -> RbeeError:
     cls = _class_for(body.code, status)
     error = cls.__new__(cls)
     RbeeError.__init__(error, body.message, details=body.details, code=body.code)
-    error.correlation_id = body.correlation_id  # type: ignore[attr-defined]
+    error.correlation_id = body.correlation_id
     return error
 
 

@@ -58,7 +58,7 @@ def error_response(error: RbeeError, *, component: str) -> Response:
     level = logging.ERROR if error.status >= 500 else logging.WARNING
     log.log(
         level,
-        "request failed component=%s correlation_id=%s code=%s status=%d method=%s path=%s",
+        "request failed component=%s correlation_id=%s code=%s status=%d method=%r path=%r",
         component, cid, error.code, error.status, request.method, request.path,
     )
     headers = {"X-Correlation-Id": cid}

@@ -28,6 +28,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from rbee_common.auth import request_identity
 from rbee_common.errors import (
     ErrorBody,
     InternalError,
@@ -75,9 +76,12 @@ class JobLimits(msgspec.Struct, frozen=True, kw_only=True):
 class Job:
     """One submitted operation, its state and its buffered events."""
 
-    def __init__(self, operation: Operation, *, buffer: int) -> None:
+    def __init__(self, operation: Operation, *, buffer: int, actor: str = "internal") -> None:
         self.id = f"job-{uuid.uuid4()}"
         self.operation = operation
+        self.actor = actor
+        """Who submitted it (a token fingerprint): for the audit log."""
+        self.result: Any = None
         self.state: JobState = "queued"
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -201,11 +205,13 @@ class JobServer:
         self.limits = limits
         self._jobs: dict[str, Job] = {}
         self._stopping = False
+        self.on_finish: Callable[[Job], None] | None = None
+        """Called when a job ends (the audit log)."""
 
     def live_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if not job.finished]
 
-    def submit(self, operation: Operation) -> Job:
+    def submit(self, operation: Operation, *, actor: str = "internal") -> Job:
         if self._stopping:
             raise ShuttingDown("This server is shutting down and takes no new jobs.")
         if len(self.live_jobs()) >= self.limits.max_live_jobs:
@@ -214,7 +220,7 @@ class JobServer:
                 retry_after_s=1,
                 hint="Retry shortly, or raise max_live_jobs in the config.",
             )
-        job = Job(operation, buffer=self.limits.event_buffer)
+        job = Job(operation, buffer=self.limits.event_buffer, actor=actor)
         self._jobs[job.id] = job
         self._nursery.start_soon(self._run, job, name=job.id)
         return job
@@ -253,11 +259,14 @@ class JobServer:
                     failed = f"Operation {job.operation.name} failed unexpectedly; see the server log."
                     self._fail(job, context, InternalError(failed))
             else:
+                job.result = value
                 if value is not None:
                     job.emit(Result(job_id=job.id, value=value))
                 job.finish("completed", DONE)
         if not job.finished:  # the cancel scope caught a cancellation
             job.finish("cancelled", CANCELLED)
+        if self.on_finish is not None:
+            self.on_finish(job)
         log.info(
             "job %s operation=%s state=%s took_ms=%.1f",
             job.id, job.operation.name, job.state, (time.monotonic() - started) * 1000,
@@ -265,7 +274,10 @@ class JobServer:
 
     @staticmethod
     def _fail(job: Job, context: JobContext, error: RbeeError) -> None:
-        body = error.to_body()
+        cid = error.correlation_id or str(uuid.uuid4())
+        log.warning("job %s (%s) failed code=%s correlation_id=%s",
+                    job.id, job.operation.name, error.code, cid)
+        body = error.to_body(cid)
         job.error = body
         job.emit(
             Narration(
@@ -347,7 +359,7 @@ def _last_event_id() -> int | None:
     raw = request.headers.get("Last-Event-ID")
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²" is a digit to str.isdigit
         raise ValidationFailed(
             "Last-Event-ID must be the numeric id of an event of this stream.",
             details={"field": "Last-Event-ID"},
@@ -373,7 +385,7 @@ def add_job_routes(app: QuartTrio, jobs: JobServer) -> None:
     @app.post("/v1/jobs")
     async def submit_job() -> Response:
         operation = decode_operation(await read_body())
-        job = jobs.submit(operation)
+        job = jobs.submit(operation, actor=request_identity())
         created = JobCreated(job_id=job.id, sse_url=f"/v1/jobs/{job.id}/stream")
         return json_response(created, status=201)
 

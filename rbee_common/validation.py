@@ -44,3 +44,7 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise MalformedJson(
             "The request body is not valid JSON.", hint="Send one JSON object."
         ) from None
+    except RecursionError:  # msgspec's depth limit for `Any` fields: hostile, not a server fault
+        raise MalformedJson(
+            "The request body is nested too deeply.", hint="Send one JSON object of ordinary depth."
+        ) from None

@@ -128,11 +128,17 @@ class Infer(_Op, GenerationParams, tag="infer", frozen=True, kw_only=True):
 # --- operations forwarded to a hive -----------------------------------------
 
 
+Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=256, pattern=r"^[A-Za-z0-9._~+/=-]+$")]
+
+
 class WorkerSpawn(_HiveOp, tag="worker_spawn", frozen=True, kw_only=True):
     model: ModelRef
     device: DeviceName = "CPU-0"
     backend: Backend = "auto"
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    worker_token: Secret | None = None
+    """The new worker's own API token, minted by the queen (DESIGN §8: separate tokens). The hive
+    hands it to the worker in its environment; without one, a hive with a token mints one."""
 
 
 class WorkerList(_HiveOp, tag="worker_list", frozen=True, kw_only=True):
@@ -349,7 +355,7 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: Ident
     hive_id: Ident
     url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]{1,256}$")]
-    model: Annotated[str, msgspec.Meta(max_length=512)]
+    model: ModelRef
     backend: Annotated[str, msgspec.Meta(pattern=r"^(auto|llama-cpp|mlx)$")]
     device: DeviceName
     state: WorkerState
@@ -362,3 +368,5 @@ class WorkerInfo(WorkerHeartbeat, frozen=True, kw_only=True):
     """A worker the queen has heard from, and how long ago."""
 
     last_seen_s: float
+    confirmed: bool = True
+    """Its hive confirmed it (`worker_get`); the queen routes only to confirmed workers."""

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.auth import load_token, require_token_for_bind
+from rbee_common.auth import TokenSource, require_token_for_bind
 from rbee_common.daemon import configure_logging, exit_on_config_error, package_version, run_daemon
 from rbee_common.errors import ConfigError
 from rbee_hive.config import load_hive_settings
@@ -39,19 +39,22 @@ def main(
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
-    """rbee-hive: runs and owns the workers of this machine."""
+    """rbee-hive: runs and owns the workers of this machine.
+
+    SIGHUP reads the API token file again (rotation without a restart).
+    """
     configure_logging("hive")
     try:
         settings = load_hive_settings(
             config, host=host, port=port, hive_id=hive_id, queen_url=queen_url, data_dir=data_dir
         )
-        token = load_token(api_token_file)
-        require_token_for_bind(settings.host, token, "rbee-hive")
+        tokens = TokenSource(api_token_file)
+        require_token_for_bind(settings.host, tokens.current, "rbee-hive")
     except ConfigError as error:
         exit_on_config_error(error, "rbee-hive")
     code = run_daemon(
-        functools.partial(serve, settings, lifeline_stdin=lifeline is Lifeline.stdin, token=token),
-        component="rbee-hive",
+        functools.partial(serve, settings, lifeline_stdin=lifeline is Lifeline.stdin, token=tokens),
+        component="rbee-hive", on_hangup=tokens.reload,
     )
     raise typer.Exit(code)
 

@@ -6,7 +6,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from rbee_common.auth import install_auth
+from rbee_common.auth import TokenSource, install_auth
 from rbee_common.daemon import package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
@@ -14,10 +14,15 @@ from rbee_hive.service import HiveService
 
 
 def build_app(
-    service: HiveService, jobs: JobServer, *, stop: trio.Event, token: str | None = None
+    service: HiveService, jobs: JobServer, *, stop: trio.Event, token: str | TokenSource | None = None
 ) -> QuartTrio:
     app = create_app("rbee-hive", component="hive", max_body_bytes=service.settings.max_body_bytes)
-    install_auth(app, token)
+    install_auth(
+        app, token,
+        on_success=lambda identity: service.audit.record("auth.success", actor=identity, outcome="ok"),
+        on_failure=lambda reason, identity, path: service.audit.record(
+            "auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason, path=path),
+    )
 
     @app.get("/health")
     async def health() -> Response:

@@ -51,6 +51,38 @@ class InsufficientDisk(Unprocessable):
     code = "INSUFFICIENT_DISK"
 
 
+class UnsafeFileName(DownloadFailed):
+    code = "UNSAFE_FILE_NAME"
+
+
+def check_file_name(name: str) -> None:
+    """A file name from the Hub's API is a relative POSIX path with no way out of its folder.
+
+    A mirror is not trusted: `../../x`, `/abs/x`, `a/../../b`, backslashes and
+    control characters are refused before anything is written.
+    """
+    parts = name.split("/")
+    if (
+        not name or len(name) > 1024 or not name.isprintable() or "\\" in name or name.startswith("/")
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise UnsafeFileName(
+            "The Hub listed a file name that would write outside the model's folder; nothing was written.",
+            hint="Check the mirror (HF_ENDPOINT): it answers with unsafe file names.",
+        )
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path`, once it is certain to resolve inside `root` (symlinks included)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise UnsafeFileName(
+            "A file of this model would land outside its folder; nothing was written.",
+            hint="Check the mirror (HF_ENDPOINT) and the catalog folder for symlinks.",
+        )
+    return path
+
+
 class RemoteFile(msgspec.Struct, frozen=True):
     name: str
     size: int
@@ -129,6 +161,8 @@ def resolve_plan(ref: str, hf: HfRef) -> Plan:
         f.name.endswith(".safetensors") for f in files
     ):
         chosen, fmt = [f for f in files if f.name.endswith(_MLX_SUFFIXES)], "mlx"
+    for file in chosen:
+        check_file_name(file.name)
     if len(chosen) != 1 and fmt == "gguf":
         names = sorted(f.name for f in ggufs)
         if not names:
@@ -241,8 +275,10 @@ class Downloader:
 
     async def _transfer(self, transfer: Transfer, hf: HfRef) -> CatalogEntry:
         plan = await trio.to_thread.run_sync(resolve_plan, transfer.ref, hf)
-        partial = self.catalog.partial_root / plan.model_id
+        partial = inside(self.catalog.partial_root, self.catalog.partial_root / plan.model_id)
         partial.mkdir(parents=True, exist_ok=True)
+        for file in plan.files:
+            inside(partial, partial / (file.name + ".partial"))
         have = sum(_size(partial / (f.name + ".partial")) for f in plan.files)
         free = shutil.disk_usage(partial).free
         needed = plan.total - have + self.reserve_bytes
@@ -279,9 +315,9 @@ class Downloader:
                         )
                     transfer.say(f"{file.name} did not match its checksum; deleted, downloading it again")
         transfer.say("Checksums verified")
-        final = self.catalog.root / plan.model_id
+        final = inside(self.catalog.root, self.catalog.root / plan.model_id)
         for file in plan.files:
-            target = final / file.name
+            target = inside(final, final / file.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial / (file.name + ".partial"), target)
         shutil.rmtree(partial, ignore_errors=True)
@@ -324,10 +360,18 @@ class Downloader:
                         have = 0
                     async with await trio.open_file(dest, "ab" if have else "wb") as out:
                         pending = bytearray()
+                        received = have
                         try:
                             async for chunk in response.aiter_bytes():
+                                if received + len(chunk) > file.size:  # never more than the Hub announced
+                                    chunk = chunk[: file.size - received]
+                                    log.warning("the Hub sent more of %r than its %d announced bytes: "
+                                                "cut off", file.name, file.size)
                                 pending += chunk
+                                received += len(chunk)
                                 transfer.done += len(chunk)
+                                if received >= file.size:
+                                    break
                                 if len(pending) >= 1 << 20:
                                     await out.write(bytes(pending))
                                     pending.clear()

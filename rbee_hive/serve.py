@@ -6,6 +6,8 @@ import functools
 
 import trio
 
+from rbee_common.audit import record_job
+from rbee_common.auth import TokenSource
 from rbee_common.config import HiveSettings
 from rbee_common.daemon import watch_stdin_lifeline
 from rbee_common.jobs import JobLimits, JobServer
@@ -18,20 +20,22 @@ async def serve(
     *,
     stop: trio.Event,
     lifeline_stdin: bool = False,
-    token: str | None = None,
+    token: str | TokenSource | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     limits = JobLimits(max_live_jobs=settings.max_live_jobs, retention_s=settings.job_retention_s)
     # Workers and downloads live in their own nursery (`children`), outside the
     # job server's (which it cancels when HTTP is down): after the server has
     # stopped, every worker is stopped (graceful, then SIGKILL), then the hive exits.
+    tokens = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
     async with trio.open_nursery() as children:
-        service = HiveService(settings, children, token=token)
+        service = HiveService(settings, children, token=tokens.current)
         children.start_soon(service.workers.monitor_forever)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
-                app = build_app(service, jobs, stop=stop, token=token)
+                jobs.on_finish = functools.partial(record_job, service.audit)
+                app = build_app(service, jobs, stop=stop, token=tokens)
                 if lifeline_stdin:
                     nursery.start_soon(watch_stdin_lifeline, stop)
                 urls = await nursery.start(

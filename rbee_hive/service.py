@@ -7,6 +7,7 @@ from typing import Any
 
 import trio
 
+from rbee_common.audit import AuditLog
 from rbee_common.config import HiveSettings, data_dir, state_dir
 from rbee_common.errors import InvalidRequest, NotImplementedYet
 from rbee_common.jobs import JobContext
@@ -38,6 +39,7 @@ class HiveService:
             reserve_bytes=settings.disk_reserve_bytes,
         )
         self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers", token=token)
+        self.audit = AuditLog(state_dir() / "audit" / f"hive-{settings.hive_id}.jsonl", component="hive")
 
     async def handle(self, operation: Operation, context: JobContext) -> Any:
         match operation:

@@ -9,7 +9,9 @@ exits, whoever stopped it.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -27,10 +29,11 @@ import msgspec
 import psutil
 import trio
 
-from rbee_common.auth import TOKEN_ENV, bearer
+from rbee_common.auth import TOKEN_ENV, bearer, new_token
+from rbee_common.builtin import builtin_model_path
 from rbee_common.child import Child, spawn_child
 from rbee_common.config import HiveSettings
-from rbee_common.errors import NotFound, RbeeError, ServiceUnavailable, Unprocessable
+from rbee_common.errors import Forbidden, NotFound, RbeeError, ServiceUnavailable, Unprocessable
 from rbee_common.jobs import JobContext
 from rbee_common.wire import WorkerSpawn
 from rbee_hive.catalog import Catalog, CatalogEntry, check_reference
@@ -53,7 +56,8 @@ class HiveWorker(msgspec.Struct, kw_only=True):
     slots_busy: int = 0
     idle_s: float = 0.0
     started_at: float
-    log_path: str
+    token_sha256: str | None = None
+    """SHA-256 of the worker's own API token: the queen checks a heartbeat's token against it."""
 
 
 class Preflight(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,8 +79,12 @@ class WorkerStartFailed(ServiceUnavailable):
 
 
 class _Running:
-    def __init__(self, info: HiveWorker, process: Child, lifeline: int, model_path: str) -> None:
+    def __init__(
+        self, info: HiveWorker, process: Child, lifeline: int, model_path: str, token: str | None
+    ) -> None:
         self.info = info
+        self.token = token
+        """The worker's own API token: the hive presents it; the worker never sees the hive's."""
         self.process = process
         self.lifeline = lifeline
         self.model_path = model_path
@@ -105,7 +113,7 @@ class Workers:
     ) -> None:
         self.settings = settings
         self.token = token
-        """The workers' API token: they want it, and present it on heartbeats to the queen."""
+        """The hive's own token: with one, every worker gets a token of its own (never this one)."""
         self.catalog = catalog
         self.nursery = nursery
         self.log_dir = log_dir
@@ -113,8 +121,8 @@ class Workers:
         self._reserved_ports: set[int] = set()
 
     def http(self, timeout: float = 5.0) -> httpx.AsyncClient:
-        """A client for talking to our workers (with their token)."""
-        return httpx.AsyncClient(timeout=timeout, headers=bearer(self.token))
+        """A client for talking to our workers (each request carries that worker's token)."""
+        return httpx.AsyncClient(timeout=timeout)
 
     # --- queries --------------------------------------------------------------
 
@@ -147,16 +155,37 @@ class Workers:
             model_arg = entry.id if entry.provider == "builtin" else entry.path
             return entry.id, model_arg, entry.format, entry.size_bytes
         if ref.startswith("file://"):
-            path = Path(ref.removeprefix("file://"))
-            if path.is_absolute() and path.is_file() and path.suffix == ".gguf":
+            path = self.confined(Path(ref.removeprefix("file://")))
+            if path.is_file() and path.suffix == ".gguf":
                 return ref, str(path), "gguf", path.stat().st_size
-            if path.is_absolute() and path.is_dir() and (path / "config.json").is_file():
+            if path.is_dir() and (path / "config.json").is_file():
                 size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
                 return ref, str(path), "mlx", size
         raise NotFound(
             "That model is not on this hive.", code="MODEL_NOT_FOUND",
             hint="Download it first (`model_download`), or give file:///abs/path.gguf.",
         )
+
+    def model_roots(self) -> builtins.list[Path]:
+        roots = [self.catalog.root, *(Path(root).expanduser() for root in self.settings.model_roots)]
+        builtin = builtin_model_path("smollm2-135m")
+        return roots + ([builtin.parent] if builtin is not None else [])
+
+    def confined(self, path: Path) -> Path:
+        """A `file://` path, once it resolves (symlinks followed) inside a model root.
+
+        Checked before the path is opened, and answered the same whether it
+        exists or not: a client cannot use a hive to open or probe other files.
+        """
+        resolved = path.resolve() if path.is_absolute() else None
+        roots = [root.resolve() for root in self.model_roots()]
+        if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+            raise Forbidden(
+                "file:// models must be inside this hive's model folders.", code="MODEL_PATH_NOT_ALLOWED",
+                hint="Put the file in the hive's catalog folder, or add its folder to [hive] model_roots "
+                     "on the hive.",
+            )
+        return resolved
 
     def preflight(self, op: WorkerSpawn) -> Preflight:
         """Check the model, device, backend, memory and threads."""
@@ -268,6 +297,7 @@ class Workers:
     ) -> HiveWorker | None:
         command = worker_command(self.settings)
         log_path = self.log_dir / f"{worker_id}.log"
+        token = op.worker_token or (new_token() if self.token else None)
         read_end, write_end = os.pipe()
         argv = [
             *command, "--model", model_arg, "--model-name", name, "--device", op.device, "--backend", backend,
@@ -281,7 +311,9 @@ class Workers:
         try:
             # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)
             # the token goes in the environment, not argv: `ps` shows argv to every user
-            env = {**os.environ, TOKEN_ENV: self.token} if self.token else None
+            env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+            if token:
+                env[TOKEN_ENV] = token
             process = spawn_child(argv, stderr=log_fd, pass_fds=(read_end,), env=env)
         except OSError as error:
             os.close(write_end)
@@ -296,9 +328,10 @@ class Workers:
         info = HiveWorker(
             worker_id=worker_id, model=name, device=op.device, backend=backend, threads=threads,
             pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}", state="starting",
-            started_at=time.time(), log_path=str(log_path),
+            started_at=time.time(),
+            token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
         )
-        running = _Running(info, process, write_end, model_arg)
+        running = _Running(info, process, write_end, model_arg, token)
         self.running[worker_id] = running
         self.nursery.start_soon(self._supervise, running)
         started = time.monotonic()
@@ -311,8 +344,9 @@ class Workers:
         except BaseException:
             await self._kill(running, "the spawn job was cancelled")
             raise
-        if ready is None:
-            if not timed_out:  # stdout closed: it is exiting; let the supervisor reap it
+        failure = ready if ready is not None and ready.get("event") == "failed" else None
+        if ready is None or failure is not None:
+            if not timed_out:  # stdout closed or it said why: it is exiting; let the supervisor reap it
                 with trio.move_on_after(5):
                     await running.exited.wait()
             exited = running.exited.is_set()
@@ -322,12 +356,23 @@ class Workers:
             last = tail(log_path)
             if exited and any("Address already in use" in line for line in last):
                 return None
+            said = failure.get("message") if failure is not None else None
             reason = (f"exited with code {process.returncode} while loading" if exited else
                       f"was not ready within {self.settings.worker_ready_timeout_s:g} s and was killed")
+            # The client gets one line and a correlation id; the worker's own lines (paths,
+            # tracebacks) stay in the hive's log, under that id.
+            cid = str(uuid.uuid4())
+            log.warning("worker %s %s correlation_id=%s; its log %s ends with:",
+                        worker_id, reason, cid, log_path)
+            for line in last:
+                log.warning("  correlation_id=%s %r", cid, line)
+            plain = isinstance(said, str) and said.isprintable() and len(said) <= 300
+            one_line = f" ({said})" if plain else ""
             raise WorkerStartFailed(
-                f"The worker {reason}.", code="WORKER_START_FAILED" if exited else "WORKER_READY_TIMEOUT",
-                details={"last_log_lines": last, "log_path": str(log_path)},
-                hint="Read the worker's last log lines above.",
+                f"The worker {reason}{one_line}.",
+                code="WORKER_START_FAILED" if exited else "WORKER_READY_TIMEOUT",
+                correlation_id=cid,
+                hint="The hive's log has the worker's last lines under this correlation id.",
             )
         info.url = str(ready.get("url") or info.url)
         info.state = "ready"
@@ -355,6 +400,8 @@ class Workers:
                     if isinstance(event, dict) and event.get("event") == "ready":
                         self.nursery.start_soon(self._drain, stdout)
                         return event
+                    if isinstance(event, dict) and event.get("event") == "failed":
+                        return event  # our worker's own one-line reason
 
     @staticmethod
     async def _drain(stdout: trio.abc.ReceiveStream) -> None:
@@ -394,7 +441,8 @@ class Workers:
         if info.state not in ("ready", "busy"):
             return
         try:
-            response = await http.get(f"{info.url}/v1/ready", timeout=min(2.0, self.settings.worker_check_s))
+            response = await http.get(f"{info.url}/v1/ready", timeout=min(2.0, self.settings.worker_check_s),
+                                      headers=bearer(running.token))
             ready = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             ready = None
@@ -448,7 +496,7 @@ class Workers:
         say(f"Asking {info.worker_id} to shut down (drain up to {grace:g} s)")
         try:
             async with self.http(timeout=1.0) as http:
-                await http.post(f"{info.url}/v1/admin/shutdown")
+                await http.post(f"{info.url}/v1/admin/shutdown", headers=bearer(running.token))
         except httpx.HTTPError:
             say("It did not answer over HTTP; sending SIGTERM")
             running.process.send_signal(signal.SIGTERM)

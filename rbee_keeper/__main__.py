@@ -44,6 +44,7 @@ from rbee_common.wire import (
     WorkerStop,
 )
 from rbee_keeper import hives, lifecycle
+from rbee_keeper.audit import audit_cli
 from rbee_keeper.output import say, show_error, show_event, show_status
 
 cli = typer.Typer(
@@ -60,6 +61,7 @@ model_cli = typer.Typer(no_args_is_help=True, help="Download, list and delete mo
 cli.add_typer(model_cli, name="model")
 hive_cli = typer.Typer(no_args_is_help=True, help="Configure hives and install, start and stop them.")
 cli.add_typer(hive_cli, name="hive")
+cli.add_typer(audit_cli, name="audit")
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")

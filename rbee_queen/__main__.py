@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from rbee_common.auth import TokenSource
 from rbee_common.daemon import configure_logging, exit_on_config_error, package_version, run_daemon
 from rbee_common.errors import ConfigError
 from rbee_queen.config import QueenConfig
@@ -30,14 +31,19 @@ def main(
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
-    """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling)."""
+    """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling).
+
+    SIGHUP reads the API token file again (rotation without a restart).
+    """
     configure_logging("queen")
     try:
         queen_config = QueenConfig.load(
             config, host=host, port=port, local_hive=local_hive, api_token_file=api_token_file)
     except ConfigError as error:
         exit_on_config_error(error, "queen-rbee")
-    code = run_daemon(functools.partial(serve, queen_config), component="queen-rbee")
+    tokens = TokenSource.fixed(queen_config.api_token, queen_config.api_token_file)
+    code = run_daemon(functools.partial(serve, queen_config, tokens=tokens), component="queen-rbee",
+                      on_hangup=tokens.reload)
     raise typer.Exit(code)
 
 

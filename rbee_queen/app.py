@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import platform
 
-import msgspec
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 
-from rbee_common.auth import check_request, install_auth
+from rbee_common.auth import AuthFailed, install_auth, presented_token
 from rbee_common.daemon import build_timestamp, package_version
-from rbee_common.errors import NotFound
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
 from rbee_common.jobs import JobServer, add_job_routes
-from rbee_common.validation import decode_body
-from rbee_common.wire import BuildInfo, WorkerHeartbeat
+from rbee_common.wire import BuildInfo
 from rbee_queen.openai_api import add_openai_routes
 from rbee_queen.service import QueenService
-
-_heartbeat_decoder = msgspec.json.Decoder(WorkerHeartbeat)
 
 
 def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> QuartTrio:
     app = create_app(
         "queen-rbee", component="queen", max_body_bytes=service.config.settings.max_body_bytes
     )
-    install_auth(app, service.token, own_check=("/v1/worker-heartbeat",))
+    install_auth(app, service.tokens, own_check=("/v1/worker-heartbeat",),
+                 on_success=service.audit_auth_success, on_failure=service.audit_auth_failure)
 
     @app.get("/health")
     async def health() -> Response:
@@ -46,15 +42,14 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
 
     @app.post("/v1/worker-heartbeat")
     async def worker_heartbeat() -> Response:
-        beat = decode_body(await read_body(), _heartbeat_decoder)
-        if service.token is not None:  # a worker presents our token or its hive's
-            check_request(service.heartbeat_tokens(beat.hive_id))
-        if beat.hive_id not in service.config.hives:
-            raise NotFound(
-                "That worker's hive is not configured on this queen.", code="HIVE_NOT_FOUND",
-                hint="Add it under [hives.<id>] in the queen's config.",
-            )
-        service.workers.record(beat)
+        # The Authorization header was checked for form before this (install_auth); which
+        # credential it is depends on the worker (rbee_queen/heartbeats.py).
+        token = presented_token() if service.token is not None else None
+        try:
+            await service.heartbeats.accept(await read_body(), token)
+        except AuthFailed as error:
+            service.audit_auth_failure(error.reason, error.identity, request.path)
+            raise
         return no_content()
 
     add_openai_routes(app, generate=service.generate, list_models=service.model_names)

@@ -6,7 +6,7 @@ import logging
 
 import msgspec
 
-from rbee_common.auth import load_token, require_token_for_bind
+from rbee_common.auth import TokenSource, require_token_for_bind
 from rbee_common.config import HiveEntry, HiveSettings, QueenSettings, RbeeConfig, load_config
 from rbee_common.errors import ConfigError
 
@@ -23,6 +23,8 @@ class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The `[hive]` section: the in-process hive's settings under --local-hive."""
     api_token: str | None = None
     """Wanted from clients on every endpoint but /health (`--api-token-file`, $RBEE_API_TOKEN)."""
+    api_token_file: str | None = None
+    """Where `api_token` came from, read again on SIGHUP."""
     config_path: str | None = None
     from_file: bool = False
     """Loaded from the config file, so `reload_hives` may read it again."""
@@ -41,10 +43,10 @@ class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
         if local_hive:
             settings = msgspec.structs.replace(settings, local_hive=True)
         hives = {"localhost": LOCALHOST_HIVE, **config.hives}
-        token = load_token(api_token_file)
+        token = TokenSource(api_token_file).current
         require_token_for_bind(settings.host, token, "queen-rbee")
         return cls(settings=settings, hives=hives, hive=config.hive, api_token=token, config_path=path,
-                   from_file=True)
+                   from_file=True, api_token_file=api_token_file)
 
     def reload_hives(self) -> None:
         """The `[hives.*]` of the config file as it is now, in place (a broken file changes nothing)."""

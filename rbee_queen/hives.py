@@ -56,10 +56,9 @@ class HiveRouter:
             self.reload()  # `rbee-keeper hive add` may have added it since the queen started
             entry = self.hives.get(hive_id)
         if entry is None:
-            raise NotFound(
+            raise NotFound(  # the other hives' names are not for whoever asked
                 "No hive with that id is configured.", code="HIVE_NOT_FOUND",
-                details={"hives": sorted(self.hives)},
-                hint=f"Configured hives: {', '.join(sorted(self.hives))}.",
+                hint="See the configured hives with `rbee-keeper hive list`.",
             )
         return entry
 

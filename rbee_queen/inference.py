@@ -23,6 +23,7 @@ from rbee_common.wire import (
     InferenceError,
     InferenceRequest,
     InferenceToken,
+    WorkerInfo,
     inference_event_decoder,
 )
 from rbee_queen.registry import WorkerRegistry
@@ -54,7 +55,7 @@ async def generate(
     scheduler: Scheduler, registry: WorkerRegistry, http: httpx.AsyncClient, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None = None,
     served: Served | None = None, hive_id: str | None = None,
-    headers: Callable[[str], dict[str, str]] = lambda hive_id: {},
+    headers: Callable[[WorkerInfo], dict[str, str]] = lambda worker: {},
 ) -> AsyncGenerator[str, None]:
     """Text pieces as the worker streams them; `served` is filled in at the end."""
     served = served if served is not None else Served()
@@ -68,7 +69,7 @@ async def generate(
         try:
             async with http.stream(
                 "POST", f"{worker.url}/v1/inference", content=body,
-                headers={"Content-Type": "application/json", **headers(worker.hive_id)},
+                headers={"Content-Type": "application/json", **headers(worker)},
                 timeout=httpx.Timeout(10.0, read=120.0),
             ) as response:
                 if response.status_code == 503:

@@ -16,9 +16,9 @@ import msgspec
 from quart import Response
 from quart_trio import QuartTrio
 
-from rbee_common.errors import InvalidRequest, RbeeError, ValidationFailed
+from rbee_common.errors import RbeeError, ValidationFailed
 from rbee_common.http import read_body, sse_response
-from rbee_common.validation import describe_validation_error
+from rbee_common.validation import decode_body
 from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat
 
 _encode = msgspec.json.Encoder().encode
@@ -92,14 +92,7 @@ def openai_error(error: RbeeError) -> Response:
 
 
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as error:
-        message, path = describe_validation_error(error)
-        raise ValidationFailed(f"{message} at `{path}`." if path else f"{message}.",
-                               details={"field": path} if path else {}) from None
-    except msgspec.DecodeError:
-        raise InvalidRequest("The body is not valid JSON.", code="MALFORMED_JSON") from None
+    return decode_body(body, decoder)  # errors name the field, never echo the value
 
 
 def _params(request: _Common, *, prompt: str | None, messages: list[ChatMessage] | None) -> GenerationParams:

@@ -116,6 +116,11 @@ def _q(value: str) -> str:
     return shlex.quote(value)
 
 
+def _program(path: str) -> str:
+    """A program path for the remote shell: quoted, with a leading `~/` left for the shell to expand."""
+    return "~/" + _q(path[2:]) if path.startswith("~/") else _q(path)
+
+
 class Remote:
     def __init__(
         self, settings: QueenSettings, hives: dict[str, HiveEntry], *, nursery: trio.Nursery,
@@ -223,7 +228,7 @@ class Remote:
         async with ssh.connect(target, say) as session:
             say("Connected; checking the remote Python")
             probe = await session.run(
-                f"{entry.python} -c {_q(_PROBE)} {_q(entry.install_dir)}", check=False, limit_s=30)
+                f"{_program(entry.python)} -c {_q(_PROBE)} {_q(entry.install_dir)}", check=False, limit_s=30)
             remote = self._probe(probe, hive_id, entry, target)
             version = ".".join(map(str, remote["version"]))
             say(f"Python {version} on {remote['platform']} at {entry.python}")
@@ -297,7 +302,8 @@ class Remote:
         say(f"Uploaded {sent / 1e6:.0f} MB in {time.monotonic() - began:.1f} s")
         say("Creating the venv")
         await session.run(
-            f"test -x {d}/venv/bin/python || {entry.python} -m venv {d}/venv", limit_s=300, check=False)
+            f"test -x {d}/venv/bin/python || {_program(entry.python)} -m venv {d}/venv",
+            limit_s=300, check=False)
         venv = await session.run(f"test -x {d}/venv/bin/python", check=False)
         if venv.code != 0:
             raise RemoteFailed(

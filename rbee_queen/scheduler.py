@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import trio
 
+from rbee_common.auth import new_token
 from rbee_common.errors import RbeeError, ServiceUnavailable, TooManyRequests
 from rbee_common.jobs import JobContext
 from rbee_common.wire import WorkerHeartbeat, WorkerInfo, WorkerSpawn
@@ -66,6 +67,8 @@ class Scheduler:
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cold_start_enabled = cold_start
+        self.mint_tokens = False
+        """Give each worker we start a token of its own (when the queen runs with a token)."""
         self.load: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
         self.aliases: dict[str, str] = {}
@@ -79,7 +82,7 @@ class Scheduler:
         self._changed = trio.Event()
 
     def candidates(self, model: str, exclude: frozenset[str]) -> list[WorkerInfo]:
-        return [w for w in self.registry.active() if serves(w, model, self.aliases)
+        return [w for w in self.registry.routable() if serves(w, model, self.aliases)
                 and w.worker_id not in exclude and w.state != "draining"]
 
     async def acquire(
@@ -92,8 +95,8 @@ class Scheduler:
         try:
             while True:
                 if hive_id is not None:  # workers of other hives do not count
-                    exclude = given | {w.worker_id for w in self.registry.active() if w.hive_id != hive_id}
-                worker = pick_worker(self.registry.active(), model, load=self.load, aliases=self.aliases,
+                    exclude = given | {w.worker_id for w in self.registry.routable() if w.hive_id != hive_id}
+                worker = pick_worker(self.registry.routable(), model, load=self.load, aliases=self.aliases,
                                      exclude=exclude)
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
@@ -148,17 +151,21 @@ class Scheduler:
                     "cold_start", f"No worker serves {model}; starting one on hive {hive_id} ({device})",
                     hive_id=hive_id, device=device,
                 )
+            token = new_token() if self.mint_tokens else None
             spawned = await self.router.run(
-                WorkerSpawn(model=model, device=device, hive_id=hive_id), hive_id, context
+                WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token), hive_id, context
             )
-            self.register_spawned(model, hive_id, spawned)
+            self.register_spawned(model, hive_id, spawned, token)
         finally:
             del self._cold[model]
             done.set()
             self.notify()
 
-    def register_spawned(self, model: str, hive_id: str, spawned: Any) -> None:
-        """Route to a worker we started at once, without waiting for its first heartbeat."""
+    def register_spawned(self, model: str, hive_id: str, spawned: Any, token: str | None) -> None:
+        """Route to a worker we started at once, without waiting for its first heartbeat.
+
+        Its hive just answered for it, so it is confirmed; `token` is the one we minted for it.
+        """
         if not isinstance(spawned, dict):
             return
         self.aliases[model] = str(spawned["model"])
@@ -167,6 +174,7 @@ class Scheduler:
             backend=spawned["backend"], device=spawned["device"], state="ready",
             slots_total=int(spawned.get("slots_total", 1)), slots_busy=0, pid=int(spawned["pid"]),
         ))
+        self.registry.confirm(spawned["worker_id"], token)
 
     async def best_hive(self, model: str, only: str | None = None) -> tuple[str, str]:
         """A hive with the model in its catalog first, then the most free memory; its best device."""

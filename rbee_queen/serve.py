@@ -14,6 +14,8 @@ import httpx
 import msgspec
 import trio
 
+from rbee_common.audit import record_job
+from rbee_common.auth import TokenSource
 from rbee_common.jobs import JobLimits, JobServer
 from rbee_hive.service import HiveService
 from rbee_queen import ssh
@@ -27,6 +29,7 @@ async def serve(
     config: QueenConfig,
     *,
     stop: trio.Event,
+    tokens: TokenSource | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     settings = config.settings
@@ -41,10 +44,12 @@ async def serve(
             trio.open_nursery() as children:
         local = HiveService(config.hive, children, token=config.api_token) if settings.local_hive else None
         remote = Remote(settings, config.hives, nursery=children, http=http)
-        service = QueenService(config, http=http, local_hive=local, remote=remote)
+        service = QueenService(config, http=http, nursery=children, local_hive=local, remote=remote,
+                               tokens=tokens)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="queen", limits=limits)
+                jobs.on_finish = functools.partial(record_job, service.audit)
                 app = build_app(service, jobs, stop=stop)
                 urls = await nursery.start(
                     functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)

@@ -10,7 +10,9 @@ import httpx
 import msgspec
 import trio
 
-from rbee_common.config import HiveEntry
+from rbee_common.audit import AuditLog
+from rbee_common.auth import TokenSource, bearer, new_token
+from rbee_common.config import HiveEntry, state_dir
 from rbee_common.daemon import package_version
 from rbee_common.errors import InvalidRequest, NotImplementedYet, RbeeError
 from rbee_common.jobs import JobContext
@@ -34,16 +36,21 @@ from rbee_common.wire import (
     Status,
     WorkerInfo,
     WorkerListActive,
+    WorkerSpawn,
     WorkerStop,
 )
 from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
+from rbee_queen.heartbeats import Heartbeats, Placement
 from rbee_queen.hives import HiveRouter, hive_url
 from rbee_queen.inference import Served, generate
 from rbee_queen.openai_api import Usage
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.remote import Remote
 from rbee_queen.scheduler import Scheduler
+
+_PRIVATE_FIELDS = frozenset({"identity_file", "token_file", "wheelhouse"})
+"""Paths on the queen's machine (keys, tokens): the operator's config has them, API clients do not."""
 
 
 class InferResult(msgspec.Struct, kw_only=True):
@@ -58,14 +65,17 @@ class InferResult(msgspec.Struct, kw_only=True):
 
 class QueenService:
     def __init__(
-        self, config: QueenConfig, *, http: httpx.AsyncClient, local_hive: HiveService | None = None,
-        remote: Remote | None = None,
+        self, config: QueenConfig, *, http: httpx.AsyncClient, nursery: trio.Nursery,
+        local_hive: HiveService | None = None, remote: Remote | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.config = config
         self._http = http
         settings = config.settings
-        self.token = config.api_token
+        self.tokens = tokens or TokenSource.fixed(config.api_token)
+        """The token clients present; SIGHUP reads its file again (`TokenSource.reload`)."""
         self.workers = WorkerRegistry(stale_after_s=settings.worker_stale_s)
+        self.audit = AuditLog(state_dir() / "audit" / "queen.jsonl", component="queen")
         self.local_hive = local_hive
         self.remote = remote
         self.router = HiveRouter(config.hives, http=http, local=local_hive, token_for=self.hive_token)
@@ -74,6 +84,35 @@ class QueenService:
             self.workers, self.router, queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s, cold_start=settings.cold_start,
         )
+        self.scheduler.mint_tokens = self.token is not None
+        self.heartbeats = Heartbeats(
+            self.workers, nursery=nursery, queen_token=lambda: self.token, hive_token=self.hive_token,
+            hive_ids=self.router.ids, placement=self.placement,
+            ask_hive=lambda op: self.router.run(op, op.hive_id, None),
+        )
+
+    @property
+    def token(self) -> str | None:
+        return self.tokens.current
+
+    def audit_auth_success(self, identity: str) -> None:
+        self.audit.record("auth.success", actor=identity, outcome="ok")
+
+    def audit_auth_failure(self, reason: str, identity: str | None, path: str) -> None:
+        self.audit.record("auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason,
+                          path=path)
+
+    def placement(self, hive_id: str) -> Placement:
+        """Where a hive's workers may register from (HIVE_NOT_FOUND for a hive we do not know)."""
+        entry = self.router.entry(hive_id)
+        if self.router.is_local(hive_id):
+            hive = self.config.hive
+            return Placement(hive.host, hive.worker_port_min, hive.worker_port_max)
+        return Placement(entry.host, entry.worker_port_min, entry.worker_port_max)
+
+    def worker_headers(self, worker: WorkerInfo) -> dict[str, str]:
+        """What a worker wants from us: its own token, else (a worker that beat with it) its hive's."""
+        return bearer(self.workers.token(worker.worker_id) or self.hive_token(worker.hive_id))
 
     async def handle(self, operation: Operation, context: JobContext) -> Any:
         match operation:
@@ -90,8 +129,9 @@ class QueenService:
                 return await self.infer(operation, context)
             case HiveGet(hive_id=hive_id):
                 entry = self.router.entry(hive_id or "localhost")
+                shown = {k: v for k, v in msgspec.to_builtins(entry).items() if k not in _PRIVATE_FIELDS}
                 return {"hive_id": hive_id or "localhost", "url": hive_url(entry),
-                        "local": self.router.is_local(hive_id or "localhost"), **msgspec.to_builtins(entry)}
+                        "local": self.router.is_local(hive_id or "localhost"), **shown}
             case HiveStatus(hive_id=hive_id):
                 alias = hive_id or "localhost"
                 health = await self.probe_hive(alias, self.router.entry(alias))
@@ -109,6 +149,13 @@ class QueenService:
                 return caps
             case SshTest() | HiveInstall() | HiveUninstall() | HiveStart() | HiveStop():
                 return await self.lifecycle(operation, context)
+            case WorkerSpawn(hive_id=hive_id) if self.token is not None and operation.worker_token is None:
+                token = new_token()  # the worker's own credential, which it cannot use as its hive's
+                spawned = await self.router.run(
+                    msgspec.structs.replace(operation, worker_token=token), hive_id, context)
+                if isinstance(spawned, dict) and isinstance(spawned.get("worker_id"), str):
+                    self.workers.bind(spawned["worker_id"], token)
+                return spawned
             case WorkerStop(worker_id=worker_id, hive_id=hive_id):
                 stopped = await self.router.run(operation, hive_id or "localhost", context)
                 self.workers.forget(worker_id, "stopped through the queen")
@@ -128,13 +175,6 @@ class QueenService:
         if self.router.is_local(hive_id):
             return self.token
         return self.remote.token(hive_id) if self.remote is not None else None
-
-    def heartbeat_tokens(self, hive_id: str) -> list[str]:
-        """Tokens a worker of `hive_id` may present: ours, or its hive's."""
-        tokens = [self.token] if self.token else []
-        if hive_id in self.config.hives and (hive := self.hive_token(hive_id)):
-            tokens.append(hive)
-        return tokens
 
     def installed(self, hive_id: str) -> bool | None:
         """Installed by this queen over SSH (None: not ours to say, as for the in-process hive)."""
@@ -178,7 +218,7 @@ class QueenService:
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._http, model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
-            headers=self.router.headers,
+            headers=self.worker_headers,
         )) as pieces:
             async for piece in pieces:
                 yield piece
@@ -194,7 +234,7 @@ class QueenService:
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._http, operation.model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
-            hive_id=operation.hive_id, headers=self.router.headers,
+            hive_id=operation.hive_id, headers=self.worker_headers,
         )) as pieces:
             async for piece in pieces:
                 context.token(piece, len(text))

@@ -90,5 +90,5 @@ async def serve(
         )
         service.state_changed.set()
         service.last_request_end = time.monotonic()  # idle counts from ready
-        log.info("model %s loaded with %s on %s", config.model, service.backend.name, config.device)
+        log.info("model %r loaded with %s on %s", config.model, service.backend.name, config.device)
         task_status.started(urls)

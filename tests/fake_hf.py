@@ -9,7 +9,9 @@ with `Range`. The Hub's error headers (`X-Error-Code: RepoNotFound`,
 
 Knobs for failure tests: `cut_once_after` / `cut_always_after` (close the
 connection after N bytes), `stall_after` (send N bytes and then nothing),
-`corrupt_once` (flip a byte), `rate` (bytes/s).
+`corrupt_once` (flip a byte), `rate` (bytes/s). Hostile mirrors: `rename`
+(a file listed under another name, such as `../../x.gguf`) and `trailing_junk`
+(bytes sent after the file, past the size the API announced).
 A repo with a `.gated` file needs `Authorization: Bearer <its content>`.
 """
 
@@ -36,6 +38,9 @@ class FakeHub:
         """Serve the next file with one byte flipped (its sha256 then fails)."""
         self.stall_after: int | None = None
         self.rate: float | None = None
+        self.rename: dict[str, str] = {}
+        """File name on disk -> the `rfilename` the API lists (and the name it serves)."""
+        self.trailing_junk = b""
         self.file_requests: list[tuple[str, str | None]] = []
         """(file path, Range header) for every GET of a file."""
         self.bytes_sent = 0
@@ -113,7 +118,11 @@ class FakeHub:
         elif match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
             folder = self._repo(request, match[1], head)
             if folder is not None:
-                file = folder / match[2]
+                name = match[2]
+                for real, listed in self.rename.items():
+                    if listed.lstrip("/") == name.lstrip("/"):
+                        name = real
+                file = folder / name
                 if not file.is_file() or file.name.startswith("."):
                     self._error(request, 404, "EntryNotFound", head)
                 else:
@@ -125,8 +134,9 @@ class FakeHub:
         siblings = []
         for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
             data = file.read_bytes()
+            name = str(file.relative_to(folder))
             siblings.append({
-                "rfilename": str(file.relative_to(folder)), "size": len(data),
+                "rfilename": self.rename.get(name, name), "size": len(data),
                 "blobId": hashlib.sha1(data).hexdigest(),
                 "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130},
             })
@@ -147,12 +157,14 @@ class FakeHub:
         if not head:
             with self.lock:
                 self.file_requests.append((str(file.relative_to(self.root)), range_header))
+        etag = hashlib.sha256(data).hexdigest()
+        data += self.trailing_junk
         request.send_response(206 if start else 200)
         request.send_header("Content-Length", str(len(data) - start))
         if start:
             request.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         request.send_header("Accept-Ranges", "bytes")
-        request.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        request.send_header("ETag", f'"{etag}"')
         request.send_header("X-Repo-Commit", COMMIT)
         request.end_headers()
         if head:

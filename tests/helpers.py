@@ -24,6 +24,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class Daemon:
     def __init__(self, process: subprocess.Popen[bytes], log: Path, ready: dict[str, object]) -> None:
         self.process = process

@@ -86,8 +86,8 @@ def test_a_missing_token_file_is_named(isolated_dirs: Path) -> None:
     assert done.returncode == 1 and f"API token file not found: {missing}" in done.stderr
 
 
-def test_workers_of_a_token_queen_heartbeat_with_it_and_their_api_wants_it(isolated_dirs: Path) -> None:
-    """--local-hive: its workers get the queen's token (in their environment, not argv)."""
+def test_each_worker_gets_a_token_of_its_own_that_cannot_act_as_its_hive_or_queen(isolated_dirs: Path) -> None:
+    """--local-hive with a token: the queen mints a token per worker (DESIGN §8: separate tokens)."""
     headers = {"Authorization": f"Bearer {TOKEN}"}
     argv = [str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--api-token-file", str(token_file(isolated_dirs))]
     with daemon(argv) as queen:
@@ -108,10 +108,25 @@ def test_workers_of_a_token_queen_heartbeat_with_it_and_their_api_wants_it(isola
                 return any(result["worker_id"] in line for line in stream.iter_lines() if '"result"' in line)
 
         assert wait_for(registered, timeout=10), queen.log()[-2000:]
-        assert httpx.get(f"{worker}/v1/ready").status_code == 401
-        assert httpx.get(f"{worker}/v1/ready", headers=headers).status_code == 200
+        with open(f"/proc/{result['pid']}/environ", "rb") as environ:
+            variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+        own = variables[b"RBEE_API_TOKEN"].decode()
+        assert own != TOKEN and len(own) >= 32
         with open(f"/proc/{result['pid']}/cmdline", "rb") as cmdline:
-            assert TOKEN.encode() not in cmdline.read()
+            assert TOKEN.encode() not in cmdline.read() and own.encode() not in cmdline.read()
+        assert httpx.get(f"{worker}/v1/ready").status_code == 401
+        assert httpx.get(f"{worker}/v1/ready", headers=headers).status_code == 401  # not the queen's token
+        assert httpx.get(f"{worker}/v1/ready", headers={"Authorization": f"Bearer {own}"}).status_code == 200
+        # the worker's credential is no key to the queen's (or its hive's) API
+        stolen = httpx.post(f"{queen.url}/v1/jobs", headers={"Authorization": f"Bearer {own}"},
+                            json={"operation": "worker_list", "hive_id": "localhost"})
+        assert stolen.status_code == 401
+        assert result["token_sha256"] == hashlib.sha256(own.encode()).hexdigest()
+        # and the queen still drives it: inference goes through with the worker's own token
+        answer = httpx.post(f"{queen.url}/v1/completions", headers=headers, timeout=60,
+                            json={"model": "smollm2-135m", "prompt": "The sky is", "max_tokens": 3})
+        assert answer.status_code == 200, answer.text
+        assert own not in queen.log()
 
 
 def test_the_keeper_presents_rbee_api_token(isolated_dirs: Path) -> None:

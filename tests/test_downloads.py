@@ -167,3 +167,31 @@ def test_delete_refuses_while_a_worker_uses_the_model(hub: FakeHub, hive: Daemon
     job_result(hive.url, {"operation": "worker_stop", "worker_id": worker["worker_id"]})  # type: ignore[index]
     assert job_result(hive.url, {"operation": "model_delete", "model": entry["id"]}) == entry
     assert not Path(str(entry["path"])).exists() and entry["id"] not in catalog_ids(hive.url)
+
+
+@pytest.mark.parametrize("listed", ["../../escape.gguf", "/ABSOLUTE/escape.gguf", "a/../../escape.gguf",
+                                    "a\\..\\escape.gguf", "esc\x1bape.gguf"])
+def test_a_mirror_cannot_make_the_hive_write_outside_the_model_folder(
+    hub: FakeHub, hive: Daemon, isolated_dirs: Path, listed: str
+) -> None:
+    listed = listed.replace("/ABSOLUTE", str(isolated_dirs / "outside"))
+    hub.rename = {FILE: listed}
+    events, terminator = download(hive.url)
+    assert terminator.startswith("[ERROR]")
+    error = job_error(events)
+    assert error["code"] == "UNSAFE_FILE_NAME" and "HF_ENDPOINT" in str(error["details"])
+    assert hub.file_requests == []  # refused before any byte moved
+    written = [p for p in isolated_dirs.rglob("*escape*") if "hub" not in p.parts]
+    assert written == [] and catalog_ids(hive.url) == ["smollm2-135m"]
+
+
+def test_bytes_past_the_announced_size_are_cut_off(hub: FakeHub, hive: Daemon) -> None:
+    hub.trailing_junk = b"X" * (3 * 1000 * 1000)
+    events, terminator = download(hive.url)
+    assert terminator == "[DONE]", events[-3:]
+    (entry,) = [e["value"] for e in events if e["type"] == "result"]
+    stored = Path(str(entry["path"]))  # type: ignore[index]
+    assert stored.stat().st_size == SIZE
+    assert stored.read_bytes() == (hub.root / REPO / FILE).read_bytes()
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["done"] == SIZE

@@ -27,6 +27,13 @@ def hive(isolated_dirs: Path) -> Iterator[Daemon]:
         yield running
 
 
+def models_dir(isolated_dirs: Path) -> Path:
+    """A folder inside the hive's catalog root, where `file://` models are allowed."""
+    folder = isolated_dirs / "data" / "rbee" / "models" / "local"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def spawn(url: str, **fields: object) -> tuple[list[dict[str, object]], str]:
     return run_job(url, {"operation": "worker_spawn", "model": "smollm2-135m", "device": "CPU-0",
                          "threads": 1, **fields})
@@ -92,7 +99,7 @@ def test_a_worker_that_dies_is_removed_and_logged(hive: Daemon) -> None:
     ("fields", "code", "words"),
     [
         ({"model": "hf:nobody/nothing"}, "MODEL_NOT_FOUND", "model_download"),
-        ({"model": "file:///no/such/model.gguf"}, "MODEL_NOT_FOUND", "file:///"),
+        ({"model": "file:///no/such/model.gguf"}, "MODEL_PATH_NOT_ALLOWED", "model_roots"),
         ({"device": "GPU-0"}, "DEVICE_NOT_FOUND", "CPU-0"),
         ({"backend": "mlx"}, "BACKEND_UNAVAILABLE", "llama-cpp"),
         ({"threads": 64}, "INSUFFICIENT_CPU", "fewer threads"),
@@ -109,8 +116,23 @@ def test_preflight_errors_name_the_problem_and_the_fix(
     assert job_result(hive.url, {"operation": "worker_list"}) == []
 
 
+def test_file_models_outside_the_model_roots_are_refused_alike(hive: Daemon, isolated_dirs: Path) -> None:
+    outside = isolated_dirs / "secret.gguf"
+    outside.write_bytes(b"GGUF" + bytes(100))
+    link = models_dir(isolated_dirs) / "link.gguf"
+    link.symlink_to(outside)  # inside by name, outside once resolved
+    answers = []
+    for ref in (f"file://{outside}", f"file://{isolated_dirs}/absent.gguf", "file:///etc/hostname",
+                f"file://{link}"):
+        error = job_error(spawn(hive.url, model=ref)[0])
+        answers.append((error["code"], error["message"]))
+        assert str(isolated_dirs) not in json.dumps(error)
+    assert len(set(answers)) == 1 and answers[0][0] == "MODEL_PATH_NOT_ALLOWED"
+    assert job_result(hive.url, {"operation": "worker_list"}) == []
+
+
 def test_insufficient_ram_gives_the_numbers(hive: Daemon, isolated_dirs: Path) -> None:
-    huge = isolated_dirs / "huge.gguf"
+    huge = models_dir(isolated_dirs) / "huge.gguf"
     with open(huge, "wb") as file:  # sparse: no disk used, but 1.2x its size is more than this RAM
         file.truncate(psutil.virtual_memory().total)
     events, _ = spawn(hive.url, model=f"file://{huge}")
@@ -133,13 +155,22 @@ def test_cpu_threads_are_a_budget(hive: Daemon, isolated_dirs: Path) -> None:
     assert len({w["port"] for w in workers}) == 2
 
 
-def test_a_broken_model_reports_the_workers_last_log_lines(hive: Daemon, isolated_dirs: Path) -> None:
-    broken = isolated_dirs / "broken.gguf"
+def test_a_broken_model_is_one_line_and_a_correlation_id_the_log_explains(
+    hive: Daemon, isolated_dirs: Path
+) -> None:
+    broken = models_dir(isolated_dirs) / "broken.gguf"
     broken.write_bytes(b"not a gguf" * 1000)
     events, _ = spawn(hive.url, model=f"file://{broken}")
     error = job_error(events)
     assert error["code"] == "WORKER_START_FAILED"
-    assert "llama.cpp could not load the model" in "\n".join(error["details"]["last_log_lines"])  # type: ignore[index]
+    assert "llama.cpp could not load the model" in str(error["message"]) and "\n" not in str(error["message"])
+    # no stderr, no paths of the hive's machine: those are in the hive's log, under the correlation id
+    shown = json.dumps(error)
+    assert "last_log_lines" not in shown and str(isolated_dirs) not in shown and "Traceback" not in shown
+    cid = str(error["correlation_id"])
+    assert wait_for(lambda: cid in hive.log())
+    logged = hive.log()[hive.log().index(cid):]
+    assert "could not load the model" in logged and "workers/worker-" in logged
     assert job_result(hive.url, {"operation": "worker_list"}) == []
 
 

@@ -163,7 +163,7 @@ async def test_client_raises_the_servers_error_class(queen: QueenHandle) -> None
             async for _ in events:
                 pass
     assert caught.value.code == "HIVE_NOT_FOUND"
-    assert caught.value.details["hives"] == ["localhost"]
+    assert "hives" not in caught.value.details and "localhost" not in str(caught.value.details)
 
 
 async def test_client_yields_typed_events(queen: QueenHandle) -> None:

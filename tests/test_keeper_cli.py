@@ -43,6 +43,12 @@ def test_bad_arguments_are_usage_errors(args: list[str], words: str) -> None:
         (["model", "download", "hf:bad repo"], "model"),
         (["hive", "add", "lab-9", "--host", "10.231.0.9", "--host-key-policy", "trust-all"], "host_key_policy"),
         (["hive", "add", "lab-9", "--host", "10.231.0.9", "--identity-file", "/no/such/key"], "SSH key not found"),
+        # values that would reach a remote shell (security review): refused before anything is written
+        (["hive", "add", "lab-9", "--host", "10.231.0.9", "--python", "python3;touch /tmp/pwned"], "python"),
+        (["hive", "add", "lab-9", "--host", "10.231.0.9", "--python", "$(touch /tmp/pwned)"], "python"),
+        (["hive", "add", "lab-9", "--host", "h;touch /tmp/pwned"], "host"),
+        (["hive", "add", "lab-9", "--host", "-oProxyCommand=touch /tmp/pwned"], "host"),
+        (["hive", "add", "lab-9", "--host", "10.231.0.9", "--user", "root;id"], "ssh_user"),
     ],
 )
 def test_invalid_values_are_one_line_errors_before_any_network(

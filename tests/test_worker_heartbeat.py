@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import BIN, daemon, free_port, job_result, stop_process, wait_for
+from tests.helpers import BIN, daemon, free_port, job_result, port_free, stop_process, wait_for
 from tests.test_worker import worker_argv
 
 
@@ -21,7 +21,8 @@ def test_queen_lists_a_worker_from_its_heartbeats_and_drops_it_when_silent(isola
     config = isolated_dirs / "queen.toml"
     config.write_text('[hives.lab-1]\nhost = "127.0.0.1"\n')  # the queen takes beats from its own hives only
     with daemon([str(BIN / "queen-rbee"), "--port", "0", "--config", str(config)], env=env) as queen:
-        argv = worker_argv("--port", "0", "--worker-id", "w-beat", "--hive-id", "lab-1",
+        port = next(p for p in range(9300, 9400) if port_free(p))  # a worker port of lab-1's range
+        argv = worker_argv("--port", str(port), "--worker-id", "w-beat", "--hive-id", "lab-1",
                            "--queen-url", queen.url, "--heartbeat-s", "0.3")
         with daemon(argv) as worker:
             assert wait_for(lambda: [w["state"] for w in active_workers(queen.url)] == ["ready"], timeout=10)

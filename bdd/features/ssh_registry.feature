@@ -79,4 +79,4 @@ Feature: SSH Registry Management
     When I run the keeper with "infer hello --hive nowhere --max-tokens 4"
     Then the keeper exits 1
     And the output contains "No hive with that id is configured"
-    And the output contains "Configured hives"
+    And the output contains "rbee-keeper hive list"

@@ -26,7 +26,7 @@ Feature: Worker Preflight Checks
     And a file "broken.gguf" that llama.cpp cannot load
     When I spawn a worker of that file on "CPU-0"
     Then the job fails with "WORKER_START_FAILED"
-    And the error carries the worker's last log lines, which say "llama.cpp could not load the model"
+    And the error says in one line "llama.cpp could not load the model", and the hive's log has the worker's last lines under its correlation id
 
   Scenario: Worker preflight backend check passes
     Given a running hive
