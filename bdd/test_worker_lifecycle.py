@@ -11,7 +11,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World
-from tests.helpers import BIN, daemon, free_port, job_result, stop_process, wait_for
+from tests.helpers import BIN, daemon, free_port, job_result, port_free, stop_process, wait_for
 from tests.test_worker import stream_events
 
 scenarios("worker_lifecycle.feature")
@@ -23,8 +23,10 @@ def worker_command(model: str, *extra: str) -> list[str]:
 
 @when(parsers.parse('I start a worker for "{model}" on "{device}" that reports to the queen'))
 def start_reporting_worker(world: World, model: str, device: str) -> None:
-    argv = [*worker_command(model, "--port", "0", "--worker-id", "worker-bdd-1"), "--queen-url", world.queen_url,
-            "--heartbeat-s", "0.3"]
+    # a port of the localhost hive's worker range: the queen takes heartbeats from nowhere else
+    port = next(p for p in range(9300, 9400) if port_free(p))
+    argv = [*worker_command(model, "--port", str(port), "--worker-id", "worker-bdd-1"), "--queen-url",
+            world.queen_url, "--heartbeat-s", "0.3"]
     argv[argv.index("CPU-0")] = device
     world.extra["worker"] = world.extra["stack"].enter_context(daemon(argv))
 

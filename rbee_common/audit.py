@@ -68,14 +68,15 @@ class AuditLog:
         self._disk_warned = 0.0
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
+    def _locked(self) -> Iterator[None]:
+        """Hold `.<name>.lock` beside the log: one writer at a time, across processes."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        lock = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield fd
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held for one short write; never across an await
+            yield
         finally:
-            os.close(fd)  # releases the lock
+            os.close(lock)  # releases the lock
 
     def record(
         self, event_type: str, *, actor: str, outcome: str, correlation_id: str | None = None,
@@ -83,43 +84,49 @@ class AuditLog:
     ) -> None:
         """Append one entry. A full or read-only disk is logged, never raised into a request."""
         try:
-            with self._locked() as fd:
-                fd = self._rotate_if_big(fd)
-                previous, seq = _last(fd)
-                entry: dict[str, Any] = {
-                    "seq": seq + 1,
-                    "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                    "component": self.component, "event_type": event_type, "actor": _clip(actor),
-                    "outcome": outcome, "correlation_id": correlation_id, "details": _clip(details),
-                    "previous_hash": previous,
-                }
-                entry["entry_hash"] = entry_hash(entry)
-                os.write(fd, (canonical(entry) + "\n").encode())
+            with self._locked():
+                previous, seq = self._tail()
+                if self.path.exists() and self.path.stat().st_size >= self.max_bytes:
+                    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+                    archive = self.path.with_name(f"{self.path.stem}-{stamp}{self.path.suffix}")
+                    os.replace(self.path, archive)  # the next entry starts the new file, chained to it
+                    log.info("audit log rotated: %s", archive.name)
+                    previous, seq = self._append(previous, seq, "audit.rotate", "system", "ok", None,
+                                                 {"archive": archive.name})
+                self._append(previous, seq, event_type, actor, outcome, correlation_id, details)
         except OSError as error:
             log.error("audit entry %s not written: %s", event_type, error.strerror)
             return
         self._check_disk()
 
-    def _rotate_if_big(self, fd: int) -> int:
-        if os.fstat(fd).st_size < self.max_bytes:
-            return fd
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        archive = self.path.with_name(f"{self.path.stem}-{stamp}{self.path.suffix}")
-        previous, seq = _last(fd)
-        os.replace(self.path, archive)  # we hold the lock on the old file; the new one starts the same way
-        new = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(new, fcntl.LOCK_EX)
-        os.close(fd)
+    def _tail(self) -> tuple[str, int]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return GENESIS, 0
+        try:
+            return _last(fd)
+        finally:
+            os.close(fd)
+
+    def _append(
+        self, previous: str, seq: int, event_type: str, actor: str, outcome: str, correlation_id: str | None,
+        details: dict[str, Any],
+    ) -> tuple[str, int]:
         entry: dict[str, Any] = {
-            "seq": seq + 1, "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z"), "component": self.component, "event_type": "audit.rotate", "actor": "system",
-            "outcome": "ok", "correlation_id": None, "details": {"archive": archive.name},
+            "seq": seq + 1,
+            "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "component": self.component, "event_type": event_type, "actor": _clip(actor),
+            "outcome": outcome, "correlation_id": correlation_id, "details": _clip(details),
             "previous_hash": previous,
         }
         entry["entry_hash"] = entry_hash(entry)
-        os.write(new, (canonical(entry) + "\n").encode())
-        log.info("audit log rotated: %s", archive.name)
-        return new
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (canonical(entry) + "\n").encode())  # one write: a reader never sees half a line
+        finally:
+            os.close(fd)
+        return entry["entry_hash"], entry["seq"]
 
     def _check_disk(self) -> None:
         now = time.monotonic()

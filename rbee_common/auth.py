@@ -106,10 +106,15 @@ def _check(token: str, source: str) -> str:
 def load_token(
     path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None
 ) -> str | None:
-    """The token a daemon accepts: the file if given, else `$RBEE_API_TOKEN`, else None."""
+    """The token a daemon accepts: the file if given, else systemd's credential `api_token`
+    (`$CREDENTIALS_DIRECTORY`, from `LoadCredential=`), else `$RBEE_API_TOKEN`, else None."""
     if path is not None:
         return read_token_file(path)
-    value = (os.environ if environ is None else environ).get(TOKEN_ENV)
+    environ = dict(os.environ) if environ is None else environ
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / "api_token").exists():
+        return read_token_file(Path(credentials) / "api_token")
+    value = environ.get(TOKEN_ENV)
     return _check(value.rstrip("\r\n"), f"${TOKEN_ENV}") if value is not None else None
 
 
@@ -122,8 +127,11 @@ class TokenSource:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> None:
-        self.path = path
         self.current = load_token(path, environ)
+        credentials = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+        if path is None and credentials and (Path(credentials) / "api_token").exists():
+            path = Path(credentials) / "api_token"  # systemd's credential: reloaded like a file
+        self.path = path
 
     @classmethod
     def fixed(cls, token: str | None, path: str | os.PathLike[str] | None = None) -> TokenSource:
@@ -196,6 +204,8 @@ def presented_token() -> str:
     header = request.headers.get("Authorization")
     if header is None:
         raise _refuse("Missing API key", "MISSING_API_KEY", "missing_header")
+    if header.strip() == "Bearer":  # "Bearer " with nothing after it (HTTP strips the trailing space)
+        raise _refuse("Missing API key", "MISSING_API_KEY", "empty_token")
     if not header.startswith("Bearer "):  # the scheme is case-sensitive, one space
         raise _refuse("Invalid Authorization header format", "INVALID_AUTH_FORMAT", "invalid_format")
     token = header[len("Bearer "):]

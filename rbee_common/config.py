@@ -68,6 +68,8 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """The URL hives' workers heartbeat to (default: this queen's port on the address SSH used)."""
     hive_start_timeout_s: Positive = 60.0
     """A hive started over SSH that is not ready this long after is stopped, with its last log lines."""
+    audit_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 10 * 1024 * 1024
+    """The audit log is archived (and its chain continued in a new file) at this size."""
 
 
 class HiveSettings(_Section, frozen=True, kw_only=True):
@@ -99,6 +101,8 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     download_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
     disk_reserve_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 << 20
     """Downloads leave at least this much of the data disk free."""
+    audit_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 10 * 1024 * 1024
+    """The audit log is archived (and its chain continued in a new file) at this size."""
     model_roots: list[str] = msgspec.field(default_factory=list)
     """Folders a `file://` model may be in, besides the catalog and the built-in model's package."""
 

@@ -156,14 +156,20 @@ async def serve_app(
     host: str,
     port: int,
     shutdown_trigger: Callable[[], Awaitable[None]],
+    graceful_timeout: float = 3.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` until `shutdown_trigger` returns; report the bound URLs."""
+    """Serve `app` until `shutdown_trigger` returns; report the bound URLs.
+
+    After the trigger, hypercorn waits up to `graceful_timeout` for open
+    connections, idle kept-alive ones included: a server whose trigger has
+    already drained its requests passes a short one.
+    """
     config = hypercorn.config.Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 3.0
+    config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 5.0
     await hypercorn.trio.serve(
         app,

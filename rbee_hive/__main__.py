@@ -30,7 +30,7 @@ def _version(value: bool) -> None:
 @cli.command()
 def main(
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one (default 9000).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one (default 9000).")] = None,  # noqa: E501
     hive_id: Annotated[str | None, typer.Option(help="This hive's id (default localhost).")] = None,
     queen_url: Annotated[str | None, typer.Option(help="The queen its workers heartbeat to.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Where models live (default: XDG data dir).")] = None,

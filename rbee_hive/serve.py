@@ -15,6 +15,12 @@ from rbee_hive.app import build_app
 from rbee_hive.service import HiveService
 
 
+async def _stop_workers_on(stop: trio.Event, service: HiveService) -> None:
+    """On SIGTERM, stop the workers while HTTP drains, not after: they drain their own requests."""
+    await stop.wait()
+    await service.workers.stop_all()
+
+
 async def serve(
     settings: HiveSettings,
     *,
@@ -31,6 +37,7 @@ async def serve(
     async with trio.open_nursery() as children:
         service = HiveService(settings, children, token=tokens.current)
         children.start_soon(service.workers.monitor_forever)
+        children.start_soon(_stop_workers_on, stop, service)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)

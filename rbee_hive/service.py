@@ -39,7 +39,11 @@ class HiveService:
             reserve_bytes=settings.disk_reserve_bytes,
         )
         self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers", token=token)
-        self.audit = AuditLog(state_dir() / "audit" / f"hive-{settings.hive_id}.jsonl", component="hive")
+        self.audit = AuditLog(state_dir() / "audit" / f"hive-{settings.hive_id}.jsonl", component="hive",
+                              max_bytes=settings.audit_max_bytes)
+        self.workers.on_idle_stop = lambda worker: self.audit.record(
+            "worker.stop", actor="hive (idle timeout)", outcome="stopping", worker_id=worker.worker_id,
+            model=worker.model)
 
     async def handle(self, operation: Operation, context: JobContext) -> Any:
         match operation:

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -119,10 +119,15 @@ class Workers:
         self.log_dir = log_dir
         self.running: dict[str, _Running] = {}
         self._reserved_ports: set[int] = set()
+        self.on_idle_stop: Callable[[HiveWorker], None] = lambda worker: None
+        """A worker the hive stops by itself (idle timeout): the audit log."""
 
     def http(self, timeout: float = 5.0) -> httpx.AsyncClient:
-        """A client for talking to our workers (each request carries that worker's token)."""
-        return httpx.AsyncClient(timeout=timeout)
+        """A client for talking to our workers (each request carries that worker's token).
+
+        No kept-alive connections: checks are seconds apart, and an idle connection would
+        hold a stopping worker's HTTP shutdown."""
+        return httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0))
 
     # --- queries --------------------------------------------------------------
 
@@ -464,6 +469,7 @@ class Workers:
             log.info("worker %s idle for %.0f s (limit %g s): stopping it",
                      info.worker_id, info.idle_s, timeout)
             info.state = "stopping"
+            self.on_idle_stop(info)
             self.nursery.start_soon(self.stop, info.worker_id)
 
     async def check_all(self, http: httpx.AsyncClient) -> None:

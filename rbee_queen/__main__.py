@@ -25,7 +25,7 @@ def _version(value: bool) -> None:
 @cli.command()
 def main(
     host: Annotated[str | None, typer.Option(help="Address to bind (default from config: 127.0.0.1).")] = None,  # noqa: E501
-    port: Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one (default 8500).")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one (default 8500).")] = None,  # noqa: E501
     local_hive: Annotated[bool, typer.Option("--local-hive", help="Run the localhost hive inside the queen: direct calls, its workers are the queen's children.")] = False,  # noqa: E501
     api_token_file: Annotated[str | None, typer.Option(help="Bearer token file (one line, mode 0600); else $RBEE_API_TOKEN. Needed to bind beyond loopback.")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501

@@ -114,8 +114,7 @@ class Heartbeats:
                 f"A worker of that hive cannot be registered there: {problem}.",
                 hint="Workers register from their hive's host, on a port in its worker port range.",
             )
-        if credential == "candidate":  # a token we never saw: only its hive can vouch for it
-            assert token is not None
+        if credential == "candidate" and token is not None:  # a token we never saw: its hive decides
             why = await self._ask(beat, token)
             if why is not None:
                 raise refuse_token(token)
@@ -123,7 +122,10 @@ class Heartbeats:
             self.registry.confirm(beat.worker_id, token)
             return
         new = self.registry.record(beat)
-        if credential != "worker" and (new or not self.registry.is_confirmed(beat.worker_id)):
+        if credential == "worker":  # the token we minted for the worker its hive started for us
+            if not self.registry.is_confirmed(beat.worker_id):
+                self.registry.confirm(beat.worker_id)
+        elif new or not self.registry.is_confirmed(beat.worker_id):
             self.nursery.start_soon(self._confirm, beat)
 
     def _known_anywhere(self, token: str | None) -> bool:

@@ -12,7 +12,7 @@ lag by up to one period, so they only add and remove workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -69,6 +69,8 @@ class Scheduler:
         self.cold_start_enabled = cold_start
         self.mint_tokens = False
         """Give each worker we start a token of its own (when the queen runs with a token)."""
+        self.on_cold_start: Callable[[str, str, Any, str | None, str | None], None] = lambda *_: None
+        """(model, hive_id, the spawn's result or None, error code or None, job id): the audit log."""
         self.load: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
         self.aliases: dict[str, str] = {}
@@ -152,9 +154,13 @@ class Scheduler:
                     hive_id=hive_id, device=device,
                 )
             token = new_token() if self.mint_tokens else None
-            spawned = await self.router.run(
-                WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token), hive_id, context
-            )
+            try:
+                spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token)
+                spawned = await self.router.run(spawn, hive_id, context)
+            except RbeeError as error:
+                self.on_cold_start(model, hive_id, None, error.code, context.job_id if context else None)
+                raise
+            self.on_cold_start(model, hive_id, spawned, None, context.job_id if context else None)
             self.register_spawned(model, hive_id, spawned, token)
         finally:
             del self._cold[model]

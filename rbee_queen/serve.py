@@ -25,6 +25,12 @@ from rbee_queen.remote import Remote
 from rbee_queen.service import QueenService
 
 
+async def _stop_workers_on(stop: trio.Event, local: HiveService) -> None:
+    """On SIGTERM, stop the local workers while HTTP drains, not after: they drain their own requests."""
+    await stop.wait()
+    await local.workers.stop_all()
+
+
 async def serve(
     config: QueenConfig,
     *,
@@ -60,6 +66,7 @@ async def serve(
                         local.settings, queen_url=urls[0]
                     )
                     children.start_soon(local.workers.monitor_forever)
+                    children.start_soon(_stop_workers_on, stop, local)
                 remote.queen_url = urls[0]
                 task_status.started(urls)
         finally:

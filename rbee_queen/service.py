@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -75,7 +76,8 @@ class QueenService:
         self.tokens = tokens or TokenSource.fixed(config.api_token)
         """The token clients present; SIGHUP reads its file again (`TokenSource.reload`)."""
         self.workers = WorkerRegistry(stale_after_s=settings.worker_stale_s)
-        self.audit = AuditLog(state_dir() / "audit" / "queen.jsonl", component="queen")
+        self.audit = AuditLog(state_dir() / "audit" / "queen.jsonl", component="queen",
+                              max_bytes=settings.audit_max_bytes)
         self.local_hive = local_hive
         self.remote = remote
         self.router = HiveRouter(config.hives, http=http, local=local_hive, token_for=self.hive_token)
@@ -85,6 +87,7 @@ class QueenService:
             queue_timeout_s=settings.queue_timeout_s, cold_start=settings.cold_start,
         )
         self.scheduler.mint_tokens = self.token is not None
+        self.scheduler.on_cold_start = self.audit_cold_start
         self.heartbeats = Heartbeats(
             self.workers, nursery=nursery, queen_token=lambda: self.token, hive_token=self.hive_token,
             hive_ids=self.router.ids, placement=self.placement,
@@ -94,6 +97,17 @@ class QueenService:
     @property
     def token(self) -> str | None:
         return self.tokens.current
+
+    def audit_cold_start(
+        self, model: str, hive_id: str, spawned: Any, error: str | None, job_id: str | None
+    ) -> None:
+        worker_id = spawned.get("worker_id") if isinstance(spawned, dict) else None
+        self.audit.record("worker.spawn", actor="queen (cold start)",
+                          outcome="failed" if error else "completed",
+                          correlation_id=job_id or str(uuid.uuid4()),
+                          model=model, hive_id=hive_id,
+                          **({"worker_id": worker_id} if isinstance(worker_id, str) else {}),
+                          **({"error": error} if error else {}))
 
     def audit_auth_success(self, identity: str) -> None:
         self.audit.record("auth.success", actor=identity, outcome="ok")

@@ -48,7 +48,7 @@ def main(
     device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
     backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 0,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one.")] = 0,
     worker_id: Annotated[str, typer.Option(help="This worker's id.")] = "worker-local",
     hive_id: Annotated[str, typer.Option(help="The hive that started it.")] = "localhost",
     queen_url: Annotated[str | None, typer.Option(help="Send heartbeats to this queen.")] = None,

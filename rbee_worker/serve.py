@@ -62,7 +62,10 @@ async def serve(
 ) -> None:
     model = resolve_model(config.model)
     service = WorkerService(config)
-    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+    # No kept-alive connection to the queen: a beat every few seconds does not need one, and an idle
+    # one would hold the queen's HTTP shutdown for its graceful timeout.
+    no_keepalive = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=no_keepalive) as http, trio.open_nursery() as nursery:
         if config.lifeline_fd is not None:
             nursery.start_soon(watch_lifeline, config.lifeline_fd, service, stop)
         app = build_app(service, nursery, stop=stop)
@@ -72,9 +75,9 @@ async def serve(
             await service.drain(service.drain_s)
 
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
-            await serve_app(
+            await serve_app(  # the trigger drained the requests: what is left is idle
                 app, host=config.host, port=config.port, shutdown_trigger=shutdown_trigger,
-                task_status=task_status,
+                graceful_timeout=0.5, task_status=task_status,
             )
             nursery.cancel_scope.cancel()
 

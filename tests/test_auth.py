@@ -126,6 +126,8 @@ def test_each_worker_gets_a_token_of_its_own_that_cannot_act_as_its_hive_or_quee
         answer = httpx.post(f"{queen.url}/v1/completions", headers=headers, timeout=60,
                             json={"model": "smollm2-135m", "prompt": "The sky is", "max_tokens": 3})
         assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+        assert queen.log().count(") registered: ") == 1  # that worker served it: no cold start of another
         assert own not in queen.log()
 
 

@@ -208,3 +208,30 @@ def test_a_job_failure_records_who_and_a_correlation_id_in_the_queens_audit_log(
     (stop,) = [e for e in entries if e["event_type"] == "worker.stop"]
     assert stop["correlation_id"] == cid and stop["outcome"] == "failed" and stop["actor"] == "loopback (no token)"
     assert stop["details"]["worker_id"] == "worker-nobody" and stop["details"]["error"] == "WORKER_NOT_FOUND"
+
+
+def test_hive_get_shows_no_key_or_token_paths_and_not_found_names_no_hives(isolated_dirs: Path) -> None:
+    key = isolated_dirs / "id_ed25519"
+    key.write_text("not a key")
+    config = isolated_dirs / "queen.toml"
+    config.write_text(f'[hives.lab-1]\nhost = "127.0.0.1"\nidentity_file = "{key}"\n'
+                      f'token_file = "{isolated_dirs}/lab-1.token"\n[hives.secret-lab]\nhost = "127.0.0.2"\n')
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--config", str(config)]) as queen:
+        shown = job_result(queen.url, {"operation": "hive_get", "hive_id": "lab-1"})
+        assert isinstance(shown, dict) and shown["host"] == "127.0.0.1"
+        assert "identity_file" not in shown and "token_file" not in shown and str(isolated_dirs) not in str(shown)
+        events, _ = run_job(queen.url, {"operation": "hive_get", "hive_id": "nowhere"})
+        (error,) = [e["error"] for e in events if e.get("error")]
+        assert error["code"] == "HIVE_NOT_FOUND" and "secret-lab" not in json.dumps(error)  # type: ignore[arg-type]
+
+
+def test_sighup_rotates_the_hives_token_too(isolated_dirs: Path) -> None:
+    path = token_file(isolated_dirs)
+    with daemon([str(BIN / "rbee-hive"), "--port", "0", "--api-token-file", str(path)]) as hive:
+        new = "rotated-hive-token-0123456789abcd"
+        write_token_file(path, new)
+        os.kill(hive.process.pid, signal.SIGHUP)
+        assert wait_for(lambda: "API token reloaded" in hive.log(), timeout=5)
+        assert httpx.get(f"{hive.url}/v1/capabilities", headers=AUTH).status_code == 401
+        assert httpx.get(f"{hive.url}/v1/capabilities", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+        assert hive.process.poll() is None
