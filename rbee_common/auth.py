@@ -236,17 +236,9 @@ def _refuse(message: str, code: str, reason: str, token: str | None = None) -> A
     return error
 
 
-
 def refuse_token(token: str | None) -> AuthFailed:
     """The 401 for a presented token that no credential matches."""
     return _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", token)
-
-
-def check_request(accepted: Iterable[str]) -> str:
-    token = presented_token()
-    if not matches(token, accepted):
-        raise _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", token)
-    return token
 
 
 def install_auth(
@@ -286,7 +278,7 @@ def install_auth(
             if request.path in own:
                 return None
             if not matches(presented, (source.current,)):
-                raise _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", presented)
+                raise refuse_token(presented)
         except AuthFailed as error:
             if on_failure is not None:
                 on_failure(error.reason, error.identity, request.path)

@@ -267,6 +267,7 @@ class JobServer:
             job.finish("cancelled", CANCELLED)
         if self.on_finish is not None:
             self.on_finish(job)
+        job.result = None  # the result event has it; the job is kept a while, its value need not be
         log.info(
             "job %s operation=%s state=%s took_ms=%.1f",
             job.id, job.operation.name, job.state, (time.monotonic() - started) * 1000,

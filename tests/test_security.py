@@ -91,24 +91,21 @@ def test_a_worker_its_hive_does_not_confirm_gets_no_prompts(token_queen: Daemon)
 HOSTILE_JSON = [b"[" * 200_000, b'{"a":' * 100_000, b"\xff\xfe{}", b'{"operation": "infer", "model": "m", "max_tokens": 1e999999}']
 
 
-@pytest.mark.parametrize("body", HOSTILE_JSON, ids=["deep-array", "deep-object", "bad-utf8", "huge-number"])
-def test_hostile_json_is_a_400_on_every_route(isolated_dirs: Path, body: bytes) -> None:
+def test_hostile_json_and_last_event_ids_are_400s_on_every_route(isolated_dirs: Path) -> None:
     argv = [str(BIN / "queen-rbee"), "--port", "0", "--local-hive"]
-    with daemon(argv, env={"RBEE_QUEEN__MAX_BODY_BYTES": str(1 << 20)}) as queen, \
-            daemon([str(BIN / "rbee-hive"), "--port", "0"]) as hive:
-        for url in (f"{queen.url}/v1/jobs", f"{queen.url}/v1/chat/completions", f"{queen.url}/v1/completions",
-                    f"{queen.url}/v1/worker-heartbeat", f"{hive.url}/v1/jobs"):
-            response = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
-            assert 400 <= response.status_code < 500, (url, response.status_code, response.text[:200])
+    with daemon(argv) as queen, daemon([str(BIN / "rbee-hive"), "--port", "0"]) as hive:
+        for body in HOSTILE_JSON:
+            for url in (f"{queen.url}/v1/jobs", f"{queen.url}/v1/chat/completions", f"{queen.url}/v1/completions",
+                        f"{queen.url}/v1/worker-heartbeat", f"{hive.url}/v1/jobs"):
+                response = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+                assert 400 <= response.status_code < 500, (url, body[:20], response.status_code, response.text[:200])
+        for base in (queen.url, hive.url):
+            created = httpx.post(f"{base}/v1/jobs", json={"operation": "model_list"}).json()
+            for value in ("²", "³¹", "1²", "-1", "1" * 40):  # "²" is a digit to str.isdigit, not to int()
+                response = httpx.get(base + created["sse_url"], headers={"Last-Event-ID": value.encode("latin-1")})
+                assert response.status_code == 400, (value, response.text[:200])
+                assert response.json()["error"]["details"]["field"] == "Last-Event-ID"
         assert httpx.get(f"{queen.url}/health").status_code == 200 and httpx.get(f"{hive.url}/health").status_code == 200
-
-
-@pytest.mark.parametrize("value", ["²", "³¹", "1²", "-1", "1" * 40])
-def test_a_strange_last_event_id_is_a_400(isolated_dirs: Path, value: str) -> None:
-    with daemon([str(BIN / "queen-rbee"), "--port", "0"]) as queen:
-        created = httpx.post(f"{queen.url}/v1/jobs", json={"operation": "status"}).json()
-        response = httpx.get(queen.url + created["sse_url"], headers={"Last-Event-ID": value.encode("latin-1")})
-        assert response.status_code == 400 and response.json()["error"]["details"]["field"] == "Last-Event-ID"
 
 
 def test_client_strings_cannot_forge_a_log_line(isolated_dirs: Path) -> None:
