@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, models_dir, run_job, spawn_worker, start_hive, start_queen
@@ -576,3 +578,26 @@ __all__ = ["start_hive"]
 @then(parsers.parse('the response error message is "{text}"'))
 def response_message(world: World, text: str) -> None:
     assert world.response is not None and world.response.json()["error"]["message"] == text
+
+
+@given("a hive with an API token whose state dir is on a 1 MB disk that is 96% full")
+def small_disk_hive(world: World) -> None:
+    disk = world.tmp / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    world.extra["stack"].callback(subprocess.run, ["umount", "-l", str(disk)], capture_output=True)
+    total = shutil.disk_usage(disk).total
+    (disk / "filler").write_bytes(b"x" * int(total * 0.96))
+    world.extra["small_disk"] = disk
+    path = token_path(world)
+    world.extra["hive"] = world.extra["stack"].enter_context(daemon(
+        [str(BIN / "rbee-hive"), "--port", "0", "--api-token-file", str(path)],
+        env={"XDG_STATE_HOME": str(disk / "state")}))
+
+
+@then(parsers.parse('the audit log on the small disk has the "{kind}" entry'))
+def small_disk_entry(world: World, kind: str) -> None:
+    log = world.extra["small_disk"] / "state" / "rbee" / "audit" / "hive-localhost.jsonl"
+    assert kind in [json.loads(line)["event_type"] for line in log.read_text().splitlines()]

@@ -134,7 +134,11 @@ class AuditLog:
             return
         usage = shutil.disk_usage(self.path.parent)
         used = 1 - usage.free / usage.total if usage.total else 0.0
-        if used >= 0.95:
+        if used >= 0.99:
+            self._disk_warned = now
+            log.error("audit log disk is %.0f%% full: the next entries may not be written; free space now",
+                      used * 100)
+        elif used >= 0.95:
             self._disk_warned = now
             log.warning("audit log disk is %.0f%% full; free space so that auditing can go on", used * 100)
 

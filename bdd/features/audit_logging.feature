@@ -31,6 +31,12 @@ Feature: Audit Logging - Tamper-Evident Security Logs
     Then the audit log was archived at least once
     And rbee-keeper audit verify passes across the archives
 
+  Scenario: AUDIT-007 - Disk space monitoring for audit logs
+    Given a hive with an API token whose state dir is on a 1 MB disk that is 96% full
+    When I send GET /v1/capabilities to the hive without a token
+    Then the hive's log says "audit log disk is"
+    And the audit log on the small disk has the "auth.failure" entry
+
   Scenario: AUDIT-009 - No secrets in audit logs
     Given a running hive with an API token
     When I send GET /v1/capabilities to the hive with the token "wrong-token-0123456789abcdef"
