@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import itertools
 import json
 import os
@@ -19,7 +18,8 @@ import httpx
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World, models_dir, run_job, spawn_worker, start_hive, start_queen
+from bdd.conftest import World, models_dir, run_job, spawn_worker, start_queen
+from rbee_common.auth import fingerprint as fp
 from rbee_common.auth import write_token_file
 from tests.helpers import BIN, daemon, free_port, job_result, wait_for
 
@@ -28,10 +28,6 @@ scenarios("input_validation.feature", "authentication.feature", "secrets_managem
 
 TOKEN = "s3cret-token-for-bdd-0123456789ab"
 WRONG = "wrong-token-0123456789abcdef"
-
-
-def fp(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:6]
 
 
 def token_path(world: World, token: str = TOKEN, name: str = "api.token") -> Path:
@@ -571,8 +567,6 @@ def numbered(world: World) -> None:
     found = entries(world, "hive-localhost.jsonl")
     assert [e["seq"] for e in found] == list(range(1, len(found) + 1)) and len(found) >= 2
 
-
-__all__ = ["start_hive"]
 
 
 @then(parsers.parse('the response error message is "{text}"'))

@@ -69,7 +69,6 @@ def none_started(world: World) -> None:
 def one_line(world: World, text: str) -> None:
     error = job_error_body(world)
     assert text in error["message"] and "\n" not in error["message"] and "last_log_lines" not in error["details"]
-    hive_log = world.extra["hive"].log()
     assert wait_for(lambda: error["correlation_id"] in world.extra["hive"].log())
     hive_log = world.extra["hive"].log()
     assert "could not load the model" in hive_log[hive_log.index(error["correlation_id"]):]

@@ -32,8 +32,13 @@ TOKEN_ENV = "RBEE_API_TOKEN"
 log = logging.getLogger("rbee.auth")
 
 
+def token_sha256(token: str) -> str:
+    """A token's SHA-256 (hex): safe to pass around, and what a hive and the queen compare."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def fingerprint(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:6]
+    return token_sha256(token)[:6]
 
 
 def new_token() -> str:

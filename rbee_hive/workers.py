@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import msgspec
 import psutil
 import trio
 
-from rbee_common.auth import TOKEN_ENV, bearer, new_token
+from rbee_common.auth import TOKEN_ENV, bearer, new_token, token_sha256
 from rbee_common.builtin import builtin_model_path
 from rbee_common.child import Child, spawn_child
 from rbee_common.config import HiveSettings
@@ -334,7 +333,7 @@ class Workers:
             worker_id=worker_id, model=name, device=op.device, backend=backend, threads=threads,
             pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}", state="starting",
             started_at=time.time(),
-            token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
+            token_sha256=token_sha256(token) if token else None,
         )
         running = _Running(info, process, write_end, model_arg, token)
         self.running[worker_id] = running

@@ -13,7 +13,6 @@ A registered worker gets users' prompts, so a heartbeat is taken only:
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import time
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 import trio
 
-from rbee_common.auth import is_loopback, matches, refuse_token
+from rbee_common.auth import is_loopback, matches, refuse_token, token_sha256
 from rbee_common.errors import Forbidden, InvalidRequest, NotFound, RbeeError
 from rbee_common.validation import decode_body
 from rbee_common.wire import WorkerGet, WorkerHeartbeat
@@ -69,10 +68,6 @@ def _same_host(a: str, b: str) -> bool:
         return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
     except ValueError:
         return a.lower() == b.lower()
-
-
-def token_sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Heartbeats:

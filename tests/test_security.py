@@ -85,7 +85,7 @@ def test_a_worker_its_hive_does_not_confirm_gets_no_prompts(token_queen: Daemon)
     answer = httpx.post(f"{token_queen.url}/v1/chat/completions", headers=AUTH, timeout=30, json={
         "model": "smollm2-135m", "messages": [{"role": "user", "content": "my secret prompt"}]})
     assert answer.status_code == 503, answer.text  # never sent to the unconfirmed "worker"
-    assert "worker-evil not routed" in token_queen.log() or "not routed" in token_queen.log()
+    assert "worker worker-evil of hive lab-1 not routed" in token_queen.log()
 
 
 HOSTILE_JSON = [b"[" * 200_000, b'{"a":' * 100_000, b"\xff\xfe{}", b'{"operation": "infer", "model": "m", "max_tokens": 1e999999}']
