@@ -18,6 +18,7 @@ import httpx_sse
 import msgspec
 import trio
 
+from rbee_common import deadlines
 from rbee_common.errors import (
     ConnectFailed,
     JobCancelled,
@@ -77,9 +78,11 @@ class JobClient:
         self._http = http
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def request(self, method: str, path: str, *, json: Any = None) -> httpx.Response:
+    async def request(
+        self, method: str, path: str, *, json: Any = None, extra: dict[str, str] | None = None,
+    ) -> httpx.Response:
         content = None if json is None else _encoder.encode(json)
-        headers = dict(self._headers)
+        headers = {**self._headers, **(extra or {})}
         if content is not None:
             headers["Content-Type"] = "application/json"
         with translate_transport_errors(self.base_url):
@@ -91,7 +94,8 @@ class JobClient:
         return response
 
     async def submit(self, operation: Operation) -> JobCreated:
-        response = await self.request("POST", "/v1/jobs", json=operation)
+        # A job submitted on behalf of a request with a deadline has the same deadline (area 340).
+        response = await self.request("POST", "/v1/jobs", json=operation, extra=deadlines.outgoing())
         return _created_decoder.decode(response.content)
 
     async def status(self, job_id: str) -> JobInfo:

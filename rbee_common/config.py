@@ -48,8 +48,12 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     job_retention_s: Positive = 600.0
     event_buffer: Annotated[int, msgspec.Meta(ge=16)] = 10_000
     hive_probe_timeout_s: Positive = 2.0
-    worker_stale_s: Positive = 6.0
-    """A worker silent this long (three missed heartbeats) leaves the registry."""
+    default_deadline_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    """An inference whose client set no deadline (X-Request-Deadline, or a timeout) gets this one;
+    0: none. 600 s is the OpenAI clients' own default timeout."""
+    worker_stale_s: Positive = 15.0
+    """A worker silent this long (three missed heartbeats of 5 s; data on its streams counts as one)
+    leaves the registry."""
     local_hive: bool = False
     """Run the `localhost` hive inside the queen (`queen-rbee --local-hive`)."""
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 64
@@ -89,6 +93,9 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """A worker not ready this long after spawn is killed; its last log lines are reported."""
     worker_stop_grace_s: Positive = 5.0
     """`worker_stop` and shutdown: graceful this long, then SIGKILL."""
+    worker_heartbeat_s: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 5.0
+    """How often its workers tell the queen they live (and at once when their state changes).
+    Keep the queen's worker_stale_s at about three periods."""
     worker_check_s: Positive = 5.0
     """How often the hive checks each worker (`/v1/ready`); 3 failed checks in a row remove it."""
     worker_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
@@ -105,6 +112,24 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """The audit log is archived (and its chain continued in a new file) at this size."""
     model_roots: list[str] = msgspec.field(default_factory=list)
     """Folders a `file://` model may be in, besides the catalog and the built-in model's package."""
+    synthetic_backend: bool = False
+    """Benchmarks and tests only: every spawn (backend "auto" or "synthetic", a cold start's too)
+    starts a synthetic worker: filler tokens at a fixed rate, no model, any model name."""
+    synthetic_slots: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    synthetic_tokens_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 20.0
+
+
+def describe_source(explicit: str | None) -> str:
+    """For the config_load/config_reload log lines: the file and the RBEE_* variables that override
+    it (names only: a value may be a secret)."""
+    path = find_config_file(explicit)
+    names = sorted(v for v in os.environ if v.startswith("RBEE_") and "__" in v)
+    return f"source={path or 'defaults'}" + (f" env_overrides={','.join(names)}" if names else "")
+
+
+def changed_fields(old: msgspec.Struct, new: msgspec.Struct) -> list[str]:
+    """The fields whose values differ between two settings of one section."""
+    return [name for name in old.__struct_fields__ if getattr(old, name) != getattr(new, name)]
 
 
 class KeeperSettings(_Section, frozen=True, kw_only=True):

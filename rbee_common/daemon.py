@@ -10,10 +10,12 @@ port (port 0 works).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -57,6 +59,7 @@ def configure_logging(component: str, level: str | None = None) -> None:
     handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # it logs every channel at INFO
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # and httpx every request: a line per stream
 
 
 def announce_ready(urls: list[str], **extra: Any) -> None:
@@ -84,6 +87,7 @@ def run_daemon(
     SIGHUP calls `on_hangup` (reload token files and config) and stops nothing.
     """
     outcome = {"hard": False}
+    raise_open_file_limit()
 
     async def main() -> None:
         stop = trio.Event()
@@ -133,6 +137,14 @@ def run_daemon(
         log.error("%s could not start: %s%s", component, getattr(first, "strerror", None) or first, hint)
         failed = True
     return 1 if failed or outcome["hard"] else 0
+
+
+def raise_open_file_limit() -> None:
+    """Every connection is a file: take the hard limit, not the soft default (often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def exit_on_config_error(error: RbeeError, program: str) -> NoReturn:

@@ -125,6 +125,13 @@ class JobNotFound(NotFound):
     code = "JOB_NOT_FOUND"
 
 
+class DeadlineExceeded(RbeeError):
+    """The request's deadline passed (rbee_common/deadlines.py)."""
+
+    code = "REQUEST_TIMEOUT"
+    status = 408
+
+
 class Conflict(RbeeError):
     code = "CONFLICT"
     status = 409

@@ -7,13 +7,15 @@ the envelope of DESIGN §8 with a fresh correlation id that is also logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import hypercorn.config
 import hypercorn.trio
+import hypercorn.trio.tcp_server
 import msgspec
 import trio
 from quart import Response, g, request
@@ -30,11 +32,55 @@ from rbee_common.errors import (
 
 _encoder = msgspec.json.Encoder()
 
+
+def _close_even_when_cancelled() -> None:
+    """Make hypercorn close a connection that must close (`Connection: close`) under quart-trio.
+
+    hypercorn closes it from inside the app's last `send`; quart-trio cancels that very task as
+    soon as the `http.disconnect` which the same close queued reaches it, and the cancellation
+    lands on the checkpoint in `send_eof`: the socket stayed open, and the client hung until its
+    own timeout (hypercorn 0.18, quart-trio 0.12). Closing a socket is immediate, so the shield
+    cannot hold anything up.
+    """
+    original = hypercorn.trio.tcp_server.TCPServer._close
+    if getattr(original, "_rbee_shielded", False):
+        return
+
+    async def _close(self: hypercorn.trio.tcp_server.TCPServer) -> None:
+        with trio.CancelScope(shield=True):
+            await original(self)
+
+    _close._rbee_shielded = True  # type: ignore[attr-defined]
+    hypercorn.trio.tcp_server.TCPServer._close = _close  # type: ignore[method-assign]
+
+
+_close_even_when_cancelled()
+
 _HTTP_STATUS_ERRORS: dict[int, tuple[str, str]] = {
     404: ("ROUTE_NOT_FOUND", "No such endpoint. See the README for the API."),
     405: ("METHOD_NOT_ALLOWED", "This endpoint does not accept that HTTP method."),
     413: ("PAYLOAD_TOO_LARGE", "The request body is larger than this server accepts."),
 }
+
+
+KEEP_ALIVE_S = 30.0
+"""An idle kept-alive connection is closed after this (and at once when the server stops). Longer
+than the workers' heartbeat period, so each worker beats on one connection; a client must send
+its request headers within it too."""
+
+BODY_TIMEOUT_S = 30.0
+"""A request body that has not arrived this long after its headers is a 408 (slow or half-sent);
+headers themselves must arrive within hypercorn's keep-alive timeout."""
+
+
+def _body_unread() -> bool:
+    """Did the request announce a body that has not all arrived (a 413 refuses it unread)?"""
+    has_body = request.content_length not in (None, 0) or "chunked" in request.headers.get(
+        "Transfer-Encoding", "").lower()
+    if not has_body:
+        return False
+    complete = getattr(request.body, "_complete", None)
+    return not (complete is not None and complete.is_set())
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -74,10 +120,15 @@ def create_app(name: str, *, component: str, max_body_bytes: int) -> QuartTrio:
     app = QuartTrio(name)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
 
     @app.after_request
     async def _tag(response: Response) -> Response:
         response.headers.setdefault("X-Correlation-Id", correlation_id())
+        if response.status_code >= 400 and _body_unread():
+            # The client's next request on this connection would sit behind the body we did not
+            # read (a 413, or a 401 before the body): close it, the client reconnects.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(RbeeError)
@@ -92,7 +143,7 @@ def create_app(name: str, *, component: str, max_body_bytes: int) -> QuartTrio:
         if status == 413:
             mapped = PayloadTooLarge(
                 message,
-                details={"limit_bytes": max_body_bytes},
+                details={"limit_bytes": app.config["MAX_CONTENT_LENGTH"]},
                 hint="Send a smaller body, or raise the server's max_body_bytes.",
             )
         elif status == 404:
@@ -134,6 +185,42 @@ def no_content() -> Response:
     return Response(b"", status=204)
 
 
+def listen_backlog() -> int:
+    """The kernel's cap on a listen backlog (asking for more is silently cut to it)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as file:
+            return max(int(file.read().strip()), 128)
+    except (OSError, ValueError):
+        return 4096
+
+
+class OpenStreams:
+    """The streamed answers a daemon is serving. On SIGTERM `end_all` ends each one with its
+    terminator, so that clients see a clean end and the HTTP drain has nothing to wait for."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self.ending = False
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[trio.CancelScope]:
+        """Wrap each wait for the stream's next piece (never a `yield` of an async generator)."""
+        scope = trio.CancelScope()
+        if self.ending:
+            scope.cancel()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._scopes.discard(scope)
+
+    def end_all(self) -> None:
+        self.ending = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
 def sse_frame(event_id: int | None, data: str) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}data: {data}\n\n".encode()
@@ -157,9 +244,15 @@ async def serve_app(
     port: int,
     shutdown_trigger: Callable[[], Awaitable[None]],
     graceful_timeout: float = 3.0,
+    h2_streams: int = 100,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until `shutdown_trigger` returns; report the bound URLs.
+
+    HTTP/1.1, and HTTP/2 with prior knowledge (the queen's connections to
+    workers) with up to `h2_streams` concurrent streams per connection. The
+    listen backlog is the system's (`somaxconn`): a burst of connections waits
+    in the kernel instead of being reset.
 
     After the trigger, hypercorn waits up to `graceful_timeout` for open
     connections, idle kept-alive ones included: a server whose trigger has
@@ -170,7 +263,9 @@ async def serve_app(
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = graceful_timeout
-    config.keep_alive_timeout = 5.0
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    config.backlog = listen_backlog()
+    config.h2_max_concurrent_streams = h2_streams
     await hypercorn.trio.serve(
         app,
         config,

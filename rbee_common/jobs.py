@@ -15,12 +15,13 @@ The HTTP routes live in `add_job_routes`, so every daemon serves the same API.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Literal
 
 import msgspec
@@ -28,6 +29,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from rbee_common import deadlines
 from rbee_common.auth import request_identity
 from rbee_common.errors import (
     ErrorBody,
@@ -46,6 +48,7 @@ from rbee_common.wire import (
     DONE,
     ERROR_PREFIX,
     OPERATION_NAMES,
+    Infer,
     JobCreated,
     JobEvent,
     JobInfo,
@@ -71,13 +74,21 @@ class JobLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_finished_jobs: int = 1000
     retention_s: float = 600.0
     event_buffer: int = 10_000
+    max_streams_per_job: int = 32
+    """Open SSE streams on one job; more get 429 with Retry-After."""
+    max_streams: int = 4096
+    """Open SSE streams on the whole daemon (each holds a socket); more get 429."""
 
 
 class Job:
     """One submitted operation, its state and its buffered events."""
 
-    def __init__(self, operation: Operation, *, buffer: int, actor: str = "internal") -> None:
+    def __init__(
+        self, operation: Operation, *, buffer: int, actor: str = "internal", deadline: str | None = None,
+    ) -> None:
         self.id = f"job-{uuid.uuid4()}"
+        self.deadline = deadline
+        """X-Request-Deadline it was submitted with: past it, the job fails with REQUEST_TIMEOUT."""
         self.operation = operation
         self.actor = actor
         """Who submitted it (a token fingerprint): for the audit log."""
@@ -88,6 +99,8 @@ class Job:
         self.error: ErrorBody | None = None
         self.cancel_scope = trio.CancelScope()
         self._events: deque[tuple[int, str]] = deque(maxlen=max(buffer, 2))
+        self.streams = 0
+        """SSE streams open on it."""
         self._next_seq = 0
         self._changed = trio.Event()
         self.done = trio.Event()
@@ -136,8 +149,13 @@ class Job:
             changed = self._changed
             oldest = self._events[0][0] if self._events else self._next_seq
             next_seq = max(next_seq, oldest)  # events dropped from a full buffer are gone
-            pending = [(seq, data) for seq, data in self._events if seq >= next_seq]
-            for seq, data in pending:
+            # Sequence numbers are consecutive: event `seq` sits at `seq - oldest`, so a follower
+            # reads what is new by position, never rescanning the buffer.
+            while next_seq < self._next_seq:
+                oldest = self._events[0][0]
+                if next_seq < oldest:  # dropped while we were sending
+                    next_seq = oldest
+                seq, data = self._events[next_seq - oldest]
                 yield seq, data
                 next_seq = seq + 1
             if self.finished and next_seq >= self._next_seq:
@@ -205,13 +223,17 @@ class JobServer:
         self.limits = limits
         self._jobs: dict[str, Job] = {}
         self._stopping = False
+        self.streams = 0
+        """Open SSE streams on this daemon's jobs."""
+        self.default_deadline_s: float | None = None
+        """The deadline an `infer` job gets when its client gave none (the queen's setting)."""
         self.on_finish: Callable[[Job], None] | None = None
         """Called when a job ends (the audit log)."""
 
     def live_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if not job.finished]
 
-    def submit(self, operation: Operation, *, actor: str = "internal") -> Job:
+    def submit(self, operation: Operation, *, actor: str = "internal", deadline: str | None = None) -> Job:
         if self._stopping:
             raise ShuttingDown("This server is shutting down and takes no new jobs.")
         if len(self.live_jobs()) >= self.limits.max_live_jobs:
@@ -220,7 +242,7 @@ class JobServer:
                 retry_after_s=1,
                 hint="Retry shortly, or raise max_live_jobs in the config.",
             )
-        job = Job(operation, buffer=self.limits.event_buffer, actor=actor)
+        job = Job(operation, buffer=self.limits.event_buffer, actor=actor, deadline=deadline)
         self._jobs[job.id] = job
         self._nursery.start_soon(self._run, job, name=job.id)
         return job
@@ -241,9 +263,32 @@ class JobServer:
             job.finish("cancelled", CANCELLED)
         return job
 
+    def check_stream_room(self, job: Job) -> None:
+        """429 when `job`, or this daemon, has as many SSE subscribers as it takes."""
+        if job.streams >= self.limits.max_streams_per_job or self.streams >= self.limits.max_streams:
+            per_job = job.streams >= self.limits.max_streams_per_job
+            raise TooManyRequests(
+                "Too many streams are open on this job." if per_job else "Too many streams are open.",
+                retry_after_s=1, hint="Close a stream you no longer read, then retry.",
+                details={"limit": self.limits.max_streams_per_job if per_job else self.limits.max_streams},
+            )
+
+    @contextlib.contextmanager
+    def stream_slot(self, job: Job) -> Iterator[None]:
+        """Count one SSE subscriber of `job` while it streams."""
+        job.streams += 1
+        self.streams += 1
+        try:
+            yield
+        finally:
+            job.streams -= 1
+            self.streams -= 1
+
     async def _run(self, job: Job) -> None:
         context = JobContext(job, self._actor)
         started = time.monotonic()
+        deadlines.current.set(job.deadline)  # this task's hops (a hive's spawn job) carry it on
+        job.cancel_scope.deadline = deadlines.trio_deadline(job.deadline)
         with job.cancel_scope:
             job.state = "running"
             try:
@@ -263,6 +308,10 @@ class JobServer:
                 if value is not None:
                     job.emit(Result(job_id=job.id, value=value))
                 job.finish("completed", DONE)
+        if not job.finished and job.deadline is not None and trio.current_time() >= job.cancel_scope.deadline:
+            log.warning("job %s (%s): request timeout, its deadline %s passed",
+                        job.id, job.operation.name, job.deadline)
+            self._fail(job, context, deadlines.exceeded(job.deadline))
         if not job.finished:  # the cancel scope caught a cancellation
             job.finish("cancelled", CANCELLED)
         if self.on_finish is not None:
@@ -386,7 +435,10 @@ def add_job_routes(app: QuartTrio, jobs: JobServer) -> None:
     @app.post("/v1/jobs")
     async def submit_job() -> Response:
         operation = decode_operation(await read_body())
-        job = jobs.submit(operation, actor=request_identity())
+        # An inference job without a deadline gets the daemon's default one; other jobs get none.
+        default = jobs.default_deadline_s if isinstance(operation, Infer) else None
+        deadline = deadlines.from_headers(request.headers, default_s=default)
+        job = jobs.submit(operation, actor=request_identity(), deadline=deadline)
         created = JobCreated(job_id=job.id, sse_url=f"/v1/jobs/{job.id}/stream")
         return json_response(created, status=201)
 
@@ -402,10 +454,12 @@ def add_job_routes(app: QuartTrio, jobs: JobServer) -> None:
     async def job_stream(job_id: str) -> Response:
         job = jobs.get(job_id)
         after = _last_event_id()
+        jobs.check_stream_room(job)  # a 429 before the 200
 
         async def frames() -> AsyncIterator[bytes]:
-            async for seq, data in job.follow(after):
-                yield b": keep-alive\n\n" if seq is None else sse_frame(seq, data)
+            with jobs.stream_slot(job):
+                async for seq, data in job.follow(after):
+                    yield b": keep-alive\n\n" if seq is None else sse_frame(seq, data)
 
         return sse_response(frames())
 

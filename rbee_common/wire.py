@@ -30,7 +30,7 @@ ModelRef = Annotated[
 
 DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3})$")]
 
-Backend = Literal["auto", "llama-cpp", "mlx"]
+Backend = Literal["auto", "llama-cpp", "mlx", "synthetic"]
 
 
 class _Op(msgspec.Struct, tag_field="operation", frozen=True, kw_only=True):
@@ -356,7 +356,7 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     hive_id: Ident
     url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]{1,256}$")]
     model: ModelRef
-    backend: Annotated[str, msgspec.Meta(pattern=r"^(auto|llama-cpp|mlx)$")]
+    backend: Annotated[str, msgspec.Meta(pattern=r"^(auto|llama-cpp|mlx|synthetic)$")]
     device: DeviceName
     state: WorkerState
     slots_total: Annotated[int, msgspec.Meta(ge=1)]

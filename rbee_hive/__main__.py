@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated
 
@@ -41,7 +42,8 @@ def main(
 ) -> None:
     """rbee-hive: runs and owns the workers of this machine.
 
-    SIGHUP reads the API token file again (rotation without a restart).
+    SIGHUP reads the API token file and the config file again: changed limits apply without a
+    restart (host, port, hive_id, queen_url and data_dir wait for one); a broken file changes nothing.
     """
     configure_logging("hive")
     try:
@@ -52,9 +54,18 @@ def main(
         require_token_for_bind(settings.host, tokens.current, "rbee-hive")
     except ConfigError as error:
         exit_on_config_error(error, "rbee-hive")
+    reloads: list[Callable[[], None]] = []
+
+    def hangup() -> None:
+        tokens.reload()
+        for reload in reloads:
+            reload()
+
+    overrides = {"host": host, "port": port, "hive_id": hive_id, "queen_url": queen_url, "data_dir": data_dir}
     code = run_daemon(
-        functools.partial(serve, settings, lifeline_stdin=lifeline is Lifeline.stdin, token=tokens),
-        component="rbee-hive", on_hangup=tokens.reload,
+        functools.partial(serve, settings, lifeline_stdin=lifeline is Lifeline.stdin, token=tokens,
+                          reloads=reloads, config_path=config, overrides=overrides),
+        component="rbee-hive", on_hangup=hangup,
     )
     raise typer.Exit(code)
 

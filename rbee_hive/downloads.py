@@ -376,7 +376,7 @@ class Downloader:
                                     await out.write(bytes(pending))
                                     pending.clear()
                         finally:  # a cut connection keeps every byte that arrived
-                            with trio.CancelScope(shield=True):
+                            with trio.CancelScope(shield=True), trio.move_on_after(10.0):
                                 await out.write(bytes(pending))
                 if _size(dest) == file.size:
                     return

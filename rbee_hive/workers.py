@@ -52,6 +52,7 @@ class HiveWorker(msgspec.Struct, kw_only=True):
     port: int
     url: str
     state: WorkerPhase
+    slots_total: int = 1
     slots_busy: int = 0
     idle_s: float = 0.0
     started_at: float
@@ -146,7 +147,8 @@ class Workers:
     def cpu_budget(self) -> tuple[int, int]:
         """(threads all CPU workers may use, threads they use now)."""
         total = self.settings.cpu_threads or physical_cores()
-        used = sum(r.info.threads for r in self.running.values() if r.info.device == "CPU-0")
+        used = sum(r.info.threads for r in self.running.values()
+                   if r.info.device == "CPU-0" and r.info.backend != "synthetic")
         return total, used
 
     # --- spawn ----------------------------------------------------------------
@@ -200,6 +202,8 @@ class Workers:
                 hint="Install rbee on this machine, or fix [hive] worker_binary.",
             )
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if op.backend == "synthetic" or (op.backend == "auto" and self.settings.synthetic_backend):
+            return self._synthetic(op)
         name, model_arg, fmt, size = self._model(op.model)
         devices = {d.id: d for d in detect_devices()}
         device = devices.get(op.device)
@@ -249,6 +253,18 @@ class Workers:
                 )
         return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
                          required_bytes=needed, available_bytes=free, memory=kind)
+
+    def _synthetic(self, op: WorkerSpawn) -> Preflight:
+        """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
+        if not self.settings.synthetic_backend:
+            raise ServiceUnavailable(
+                "The synthetic backend is for benchmarks and tests, and is off on this hive.",
+                code="BACKEND_UNAVAILABLE", details={"available_backends": available_backends()},
+                hint="Set [hive] synthetic_backend = true on a test hive.",
+            )
+        check_reference(op.model)
+        return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
+                         required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM")
 
     def _free_port(self, skip: set[int]) -> int:
         used = {r.info.port for r in self.running.values()} | self._reserved_ports | skip
@@ -307,10 +323,14 @@ class Workers:
             *command, "--model", model_arg, "--model-name", name, "--device", op.device, "--backend", backend,
             "--host", self.settings.host, "--port", str(port), "--worker-id", worker_id,
             "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
+            "--heartbeat-s", f"{self.settings.worker_heartbeat_s:g}",
             # drain a little less than we wait, so a busy worker finishes before our SIGKILL
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
             *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),
         ]
+        if backend == "synthetic":
+            argv += ["--slots", str(self.settings.synthetic_slots),
+                     "--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}"]
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)
@@ -332,6 +352,7 @@ class Workers:
         info = HiveWorker(
             worker_id=worker_id, model=name, device=op.device, backend=backend, threads=threads,
             pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}", state="starting",
+            slots_total=self.settings.synthetic_slots if backend == "synthetic" else 1,
             started_at=time.time(),
             token_sha256=token_sha256(token) if token else None,
         )
@@ -434,7 +455,9 @@ class Workers:
             info = running.info
             log.warning("killing worker %s (pid %d, SIGKILL): %s", info.worker_id, info.pid, why)
             running.process.send_signal(signal.SIGKILL)
-        with trio.CancelScope(shield=True):
+        # Shielded, so a cancelled caller still reaps what it killed; bounded, because the
+        # supervisor that sets `exited` may itself be cancelled (the hive's nursery closing).
+        with trio.CancelScope(shield=True), trio.move_on_after(5.0):
             await running.exited.wait()
 
     # --- health ---------------------------------------------------------------
@@ -445,8 +468,10 @@ class Workers:
         if info.state not in ("ready", "busy"):
             return
         try:
-            response = await http.get(f"{info.url}/v1/ready", timeout=min(2.0, self.settings.worker_check_s),
-                                      headers=bearer(running.token))
+            # Connecting must be quick; answering may be slow (10 s at the default period) on a
+            # worker busy with thousands of streams: that worker is alive, not to be killed.
+            patience = httpx.Timeout(2 * self.settings.worker_check_s, connect=2.0)
+            response = await http.get(f"{info.url}/v1/ready", timeout=patience, headers=bearer(running.token))
             ready = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             ready = None
@@ -501,6 +526,7 @@ class Workers:
         say(f"Asking {info.worker_id} to shut down (drain up to {grace:g} s)")
         try:
             async with self.http(timeout=1.0) as http:
+                log.info("%s: POST %s/v1/admin/shutdown", info.worker_id, info.url)
                 await http.post(f"{info.url}/v1/admin/shutdown", headers=bearer(running.token))
         except httpx.HTTPError:
             say("It did not answer over HTTP; sending SIGTERM")

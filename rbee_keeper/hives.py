@@ -35,7 +35,8 @@ def _quote(value: str) -> str:
 def _section_lines(entry: HiveEntry) -> list[str]:
     lines = [f"host = {_quote(entry.host)}"]
     defaults = HiveEntry(host=entry.host)
-    for field in ("ssh_port", "ssh_user", "identity_file", "hive_port", "install_dir", "python"):
+    for field in ("ssh_port", "ssh_user", "identity_file", "hive_port", "install_dir", "python",
+                  "host_key_policy"):
         value = getattr(entry, field)
         if value is None or value == getattr(defaults, field):
             continue

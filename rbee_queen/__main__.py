@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -33,7 +34,8 @@ def main(
 ) -> None:
     """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling).
 
-    SIGHUP reads the API token file again (rotation without a restart).
+    SIGHUP reads the API token file and the config file again: changed hives and limits apply
+    without a restart (host, port and --local-hive wait for one); a broken file changes nothing.
     """
     configure_logging("queen")
     try:
@@ -42,8 +44,15 @@ def main(
     except ConfigError as error:
         exit_on_config_error(error, "queen-rbee")
     tokens = TokenSource.fixed(queen_config.api_token, queen_config.api_token_file)
-    code = run_daemon(functools.partial(serve, queen_config, tokens=tokens), component="queen-rbee",
-                      on_hangup=tokens.reload)
+    reloads: list[Callable[[], None]] = []
+
+    def hangup() -> None:
+        tokens.reload()
+        for reload in reloads:
+            reload()
+
+    code = run_daemon(functools.partial(serve, queen_config, tokens=tokens, reloads=reloads),
+                      component="queen-rbee", on_hangup=hangup)
     raise typer.Exit(code)
 
 

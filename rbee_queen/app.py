@@ -52,7 +52,9 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
             raise
         return no_content()
 
-    add_openai_routes(app, generate=service.generate, list_models=service.model_names)
+    add_openai_routes(app, generate=service.generate, list_models=service.model_names,
+                      default_deadline_s=lambda: service.config.settings.default_deadline_s,
+                      streams=service.streams)
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

@@ -7,7 +7,15 @@ import logging
 import msgspec
 
 from rbee_common.auth import TokenSource, require_token_for_bind
-from rbee_common.config import HiveEntry, HiveSettings, QueenSettings, RbeeConfig, load_config
+from rbee_common.config import (
+    HiveEntry,
+    HiveSettings,
+    QueenSettings,
+    RbeeConfig,
+    changed_fields,
+    describe_source,
+    load_config,
+)
 from rbee_common.errors import ConfigError
 
 log = logging.getLogger("rbee.queen.config")
@@ -16,7 +24,13 @@ LOCALHOST_HIVE = HiveEntry(host="127.0.0.1")
 """`localhost` is always a hive, even when the config does not name it."""
 
 
-class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
+RESTART_ONLY = frozenset({"host", "port", "local_hive"})
+"""[queen] settings a running queen cannot change: SIGHUP logs that they wait for a restart."""
+HIVE_RESTART_ONLY = frozenset({"host", "port", "hive_id", "queen_url", "data_dir"})
+"""The same for [hive] (the queen's in-process hive, and rbee-hive)."""
+
+
+class QueenConfig(msgspec.Struct, kw_only=True):
     settings: QueenSettings
     hives: dict[str, HiveEntry]
     hive: HiveSettings = msgspec.field(default_factory=HiveSettings)
@@ -28,6 +42,8 @@ class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
     config_path: str | None = None
     from_file: bool = False
     """Loaded from the config file, so `reload_hives` may read it again."""
+    overrides: dict[str, object] = msgspec.field(default_factory=dict)
+    """What the command line said (host, port, ...): it wins over the file on a reload too."""
 
     @classmethod
     def load(
@@ -45,8 +61,41 @@ class QueenConfig(msgspec.Struct, frozen=True, kw_only=True):
         hives = {"localhost": LOCALHOST_HIVE, **config.hives}
         token = TokenSource(api_token_file).current
         require_token_for_bind(settings.host, token, "queen-rbee")
+        log.info("config_load %s hives=%d", describe_source(path), len(hives))
         return cls(settings=settings, hives=hives, hive=config.hive, api_token=token, config_path=path,
-                   from_file=True, api_token_file=api_token_file)
+                   from_file=True, api_token_file=api_token_file,
+                   overrides={"host": host, "port": port, "local_hive": local_hive})
+
+    def reload(self) -> tuple[list[str], list[str]] | None:
+        """Read the config file again (SIGHUP): (changed keys applied, changed keys that wait for a
+        restart), or None when the file is broken (logged; nothing changes)."""
+        try:
+            fresh = QueenConfig.load(self.config_path, api_token_file=self.api_token_file,
+                                     **self.overrides)  # type: ignore[arg-type]
+        except ConfigError as error:
+            log.warning("config_reload failed: %s (nothing changed)%s", error.message,
+                        f" (hint: {error.hint})" if error.hint else "")
+            return None
+        queen = changed_fields(self.settings, fresh.settings)
+        hive = changed_fields(self.hive, fresh.hive)
+        restart = [f"queen.{name}" for name in queen if name in RESTART_ONLY]
+        restart += [f"hive.{name}" for name in hive if name in HIVE_RESTART_ONLY]
+        applied = [f"queen.{name}" for name in queen if name not in RESTART_ONLY]
+        applied += [f"hive.{name}" for name in hive if name not in HIVE_RESTART_ONLY]
+        keep = {name: getattr(self.settings, name) for name in RESTART_ONLY}
+        self.settings = msgspec.structs.replace(fresh.settings, **keep)
+        self.hive = msgspec.structs.replace(
+            fresh.hive, **{name: getattr(self.hive, name) for name in HIVE_RESTART_ONLY})
+        changed_hives = sorted(alias for alias in set(self.hives) | set(fresh.hives)
+                               if self.hives.get(alias) != fresh.hives.get(alias))
+        self.hives.clear()
+        self.hives.update(fresh.hives)
+        applied += [f"hives.{alias}" for alias in changed_hives]
+        log.info("config_reload %s changed=%s", describe_source(self.config_path),
+                 ",".join(applied) or "nothing")
+        if restart:
+            log.warning("config_reload: %s take effect at the next restart", ",".join(restart))
+        return applied, restart
 
     def reload_hives(self) -> None:
         """The `[hives.*]` of the config file as it is now, in place (a broken file changes nothing)."""

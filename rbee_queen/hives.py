@@ -24,10 +24,13 @@ from rbee_common.errors import NotFound, RbeeError, ServiceUnavailable, error_fr
 from rbee_common.jobs import JobContext, detached_context
 from rbee_common.wire import ModelGet, Operation, Result
 from rbee_hive.service import HiveService
+from rbee_queen.ssh import real_host
 
 
 def hive_url(entry: HiveEntry) -> str:
-    host = f"[{entry.host}]" if ":" in entry.host else entry.host
+    """Where the hive answers HTTP: its host as SSH reaches it (a ~/.ssh/config alias resolved)."""
+    host = real_host(entry.host)
+    host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{entry.hive_port}"
 
 

@@ -8,12 +8,16 @@ that cannot be connected to leaves the registry at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+import uuid
+from collections.abc import AsyncGenerator, Callable, Iterator
 
 import httpx
 import msgspec
+import trio
 
+from rbee_common import deadlines
 from rbee_common.errors import ServiceUnavailable, error_from_response
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
@@ -51,76 +55,189 @@ class Served(msgspec.Struct, kw_only=True):
     attempts: int = 0
 
 
+class WorkerLanes:
+    """The queen's HTTP/2 connections to workers (prior knowledge: workers are ours).
+
+    One connection carries many streams, so 10,000 streams need 10,000 sockets
+    in and about 100 out, not 20,000. httpx puts at most 100 streams on one
+    connection and queues the rest behind them, so a worker with more slots
+    gets more connections, "lanes", each from a client of its own; a request
+    takes the first lane with room. No pool limit: the scheduler already bounds
+    a worker's streams by its slots, and waiting is its queue's job.
+    """
+
+    STREAMS = 100
+
+    def __init__(self) -> None:
+        self._clients: list[httpx.AsyncClient] = []
+        self._busy: dict[tuple[str, int], int] = {}
+
+    @staticmethod
+    def _client() -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0)
+        return httpx.AsyncClient(http1=False, http2=True, limits=limits)
+
+    @contextlib.contextmanager
+    def lane(self, url: str) -> Iterator[httpx.AsyncClient]:
+        index = 0
+        while self._busy.get((url, index), 0) >= self.STREAMS:
+            index += 1
+        while index >= len(self._clients):
+            self._clients.append(self._client())
+        key = (url, index)
+        self._busy[key] = self._busy.get(key, 0) + 1
+        try:
+            yield self._clients[index]
+        finally:
+            self._busy[key] -= 1
+            if not self._busy[key]:
+                del self._busy[key]
+
+    async def __aenter__(self) -> WorkerLanes:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+WORKER_TIMEOUT = httpx.Timeout(10.0, read=120.0)
+"""Connecting to a worker; and its silence between two events (it sends one per token)."""
+
+
+async def _cancel_on_worker(
+    lanes: WorkerLanes, worker: WorkerInfo, request_id: str, headers: dict[str, str],
+) -> None:
+    """Tell the worker to stop a request we no longer read. Closing an HTTP/2 stream early does
+    not reach the worker (httpx sends no RST_STREAM), so the queen says it: DELETE, at most 2 s,
+    even while we are being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0), lanes.lane(worker.url) as http:
+        try:
+            await http.delete(f"{worker.url}/v1/inference/{request_id}", headers=headers, timeout=2.0)
+        except httpx.HTTPError as error:
+            log.info("could not cancel request %s on worker %s: %s", request_id, worker.worker_id,
+                     type(error).__name__)
+
+
+def _broken(error: httpx.TransportError) -> str:
+    """The one place httpx's errors become ours: what happened, in words."""
+    name = type(error).__name__
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return f"connection failed ({name})"
+    if isinstance(error, httpx.PoolTimeout):  # cannot happen with an unbounded pool; never a 500
+        return "no connection to it was free"
+    return f"its stream broke ({name})"
+
+
 async def generate(
-    scheduler: Scheduler, registry: WorkerRegistry, http: httpx.AsyncClient, model: str,
+    scheduler: Scheduler, registry: WorkerRegistry, lanes: WorkerLanes, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None = None,
     served: Served | None = None, hive_id: str | None = None,
     headers: Callable[[WorkerInfo], dict[str, str]] = lambda worker: {},
+    deadline: str | None = None,
 ) -> AsyncGenerator[str, None]:
-    """Text pieces as the worker streams them; `served` is filled in at the end."""
+    """Text pieces as the worker streams them; `served` is filled in at the end.
+
+    `deadline` (an X-Request-Deadline value) goes to the worker unchanged, and to
+    the hive with a cold start's spawn job; the worker stops at it. The caller
+    bounds its waits for pieces by it (a cancel scope cannot live in here: this
+    generator yields).
+    """
     served = served if served is not None else Served()
+    token = deadlines.current.set(deadline)  # a cold start's spawn job on the hive inherits it
+    try:
+        async with contextlib.aclosing(_attempts(
+            scheduler, registry, lanes, model, params, attempts=attempts, context=context, served=served,
+            hive_id=hive_id, headers=headers, deadline=deadline,
+        )) as pieces:
+            async for piece in pieces:
+                yield piece
+    finally:
+        deadlines.current.reset(token)
+
+
+async def _attempts(
+    scheduler: Scheduler, registry: WorkerRegistry, lanes: WorkerLanes, model: str,
+    params: GenerationParams, *, attempts: int, context: JobContext | None, served: Served,
+    hive_id: str | None, headers: Callable[[WorkerInfo], dict[str, str]], deadline: str | None,
+) -> AsyncGenerator[str, None]:
     request = InferenceRequest(**{f: getattr(params, f) for f in GenerationParams.__struct_fields__})
-    body = _encode(request)
+    hop = {"Content-Type": "application/json", **({deadlines.HEADER: deadline} if deadline else {})}
     excluded: set[str] = set()
     for attempt in range(1, attempts + 1):
         worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id)
         served.worker_id, served.attempts = worker.worker_id, attempt
+        request_id = f"req-{uuid.uuid4()}"
+        body = _encode(msgspec.structs.replace(request, request_id=request_id))
         sent_any = False
+        running = False
+        """The worker is generating for us and has not said it stopped."""
+        alive_at = 0.0
         try:
-            async with http.stream(
-                "POST", f"{worker.url}/v1/inference", content=body,
-                headers={"Content-Type": "application/json", **headers(worker)},
-                timeout=httpx.Timeout(10.0, read=120.0),
-            ) as response:
-                if response.status_code == 503:
-                    await response.aread()
-                    raise _Retry(f"worker answered 503 {response.content[:80]!r}")
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise error_from_response(response.status_code, response.content)
-                ended = False
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == DONE:
-                        break
-                    event = inference_event_decoder.decode(data)
-                    if isinstance(event, InferenceToken):
-                        sent_any = True
-                        yield event.t
-                    elif isinstance(event, InferenceEnd):
-                        ended = True
-                        served.tokens_in, served.tokens_out = event.tokens_in, event.tokens_out
-                        served.stop_reason = event.stop_reason
-                    elif isinstance(event, InferenceError):
-                        if event.code in ("INTERNAL_ERROR",) and not sent_any:
-                            raise _Retry(event.message)
-                        raise WorkerFailed(event.message, details={"worker_code": event.code})
-                if not ended:
-                    registry.forget(worker.worker_id, "its stream ended without an end event")
-                    if sent_any:
-                        raise WorkerFailed(
-                            "The worker stopped in the middle of the answer.", code="WORKER_DIED",
-                            hint="Retry the request; the queen routes around the failed worker.",
-                        )
-                    raise _Retry("stream ended before any token")
-                return
-        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-            registry.forget(worker.worker_id, f"connection failed ({type(error).__name__})")
-            failure = f"connection failed ({type(error).__name__})"
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout) as error:
-            # Out of routing until its next heartbeat says it lives.
-            registry.forget(worker.worker_id, f"its stream broke ({type(error).__name__})")
+            with lanes.lane(worker.url) as http:
+                async with http.stream(
+                    "POST", f"{worker.url}/v1/inference", content=body, headers={**hop, **headers(worker)},
+                    timeout=WORKER_TIMEOUT,
+                ) as response:
+                    if response.status_code == 503:
+                        await response.aread()
+                        raise _Retry(f"worker answered 503 {response.content[:80]!r}")
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise error_from_response(response.status_code, response.content)
+                    ended = False
+                    running = True
+                    async for line in response.aiter_lines():
+                        now = trio.current_time()
+                        if now - alive_at > 1.0:  # data on its stream counts as a heartbeat
+                            registry.touch(worker.worker_id)
+                            alive_at = now
+                        if not line.startswith("data: "):
+                            continue
+                        data = line[6:]
+                        if data == DONE:
+                            running = False
+                            break
+                        event = inference_event_decoder.decode(data)
+                        if isinstance(event, InferenceToken):
+                            sent_any = True
+                            yield event.t
+                        elif isinstance(event, InferenceEnd):
+                            ended, running = True, False
+                            served.tokens_in, served.tokens_out = event.tokens_in, event.tokens_out
+                            served.stop_reason = event.stop_reason
+                        elif isinstance(event, InferenceError):
+                            running = False
+                            if event.code == "REQUEST_TIMEOUT" and deadline is not None:
+                                raise deadlines.exceeded(deadline)
+                            if event.code in ("INTERNAL_ERROR",) and not sent_any:
+                                raise _Retry(event.message)
+                            raise WorkerFailed(event.message, details={"worker_code": event.code})
+                    running = False  # the worker ended the stream itself
+                    if not ended:
+                        registry.forget(worker.worker_id, "its stream ended without an end event")
+                        if sent_any:
+                            raise WorkerFailed(
+                                "The worker stopped in the middle of the answer.", code="WORKER_DIED",
+                                hint="Retry the request; the queen routes around the failed worker.",
+                            )
+                        raise _Retry("stream ended before any token")
+                    return
+        except httpx.TransportError as error:
+            failure = _broken(error)
+            if not isinstance(error, httpx.PoolTimeout):
+                # Out of routing until its next heartbeat says it lives.
+                registry.forget(worker.worker_id, failure)
             if sent_any:
                 raise WorkerFailed(
                     "The worker stopped in the middle of the answer.", code="WORKER_DIED",
                     hint="Retry the request; the queen routes around the failed worker.",
                 ) from error
-            failure = f"stream broke ({type(error).__name__})"
         except _Retry as retry:
             failure = str(retry)
         finally:
+            if running:  # we stopped listening (the client left, a deadline, an error): so must it
+                await _cancel_on_worker(lanes, worker, request_id, headers(worker))
             scheduler.release(worker.worker_id)
         excluded.add(worker.worker_id)
         log.warning("request failed on worker %s before its first token (%s); attempt %d of %d",
@@ -132,4 +249,3 @@ async def generate(
         f"The request failed on {attempts} worker(s) before producing a token.",
         hint="Check the workers (`worker_list_active`) and the hives' logs.",
     )
-

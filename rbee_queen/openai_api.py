@@ -7,21 +7,26 @@ Errors on these routes use OpenAI's shape, `{"error": {"message", "type",
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
+import trio
 from quart import Response
+from quart import request as http_request
 from quart_trio import QuartTrio
 
-from rbee_common.errors import RbeeError, ValidationFailed
-from rbee_common.http import read_body, sse_response
+from rbee_common import deadlines
+from rbee_common.errors import RbeeError, ShuttingDown, ValidationFailed
+from rbee_common.http import OpenStreams, read_body, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger("rbee.queen.openai")
 
 
 class _Part(msgspec.Struct, kw_only=True):
@@ -75,7 +80,8 @@ _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
+                422: "invalid_request_error",
                 429: "rate_limit_error"}
 
 
@@ -123,7 +129,7 @@ def _text(content: str | list[_Part] | None) -> str:
     return "".join(part.text for part in content if part.type == "text")
 
 
-Generate = Callable[[str, GenerationParams, "Usage"], AsyncGenerator[str, None]]
+Generate = Callable[[str, GenerationParams, "Usage", str | None], AsyncGenerator[str, None]]
 ListModels = Callable[[], Awaitable[list[str]]]
 
 
@@ -134,7 +140,17 @@ class Usage(msgspec.Struct, kw_only=True):
     finish_reason: str = "stop"
 
 
-def add_openai_routes(app: QuartTrio, *, generate: Generate, list_models: ListModels) -> None:
+def add_openai_routes(
+    app: QuartTrio, *, generate: Generate, list_models: ListModels,
+    default_deadline_s: Callable[[], float] = lambda: 0.0, streams: OpenStreams | None = None,
+) -> None:
+    """`default_deadline_s` is asked per request (SIGHUP may change it); 0 is none."""
+    streams = OpenStreams() if streams is None else streams
+
+    def deadline() -> str | None:
+        """X-Request-Deadline, or the client's timeout (X-Stainless-Timeout), or the default."""
+        return deadlines.from_headers(http_request.headers, default_s=default_deadline_s() or None)
+
     @app.get("/v1/models")
     async def models() -> Response:
         try:
@@ -156,9 +172,10 @@ def add_openai_routes(app: QuartTrio, *, generate: Generate, list_models: ListMo
                 for m in request.messages
             ]
             params = _params(request, prompt=None, messages=messages)
+            until = deadline()
         except RbeeError as error:
             return openai_error(error)
-        return await _respond(request, params, generate, chat=True)
+        return await _respond(request, params, generate, chat=True, deadline=until, streams=streams)
 
     @app.post("/v1/completions")
     async def completions() -> Response:
@@ -168,16 +185,20 @@ def add_openai_routes(app: QuartTrio, *, generate: Generate, list_models: ListMo
             if not prompt:
                 raise ValidationFailed("`prompt` must not be empty.", details={"field": "prompt"})
             params = _params(request, prompt=prompt, messages=None)
+            until = deadline()
         except RbeeError as error:
             return openai_error(error)
-        return await _respond(request, params, generate, chat=False)
+        return await _respond(request, params, generate, chat=False, deadline=until, streams=streams)
 
 
-async def _respond(request: _Common, params: GenerationParams, generate: Generate, *, chat: bool) -> Response:
+async def _respond(
+    request: _Common, params: GenerationParams, generate: Generate, *, chat: bool, deadline: str | None,
+    streams: OpenStreams,
+) -> Response:
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     usage = Usage()
-    pieces = generate(request.model, params, usage)
+    pieces = generate(request.model, params, usage, deadline)
 
     def usage_body() -> dict[str, int]:
         return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -186,10 +207,19 @@ async def _respond(request: _Common, params: GenerationParams, generate: Generat
     def finish() -> str:
         return "length" if usage.finish_reason == "length" else "stop"
 
+    until = deadlines.trio_deadline(deadline)
+
+    def timed_out() -> RbeeError:
+        log.warning("request timeout: the deadline %s passed", deadline)
+        return deadlines.exceeded(deadline or "")
+
     if not request.stream:
         try:
-            async with contextlib.aclosing(pieces) as stream:
-                text = "".join([piece async for piece in stream])
+            with trio.move_on_at(until) as scope:
+                async with contextlib.aclosing(pieces) as stream:
+                    text = "".join([piece async for piece in stream])
+            if scope.cancelled_caught:
+                raise timed_out()
         except RbeeError as error:
             return openai_error(error)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish(), "logprobs": None}
@@ -202,8 +232,12 @@ async def _respond(request: _Common, params: GenerationParams, generate: Generat
         return Response(_encode(body), content_type="application/json")
 
     # Start the stream before answering, so that scheduling errors get a proper status code.
+    first: str | None = None
     try:
-        first: str | None = await pieces.__anext__()
+        with trio.move_on_at(until) as scope:
+            first = await pieces.__anext__()
+        if scope.cancelled_caught:
+            raise timed_out()
     except StopAsyncIteration:
         first = None
     except RbeeError as error:
@@ -224,14 +258,29 @@ async def _respond(request: _Common, params: GenerationParams, generate: Generat
             body["usage"] = None
         return b"data: " + _encode(body) + b"\n\n"
 
+    async def next_piece() -> str | None:
+        """The next piece, None at the end; SHUTTING_DOWN when the queen stops meanwhile."""
+        with streams.guard() as scope:
+            scope.deadline = until
+            try:
+                return await pieces.__anext__()
+            except StopAsyncIteration:
+                return None
+        if scope.cancelled_caught and trio.current_time() >= until:
+            raise timed_out()
+        if scope.cancelled_caught:
+            raise ShuttingDown("The queen is shutting down; this answer ends here.",
+                               hint="Retry the request on a running queen.")
+        return None
+
     async def frames() -> AsyncIterator[bytes]:
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""}, None)
-            if first is not None:
-                yield chunk({"content": first} if chat else first, None)
-                async for piece in pieces:
-                    yield chunk({"content": piece} if chat else piece, None)
+            piece = first
+            while piece is not None:
+                yield chunk({"content": piece} if chat else piece, None)
+                piece = await next_piece()
             yield chunk({} if chat else "", finish())
             if include_usage:
                 body = {"id": ident, "object": kind, "created": created, "model": request.model,
@@ -242,6 +291,7 @@ async def _respond(request: _Common, params: GenerationParams, generate: Generat
             body = {"error": {"message": error.message, "type": "server_error", "param": None,
                               "code": error.code.lower()}}
             yield b"data: " + _encode(body) + b"\n\n"
+            yield b"data: [DONE]\n\n"  # the stream's terminator, after an error too
         finally:
             await pieces.aclose()
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import trio
 
 from rbee_common.errors import Conflict
 from rbee_common.wire import WorkerHeartbeat, WorkerInfo
@@ -25,20 +26,31 @@ class WorkerRegistry:
     def __init__(self, *, stale_after_s: float) -> None:
         self.stale_after_s = stale_after_s
         self._seen: dict[str, tuple[float, WorkerHeartbeat]] = {}
+        self._alive: dict[str, float] = {}
+        """worker_id -> when data last came from it on a stream: a streaming worker is alive."""
         self._confirmed: set[str] = set()
         self._tokens: dict[str, str] = {}
         """worker_id -> the worker's own API token, once bound (minted at spawn or confirmed)."""
+        self._routable: list[WorkerInfo] | None = None
+        """Built when the set of routable workers changes, not per request."""
         self.on_change: Callable[[], None] = lambda: None
+
+    def _changed(self) -> None:
+        self._routable = None
+        self.on_change()
 
     def record(self, heartbeat: WorkerHeartbeat) -> bool:
         """Register or refresh a worker; True when it is new (or came back elsewhere).
 
         One id claimed by a second live worker is a conflict.
         """
+        now = time.monotonic()
         previous = self._seen.get(heartbeat.worker_id)
-        fresh = previous is not None and time.monotonic() - previous[0] <= self.stale_after_s
-        moved = previous is None or (previous[1].hive_id, previous[1].url, previous[1].pid) != (
-            heartbeat.hive_id, heartbeat.url, heartbeat.pid)
+        silent = now - self._last(heartbeat.worker_id, previous[0]) if previous is not None else None
+        fresh = silent is not None and silent <= self.stale_after_s
+        old = previous[1] if previous is not None else None
+        where = (heartbeat.hive_id, heartbeat.url, heartbeat.pid)
+        moved = old is None or (old.hive_id, old.url, old.pid) != where
         if fresh and moved:
             raise Conflict(
                 "Another live worker is registered under that worker_id.",
@@ -47,13 +59,21 @@ class WorkerRegistry:
             )
         if moved:
             self._confirmed.discard(heartbeat.worker_id)
-        self._seen[heartbeat.worker_id] = (time.monotonic(), heartbeat)
-        if previous is None:
+        self._seen[heartbeat.worker_id] = (now, heartbeat)
+        if old is None:
             log.info("worker %s (%r on %s) registered: %r", heartbeat.worker_id, heartbeat.model,
                      heartbeat.hive_id, heartbeat.url)
-        if previous is None or previous[1].state != heartbeat.state:
-            self.on_change()
+        if moved or (old is not None and (old.state, old.slots_total, old.model) != (
+                heartbeat.state, heartbeat.slots_total, heartbeat.model)):
+            self._changed()
         return moved
+
+    def touch(self, worker_id: str) -> None:
+        """Data came from the worker on a stream: it lives, whatever its heartbeats are doing."""
+        self._alive[worker_id] = time.monotonic()
+
+    def _last(self, worker_id: str, beat_at: float) -> float:
+        return max(beat_at, self._alive.get(worker_id, beat_at))
 
     def confirm(self, worker_id: str, token: str | None = None) -> None:
         """Its hive knows it: route to it (with `token`, its own credential, if given)."""
@@ -62,7 +82,7 @@ class WorkerRegistry:
         self._confirmed.add(worker_id)
         if token is not None:
             self._tokens[worker_id] = token
-        self.on_change()
+        self._changed()
 
     def bind(self, worker_id: str, token: str) -> None:
         """The token a worker we are about to start will present (we minted it)."""
@@ -80,21 +100,39 @@ class WorkerRegistry:
     def forget(self, worker_id: str, why: str) -> None:
         self._confirmed.discard(worker_id)
         self._tokens.pop(worker_id, None)
+        self._alive.pop(worker_id, None)
         if self._seen.pop(worker_id, None) is not None:
             log.warning("worker %s out of routing: %s", worker_id, why)
-            self.on_change()
+            self._changed()
 
-    def active(self) -> list[WorkerInfo]:
+    def expire(self) -> None:
+        """Drop the workers not heard from (beat or stream) for `stale_after_s`."""
         now = time.monotonic()
         for worker_id, (seen, _) in list(self._seen.items()):
-            if now - seen > self.stale_after_s:
-                self.forget(worker_id, f"no heartbeat for {now - seen:.1f} s (three missed)")
+            silent = now - self._last(worker_id, seen)
+            if silent > self.stale_after_s:
+                self.forget(worker_id, f"no heartbeat for {silent:.1f} s (three missed)")
+
+    async def expire_forever(self) -> None:
+        while True:
+            await trio.sleep(min(1.0, self.stale_after_s / 3))
+            self.expire()
+
+    def active(self) -> list[WorkerInfo]:
+        self.expire()
+        now = time.monotonic()
         return [
-            WorkerInfo(**msgspec.structs.asdict(beat), last_seen_s=round(now - seen, 2),
-                       confirmed=worker_id in self._confirmed)
+            WorkerInfo(**msgspec.structs.asdict(beat), confirmed=worker_id in self._confirmed,
+                       last_seen_s=round(now - self._last(worker_id, seen), 2))
             for worker_id, (seen, beat) in sorted(self._seen.items())
         ]
 
     def routable(self) -> list[WorkerInfo]:
-        """Live workers their hives have confirmed: the only ones a request may go to."""
-        return [worker for worker in self.active() if worker.confirmed]
+        """Live workers their hives have confirmed: the only ones a request may go to.
+
+        Cached until a worker comes, goes, changes state or is confirmed; `expire_forever` drops
+        the silent ones. (`last_seen_s` in it is as of the cache.)
+        """
+        if self._routable is None:
+            self._routable = [worker for worker in self.active() if worker.confirmed]
+        return self._routable

@@ -189,7 +189,7 @@ class Remote:
             echo = await session.run("echo test", limit_s=target.connect_timeout_s)
             latency_ms = (time.monotonic() - started) * 1000
             say(f"SSH command execution: `echo test` answered {echo.stdout.strip()!r}")
-            network_ms = await self._network_ms(entry)
+            network_ms = await self._network_ms(session, entry)
             say(f"SSH command round trip {latency_ms:.1f} ms (a session and a shell on the host); "
                 f"network round trip {network_ms:.1f} ms (a TCP connect)",
                 latency_ms=round(latency_ms, 2), network_ms=round(network_ms, 2))
@@ -201,11 +201,12 @@ class Remote:
         return {"hive_id": hive_id, "ok": True, "echo": echo.stdout.strip(),
                 "latency_ms": round(latency_ms, 2), "network_ms": round(network_ms, 2), "rbee_hive": found}
 
-    async def _network_ms(self, entry: HiveEntry) -> float:
-        """The network's own round trip to the host: one TCP connect to its SSH port."""
+    async def _network_ms(self, session: ssh.Session, entry: HiveEntry) -> float:
+        """The network's own round trip to the host: one TCP connect to the SSH port we reached."""
+        host, port = session.peer()
         began = time.monotonic()
         with trio.fail_after(entry.connect_timeout_s):
-            stream = await trio.open_tcp_stream(entry.host, entry.ssh_port)
+            stream = await trio.open_tcp_stream(host, port)
         elapsed = (time.monotonic() - began) * 1000
         await stream.aclose()
         return elapsed
@@ -343,7 +344,7 @@ class Remote:
             )
         say(f"rbee-hive --version: {reported}, the same as this queen")
         await session.write_file(f"{directory}/hive.token", token.encode() + b"\n", mode=0o600)
-        config = (f'[hive]\nhost = {json.dumps(entry.host)}\nport = {entry.hive_port}\n'
+        config = (f'[hive]\nhost = {json.dumps(ssh.real_host(entry.host))}\nport = {entry.hive_port}\n'
                   f'hive_id = {json.dumps(hive_id)}\ndata_dir = {json.dumps(directory + "/data")}\n')
         await session.write_file(f"{directory}/hive.toml", config.encode(), mode=0o600)
         say("Wrote the hive's token (0600) and config")

@@ -11,11 +11,13 @@ import httpx
 import msgspec
 import trio
 
+from rbee_common import deadlines
 from rbee_common.audit import AuditLog
 from rbee_common.auth import TokenSource, bearer, new_token
 from rbee_common.config import HiveEntry, state_dir
 from rbee_common.daemon import package_version
 from rbee_common.errors import InvalidRequest, NotImplementedYet, RbeeError
+from rbee_common.http import OpenStreams
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     HIVE_OPERATIONS,
@@ -44,11 +46,12 @@ from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
 from rbee_queen.heartbeats import Heartbeats, Placement
 from rbee_queen.hives import HiveRouter, hive_url
-from rbee_queen.inference import Served, generate
+from rbee_queen.inference import Served, WorkerLanes, generate
 from rbee_queen.openai_api import Usage
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.remote import Remote
 from rbee_queen.scheduler import Scheduler
+from rbee_queen.ssh import real_host
 
 _PRIVATE_FIELDS = frozenset({"identity_file", "token_file", "wheelhouse"})
 """Paths on the queen's machine (keys, tokens): the operator's config has them, API clients do not."""
@@ -68,10 +71,14 @@ class QueenService:
     def __init__(
         self, config: QueenConfig, *, http: httpx.AsyncClient, nursery: trio.Nursery,
         local_hive: HiveService | None = None, remote: Remote | None = None,
-        tokens: TokenSource | None = None,
+        tokens: TokenSource | None = None, lanes: WorkerLanes | None = None,
     ) -> None:
         self.config = config
         self._http = http
+        self._lanes = lanes or WorkerLanes()
+        """To workers: HTTP/2, many streams on each connection."""
+        self.streams = OpenStreams()
+        """The OpenAI streams being answered: SIGTERM ends each with a terminator."""
         settings = config.settings
         self.tokens = tokens or TokenSource.fixed(config.api_token)
         """The token clients present; SIGHUP reads its file again (`TokenSource.reload`)."""
@@ -122,7 +129,7 @@ class QueenService:
         if self.router.is_local(hive_id):
             hive = self.config.hive
             return Placement(hive.host, hive.worker_port_min, hive.worker_port_max)
-        return Placement(entry.host, entry.worker_port_min, entry.worker_port_max)
+        return Placement(real_host(entry.host), entry.worker_port_min, entry.worker_port_max)
 
     def worker_headers(self, worker: WorkerInfo) -> dict[str, str]:
         """What a worker wants from us: its own token, else (a worker that beat with it) its hive's."""
@@ -226,13 +233,13 @@ class QueenService:
     # --- inference ----------------------------------------------------------------
 
     async def generate(
-        self, model: str, params: GenerationParams, usage: Usage, context: JobContext | None = None,
+        self, model: str, params: GenerationParams, usage: Usage, deadline: str | None = None,
     ) -> AsyncGenerator[str, None]:
         served = Served()
         async with contextlib.aclosing(generate(
-            self.scheduler, self.workers, self._http, model, params,
-            attempts=self.config.settings.infer_attempts, context=context, served=served,
-            headers=self.worker_headers,
+            self.scheduler, self.workers, self._lanes, model, params,
+            attempts=self.config.settings.infer_attempts, served=served,
+            headers=self.worker_headers, deadline=deadline,
         )) as pieces:
             async for piece in pieces:
                 yield piece
@@ -245,10 +252,11 @@ class QueenService:
         params = GenerationParams(**{f: getattr(operation, f) for f in GenerationParams.__struct_fields__})
         served = Served()
         text: list[str] = []
+        deadline = deadlines.current.get()  # the job's (POST /v1/jobs sets the default one)
         async with contextlib.aclosing(generate(
-            self.scheduler, self.workers, self._http, operation.model, params,
+            self.scheduler, self.workers, self._lanes, operation.model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
-            hive_id=operation.hive_id, headers=self.worker_headers,
+            hive_id=operation.hive_id, headers=self.worker_headers, deadline=deadline,
         )) as pieces:
             async for piece in pieces:
                 context.token(piece, len(text))

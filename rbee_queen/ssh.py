@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -88,11 +90,49 @@ def _key_path(target: Target) -> Path | None:
     return path
 
 
-def _known_keys(target: Target) -> list[asyncssh.SSHKey]:
+@functools.lru_cache(maxsize=256)
+def _config_host(host: str, mtime: float) -> str:
+    try:
+        resolved = asyncssh.SSHClientConnectionOptions(host=host, config=()).host  # (): ~/.ssh/config
+    except (asyncssh.Error, OSError, ValueError) as error:
+        log.warning("~/.ssh/config could not be read for %s: %s", host, type(error).__name__)
+        return host
+    return str(resolved or host)
+
+
+def real_host(host: str) -> str:
+    """`host` as `ssh host` reaches it: ~/.ssh/config's `HostName` for a `Host` alias, else itself.
+
+    The queen talks HTTP to a hive (and takes its workers' heartbeats) at this address.
+    """
+    try:
+        mtime = Path("~/.ssh/config").expanduser().stat().st_mtime
+    except OSError:
+        return host
+    return _config_host(host, mtime)
+
+
+def _address(host: str) -> str:
+    """`host`'s address ("" when it does not resolve): known_hosts lines may name either."""
+    try:
+        return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+    except (OSError, UnicodeError, IndexError):
+        return ""
+
+
+def _known_keys(
+    target: Target, host: str | None = None, addr: str | None = None, port: int | None = None,
+) -> list[asyncssh.SSHKey]:
+    """The keys known_hosts has for the host, by its name and by its address, as `ssh` matches them.
+
+    `host`/`addr`: what the connection reached (after ~/.ssh/config's HostName); else the target's.
+    """
     path = Path(target.known_hosts).expanduser()
     if not path.is_file():
         return []
-    trusted = asyncssh.match_known_hosts(str(path), target.host, target.host, target.port)[0]
+    host = host or target.host
+    addr = _address(host) if addr is None else addr
+    trusted = asyncssh.match_known_hosts(str(path), host, addr, port or target.port)[0]
     return list(trusted)
 
 
@@ -103,7 +143,7 @@ class _AcceptNew(asyncssh.SSHClient):
         self.target = target
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        if _known_keys(self.target):
+        if _known_keys(self.target, host, addr, port):
             return False  # it has a different key on record: that is a changed key, never accepted
         path = Path(self.target.known_hosts).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +162,11 @@ class Session:
     def __init__(self, target: Target, connection: asyncssh.SSHClientConnection) -> None:
         self.target = target
         self.connection = connection
+
+    def peer(self) -> tuple[str, int]:
+        """The address and port this connection reached (after ~/.ssh/config and DNS)."""
+        peername = self.connection.get_extra_info("peername")
+        return (str(peername[0]), int(peername[1])) if peername else (self.target.host, self.target.port)
 
     def local_address(self) -> str:
         """Our address as the host sees it: where it can reach us back."""
@@ -244,17 +289,30 @@ def _sftp_failed(target: Target, error: asyncssh.SFTPError) -> RemoteFailed:
 
 
 def _options(target: Target, key: Path | None) -> dict[str, Any]:
+    """asyncssh's options, as `ssh` would pick them.
+
+    ~/.ssh/config applies (asyncssh reads it): `Host` aliases, `HostName`, `User`, `Port`,
+    `IdentityFile`, `ProxyJump`. What the hive's entry says explicitly wins over it; what it
+    leaves out (no user, the default port 22) the config decides, and then the defaults: the
+    local user, port 22.
+    """
     known_hosts = os.path.expanduser(target.known_hosts)
     options: dict[str, Any] = {
-        "host": target.host, "port": target.port, "username": target.user, "known_hosts": known_hosts,
+        "host": target.host, "known_hosts": known_hosts,
         "connect_timeout": target.connect_timeout_s, "keepalive_interval": 5.0, "keepalive_count_max": 3,
     }
+    if target.user is not None:
+        options["username"] = target.user
+    if target.port != 22:
+        options["port"] = target.port
     if key is not None:
         options.update(client_keys=[str(key)], agent_path=None)
     if target.accept_new:
         options["client_factory"] = lambda: _AcceptNew(target)
-    elif not os.path.isfile(known_hosts):
-        options["known_hosts"] = ([], [], [])  # no file: nothing is trusted (asyncssh would skip the check)
+    if not os.path.isfile(known_hosts):
+        # No file: nothing is trusted yet (asyncssh would skip the check, or fail to read it);
+        # under accept-new the first key is recorded in a new file.
+        options["known_hosts"] = ([], [], [])
     return options
 
 

@@ -46,7 +46,7 @@ def main(
     model: Annotated[str, typer.Option(help="smollm2-135m, file:///abs/path.gguf, a .gguf path, or an MLX model dir.")],  # noqa: E501
     model_name: Annotated[str | None, typer.Option(help="The name to report in heartbeats and events (default: --model).")] = None,  # noqa: E501
     device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
-    backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx; synthetic (benchmarks and tests only: fixed-rate filler tokens, no model).")] = "auto",  # noqa: E501
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one.")] = 0,
     worker_id: Annotated[str, typer.Option(help="This worker's id.")] = "worker-local",
@@ -56,8 +56,9 @@ def main(
     ctx: Annotated[int, typer.Option(min=64, help="Context length in tokens.")] = 2048,
     slots: Annotated[int, typer.Option(min=1, help="Concurrent requests; more get 503 ALL_SLOTS_BUSY.")] = 1,
     lifeline_fd: Annotated[int | None, typer.Option(help="Exit when this fd reaches EOF (the parent died).")] = None,  # noqa: E501
-    heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats.")] = 2.0,
+    heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats (and one at once on a change of state).")] = 5.0,  # noqa: E501
     drain_s: Annotated[float, typer.Option(min=0, help="On shutdown, let requests finish this long.")] = 5.0,
+    synthetic_tokens_per_s: Annotated[float, typer.Option(min=0.01, help="--backend synthetic only: tokens per second per request.")] = 20.0,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
     """llm-worker-rbee: serves one model, streaming tokens over SSE."""
@@ -65,8 +66,8 @@ def main(
     problem = None
     if not re.fullmatch(r"CPU-0|METAL-0|GPU-[0-9]{1,3}", device):
         problem = "--device must be CPU-0, METAL-0 or GPU-<n>."
-    elif backend not in ("auto", "llama-cpp", "mlx"):
-        problem = "--backend must be auto, llama-cpp or mlx."
+    elif backend not in ("auto", "llama-cpp", "mlx", "synthetic"):
+        problem = "--backend must be auto, llama-cpp, mlx or synthetic."
     elif model_name is not None and not re.fullmatch(r"[A-Za-z0-9._:/@+=-]{1,512}", model_name):
         problem = "--model-name may hold letters, digits and . _ : / @ + = -."
     elif not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", worker_id):
@@ -87,6 +88,7 @@ def main(
         worker_id=worker_id,
         hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx, slots=slots,
         lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s, api_token=token,
+        synthetic_tokens_per_s=synthetic_tokens_per_s,
     )
     code = run_daemon(
         functools.partial(serve, config),

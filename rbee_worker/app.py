@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
 import trio
 from quart import Response
+from quart import request as http_request
 from quart_trio import QuartTrio
 
+from rbee_common import deadlines
 from rbee_common.auth import install_auth
 from rbee_common.errors import NotFound
 from rbee_common.http import create_app, json_response, no_content, read_body, sse_frame, sse_response
@@ -42,9 +45,13 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
     @app.post("/v1/inference")
     async def inference() -> Response:
         request = decode_body(await read_body(), _request_decoder)
+        deadline = deadlines.from_headers(http_request.headers, default_s=None)
+        if deadline is not None and deadlines.parse(deadline) <= time.time():
+            log.warning("request timeout: it arrived after its deadline %s", deadline)
+            raise deadlines.exceeded(deadline)
         active = service.begin(request)
         send, receive = trio.open_memory_channel[InferenceEvent](64)
-        nursery.start_soon(service.run, active, request, send)
+        nursery.start_soon(service.run, active, request, send, deadline)
 
         async def frames() -> AsyncIterator[bytes]:
             ended = False

@@ -20,9 +20,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     ctx: int = 2048
     slots: int = 1
     lifeline_fd: int | None = None
-    heartbeat_s: float = 2.0
+    heartbeat_s: float = 5.0
     drain_s: float = 5.0
     max_body_bytes: int = 1 << 20
+    synthetic_tokens_per_s: float = 20.0
+    """--backend synthetic only (benchmarks and tests): its fixed token rate."""
     api_token: str | None = None
     """Wanted on every endpoint but /health, and presented on heartbeats ($RBEE_API_TOKEN)."""
 

@@ -17,6 +17,7 @@ from rbee_worker.backends import load_backend
 from rbee_worker.config import WorkerConfig
 from rbee_worker.models import resolve_model
 from rbee_worker.service import WorkerService
+from rbee_worker.synthetic import SyntheticBackend
 
 log = logging.getLogger("rbee.worker")
 _encode = msgspec.json.Encoder().encode
@@ -26,21 +27,26 @@ async def heartbeat_forever(service: WorkerService, http: httpx.AsyncClient, que
     """Tell the queen we exist; a missing queen is logged, never fatal."""
     failing = False
     while True:
-        try:
-            response = await http.post(
-                f"{queen_url.rstrip('/')}/v1/worker-heartbeat", content=_encode(service.heartbeat()),
-                headers={"Content-Type": "application/json", **bearer(service.config.api_token)}, timeout=2.0,
-            )
+        ok = False
+        for _attempt in range(2):  # a kept-alive connection the queen closed meanwhile: once more, anew
+            try:
+                response = await http.post(
+                    f"{queen_url.rstrip('/')}/v1/worker-heartbeat", content=_encode(service.heartbeat()),
+                    headers={"Content-Type": "application/json", **bearer(service.config.api_token)},
+                    timeout=2.0,
+                )
+            except httpx.TransportError:
+                continue
             ok = response.status_code < 400
-        except httpx.HTTPError:
-            ok = False
+            break
         if not ok and not failing:
             log.warning("heartbeat to the queen failed; will keep trying")
         elif ok and failing:
             log.info("heartbeat to the queen works again")
         failing = not ok
         with trio.move_on_after(service.config.heartbeat_s):
-            await service.state_changed.wait()  # loaded or draining: tell the queen now
+            await trio.sleep(min(0.25, service.config.heartbeat_s))  # a flapping state: 4 beats/s at most
+            await service.state_changed.wait()  # loaded, busy, ready or draining: tell the queen now
         service.state_changed = trio.Event()
 
 
@@ -60,12 +66,13 @@ async def serve(
     stop: trio.Event,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    model = resolve_model(config.model)
+    synthetic = config.backend == "synthetic"
+    model = None if synthetic else resolve_model(config.model)
     service = WorkerService(config)
-    # No kept-alive connection to the queen: a beat every few seconds does not need one, and an idle
-    # one would hold the queen's HTTP shutdown for its graceful timeout.
-    no_keepalive = httpx.Limits(max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=no_keepalive) as http, trio.open_nursery() as nursery:
+    # One kept-alive connection to the queen: a new one per beat costs the queen twice the CPU.
+    one = httpx.Limits(max_connections=2, max_keepalive_connections=1,
+                       keepalive_expiry=config.heartbeat_s * 3)
+    async with httpx.AsyncClient(limits=one) as http, trio.open_nursery() as nursery:
         if config.lifeline_fd is not None:
             nursery.start_soon(watch_lifeline, config.lifeline_fd, service, stop)
         app = build_app(service, nursery, stop=stop)
@@ -77,7 +84,7 @@ async def serve(
         async def run_http(task_status: trio.TaskStatus[list[str]]) -> None:
             await serve_app(  # the trigger drained the requests: what is left is idle
                 app, host=config.host, port=config.port, shutdown_trigger=shutdown_trigger,
-                graceful_timeout=0.5, task_status=task_status,
+                graceful_timeout=0.5, h2_streams=max(100, config.slots), task_status=task_status,
             )
             nursery.cancel_scope.cancel()
 
@@ -85,12 +92,15 @@ async def serve(
         service.url = urls[0]
         if config.queen_url:
             nursery.start_soon(heartbeat_forever, service, http, config.queen_url)
-        service.backend = await trio.to_thread.run_sync(
-            functools.partial(
-                load_backend, model, backend=config.backend, device=config.device,
-                threads=config.threads, ctx=config.ctx, slots=config.slots,
+        if model is None:
+            service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx)
+        else:
+            service.backend = await trio.to_thread.run_sync(
+                functools.partial(
+                    load_backend, model, backend=config.backend, device=config.device,
+                    threads=config.threads, ctx=config.ctx, slots=config.slots,
+                )
             )
-        )
         service.state_changed.set()
         service.last_request_end = time.monotonic()  # idle counts from ready
         log.info("model %r loaded with %s on %s", config.model, service.backend.name, config.device)

@@ -19,6 +19,7 @@ import uuid
 import msgspec
 import trio
 
+from rbee_common import deadlines
 from rbee_common.errors import RbeeError, ServiceUnavailable, ValidationFailed
 from rbee_common.wire import (
     InferenceEnd,
@@ -32,6 +33,7 @@ from rbee_common.wire import (
 )
 from rbee_worker.backends import Backend
 from rbee_worker.config import WorkerConfig
+from rbee_worker.synthetic import SyntheticBackend
 
 log = logging.getLogger("rbee.worker")
 
@@ -70,7 +72,7 @@ def validate(request: InferenceRequest, ctx: int) -> None:
 class WorkerService:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.backend: Backend | None = None
+        self.backend: Backend | SyntheticBackend | None = None
         self.draining = False
         self.state_changed = trio.Event()
         """Set on loaded and on draining, so a heartbeat goes out at once."""
@@ -130,7 +132,8 @@ class WorkerService:
             raise ValidationFailed("That request_id is already running.", details={"field": "request_id"})
         active = ActiveRequest(request_id)
         self.active[request_id] = active
-        self.state_changed.set()  # the queen sees the load at once, not a period later
+        if len(self.active) == self.config.slots:
+            self.state_changed.set()  # now busy: the queen sees it at once, not a period later
         return active
 
     def cancel(self, request_id: str) -> bool:
@@ -142,9 +145,32 @@ class WorkerService:
 
     async def run(
         self, active: ActiveRequest, request: InferenceRequest,
-        send: trio.MemorySendChannel[InferenceEvent],
+        send: trio.MemorySendChannel[InferenceEvent], deadline: str | None = None,
     ) -> None:
-        """Generate into `send`; always ends with `end` or `error`, frees the slot."""
+        """Generate into `send`; always ends with `end` or `error`, frees the slot.
+
+        At `deadline` (X-Request-Deadline) generation stops and the stream ends with
+        the error REQUEST_TIMEOUT.
+        """
+        async with trio.open_nursery() as timer:
+            timed_out: list[bool] = []
+
+            async def expire() -> None:
+                await trio.sleep_until(deadlines.trio_deadline(deadline))
+                log.warning("request timeout request_id=%s: the deadline %s passed",
+                            active.request_id, deadline)
+                timed_out.append(True)
+                active.cancelled.set()
+
+            if deadline is not None:
+                timer.start_soon(expire)
+            await self._run(active, request, send, timed_out)
+            timer.cancel_scope.cancel()
+
+    async def _run(
+        self, active: ActiveRequest, request: InferenceRequest,
+        send: trio.MemorySendChannel[InferenceEvent], timed_out: list[bool],
+    ) -> None:
         backend = self.backend
         index = 0
         first_token_at: float | None = None
@@ -161,6 +187,17 @@ class WorkerService:
                 return
             index += 1
 
+        async def send_token(text: str) -> bool:  # in trio: the synthetic backend
+            nonlocal index, first_token_at
+            if first_token_at is None:
+                first_token_at = time.monotonic()
+            try:
+                await send.send(InferenceToken(t=text, i=index))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            index += 1
+            return True
+
         try:
             async with send:
                 await send.send(InferenceStarted(
@@ -170,15 +207,22 @@ class WorkerService:
                 try:
                     if backend is None:
                         raise ServiceUnavailable("The model is not loaded.")
-                    generated = await trio.to_thread.run_sync(
-                        functools.partial(backend.generate, request, on_token, active.cancelled)
-                    )
+                    if isinstance(backend, SyntheticBackend):  # a trio task, not a thread
+                        generated = await backend.agenerate(request, send_token, active.cancelled)
+                    else:
+                        generated = await trio.to_thread.run_sync(
+                            functools.partial(backend.generate, request, on_token, active.cancelled)
+                        )
                 except RbeeError as error:
                     await send.send(InferenceError(code=error.code, message=error.message))
                     return
                 except Exception as error:
                     log.error("generation failed request_id=%s", active.request_id, exc_info=error)
                     await send.send(InferenceError(code="INTERNAL_ERROR", message="Generation failed."))
+                    return
+                if timed_out:
+                    timeout = InferenceError(code="REQUEST_TIMEOUT", message="Request exceeded deadline")
+                    await send.send(timeout)
                     return
                 decode_ms = 0.0 if first_token_at is None else (time.monotonic() - first_token_at) * 1000
                 await send.send(InferenceEnd(
@@ -191,7 +235,8 @@ class WorkerService:
             self.active.pop(active.request_id, None)
             self.last_request_end = time.monotonic()
             self.recent.append(active.request_id)
-            self.state_changed.set()
+            if len(self.active) == self.config.slots - 1:
+                self.state_changed.set()  # ready again
             active.done.set()
 
     async def drain(self, deadline_s: float) -> None:

@@ -95,7 +95,6 @@ def make_site(fleet: Fleet, root: Path, wheelhouse: Path) -> Site:
         f'known_hosts = "{fleet.known_hosts}"\n'
         f'wheelhouse = "{wheelhouse}"\n'
         "hive_start_timeout_s = 60\n"
-        "worker_stale_s = 6\n"
         "\n[hive]\nworker_stop_grace_s = 2\n"
     )
     return Site(fleet=fleet, root=root, wheelhouse=wheelhouse, env=env)

@@ -269,3 +269,24 @@ async def test_health_and_build_info(queen: QueenHandle) -> None:
     assert info["version"]
     assert isinstance(info["features"], list)
     assert "build_timestamp" in info
+
+
+async def test_a_job_takes_32_streams_and_answers_the_next_with_429(
+    start_queen: Any, stuck_hive: Any,
+) -> None:
+    queen = await start_queen(hives={"stuck": stuck_hive}, hive_probe_timeout_s=60)
+    job_id = await submit(queen.http, {"operation": "hive_status", "hive_id": "stuck"})  # runs until cancelled
+    opened = 0
+    async with contextlib.AsyncExitStack() as streams:
+        for _ in range(32):
+            response = await streams.enter_async_context(queen.http.stream("GET", f"/v1/jobs/{job_id}/stream"))
+            assert response.status_code == 200
+            opened += 1
+        refused = await queen.http.get(f"/v1/jobs/{job_id}/stream")
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "TOO_MANY_REQUESTS"
+        assert refused.headers["Retry-After"] == "1"
+        await queen.http.delete(f"/v1/jobs/{job_id}")
+    assert opened == 32
+    # The streams were closed: there is room again (the job has ended; its buffer replays).
+    assert [data for _, data in await read_stream(queen.http, job_id)][-1] == "[CANCELLED]"

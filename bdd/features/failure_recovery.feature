@@ -2,7 +2,7 @@ Feature: Failure Detection and Recovery
   Mirrors 210-failure-recovery.feature.
 
   Scenario: Gap-F1 - Worker crash detection and registry cleanup
-    Given a running queen with a local hive and "queen.worker_stale_s=1.5"
+    Given a running queen with a local hive and "queen.worker_stale_s=1.5, hive.worker_heartbeat_s=0.4"
     And 2 workers of "smollm2-135m" spawned through the queen
     When the first worker is killed
     And I run the queen operation {"operation": "infer", "model": "smollm2-135m", "prompt": "Hello,", "max_tokens": 5}

@@ -35,7 +35,7 @@ Feature: queen-rbee Worker Registry
     Then the queen lists no workers
 
   Scenario: Stale worker cleanup
-    Given a running queen with a local hive and "queen.worker_stale_s=1.5"
+    Given a running queen with a local hive and "queen.worker_stale_s=1.5, hive.worker_heartbeat_s=0.4"
     And 2 workers of "smollm2-135m" spawned through the queen
     When the first worker stops sending heartbeats
     Then within 5 seconds the queen lists only the second worker

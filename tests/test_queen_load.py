@@ -1,0 +1,125 @@
+"""The queen on the paths users walk under load: bursts of connections, a request after a
+refused body, and SIGTERM with streams open. The workers are synthetic (the backend for tests
+and benchmarks: filler tokens at a fixed rate, no model), started by the queen's own hive."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.helpers import BIN, Daemon, daemon, gone, job_result, run_job, wait_for
+
+
+@contextlib.contextmanager
+def synthetic_queen(folder: Path, *, rate: float = 20.0, slots: int = 50) -> Iterator[Daemon]:
+    config = folder / "rbee.toml"
+    config.write_text(f"[hive]\nsynthetic_backend = true\nsynthetic_slots = {slots}\n"
+                      f"synthetic_tokens_per_s = {rate}\n")
+    env = {f"XDG_{part}_HOME": str(folder / part.lower()) for part in ("STATE", "DATA", "CONFIG", "CACHE")}
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)],
+                env=env) as queen:
+        events, terminator = run_job(queen.url, {"operation": "worker_spawn", "model": "synthetic",
+                                                 "backend": "synthetic"})
+        assert terminator == "[DONE]", events[-3:]
+        yield queen
+
+
+@pytest.fixture(scope="module")
+def queen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with synthetic_queen(tmp_path_factory.mktemp("load")) as queen:
+        yield queen
+
+
+def test_a_burst_of_1000_connections_is_accepted(queen: Daemon) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    port = int(queen.url.rsplit(":", 1)[1])
+    answers: list[bytes] = []
+
+    async def one() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while data := await stream.receive_some(4096):
+                answer += data
+        answers.append(answer)
+
+    async def burst() -> None:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for _ in range(1000):
+                    nursery.start_soon(one)  # all at once: none waits for another
+
+    try:
+        trio.run(burst)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(answers) == 1000
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+
+
+def test_a_request_after_a_413_on_the_same_connection_is_answered(queen: Daemon) -> None:
+    with httpx.Client(base_url=queen.url, timeout=5.0) as client:
+        refused = client.post("/v1/jobs", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
+        assert refused.status_code == 413
+        assert refused.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+        # The body was never read: the queen closed that connection, so this one is not stuck behind it.
+        assert client.get("/health").status_code == 200
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(queen: Daemon) -> None:
+    """Slowloris: headers must arrive within the keep-alive timeout (30 s); the connection then closes."""
+    port = int(queen.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: q\r\n")  # and never the blank line
+        sock.settimeout(60)
+        started = time.monotonic()
+        while sock.recv(4096):
+            pass
+        assert time.monotonic() - started < 59  # closed by the queen, not by our timeout
+
+
+def stream_chat(url: str, lines: list[str], opened: threading.Event) -> None:
+    body = {"model": "synthetic", "stream": True, "max_tokens": 1000,
+            "messages": [{"role": "user", "content": "hello"}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[6:])
+                opened.set()
+
+
+def test_sigterm_with_open_streams_ends_each_with_a_terminator_and_leaves_no_process(tmp_path: Path) -> None:
+    with synthetic_queen(tmp_path, rate=5.0) as queen:
+        workers = job_result(queen.url, {"operation": "worker_list"})
+        assert isinstance(workers, list) and len(workers) == 1
+        worker_pid = int(workers[0]["pid"])
+        streams = [([], threading.Event()) for _ in range(3)]
+        readers = [threading.Thread(target=stream_chat, args=(queen.url, lines, opened))
+                   for lines, opened in streams]
+        for reader in readers:
+            reader.start()
+        assert all(opened.wait(10) for _, opened in streams)
+        assert wait_for(lambda: all(len(lines) >= 3 for lines, _ in streams), timeout=10)
+
+        queen.process.send_signal(signal.SIGTERM)
+        assert queen.process.wait(10) == 0
+        for reader in readers:
+            reader.join(10)
+        for lines, _ in streams:
+            assert lines[-1] == "[DONE]"
+            ended = json.loads(lines[-2])
+            assert ended["error"]["code"] == "shutting_down"
+        assert wait_for(lambda: gone(worker_pid), timeout=5)
