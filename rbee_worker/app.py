@@ -64,7 +64,7 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
             finally:
                 if not ended and not active.cancelled.is_set():
                     log.info("client went away: cancelling request_id=%s", active.request_id)
-                active.cancelled.set()  # a no-op when it ended; stops it when the client left
+                active.cancel()  # a no-op when it ended; stops it when the client left
 
         return sse_response(frames())
 

@@ -46,7 +46,15 @@ class ActiveRequest:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.cancelled = threading.Event()
+        """Checked by the generation thread between tokens."""
+        self.woken = trio.Event()
+        """The same, for trio code that waits (the synthetic backend between its tokens)."""
         self.done = trio.Event()
+
+    def cancel(self) -> None:
+        """Stop it (from trio; a generation thread sets `cancelled` alone)."""
+        self.cancelled.set()
+        self.woken.set()
 
 
 def validate(request: InferenceRequest, ctx: int) -> None:
@@ -140,7 +148,7 @@ class WorkerService:
         active = self.active.get(request_id)
         if active is None:
             return request_id in self.recent
-        active.cancelled.set()
+        active.cancel()
         return True
 
     async def run(
@@ -160,7 +168,7 @@ class WorkerService:
                 log.warning("request timeout request_id=%s: the deadline %s passed",
                             active.request_id, deadline)
                 timed_out.append(True)
-                active.cancelled.set()
+                active.cancel()
 
             if deadline is not None:
                 timer.start_soon(expire)
@@ -208,7 +216,8 @@ class WorkerService:
                     if backend is None:
                         raise ServiceUnavailable("The model is not loaded.")
                     if isinstance(backend, SyntheticBackend):  # a trio task, not a thread
-                        generated = await backend.agenerate(request, send_token, active.cancelled)
+                        generated = await backend.agenerate(
+                            request, send_token, active.cancelled, active.woken)
                     else:
                         generated = await trio.to_thread.run_sync(
                             functools.partial(backend.generate, request, on_token, active.cancelled)
@@ -230,7 +239,7 @@ class WorkerService:
                     decode_ms=round(decode_ms, 1), stop_reason=generated.stop_reason,
                 ))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            active.cancelled.set()  # the client went away
+            active.cancel()  # the client went away
         finally:
             self.active.pop(active.request_id, None)
             self.last_request_end = time.monotonic()
@@ -247,7 +256,7 @@ class WorkerService:
             for active in list(self.active.values()):
                 await active.done.wait()
         for active in list(self.active.values()):
-            active.cancelled.set()
+            active.cancel()
         with trio.move_on_after(2.0):
             for active in list(self.active.values()):
                 await active.done.wait()

@@ -33,9 +33,10 @@ class SyntheticBackend:
 
     async def agenerate(
         self, request: InferenceRequest, on_token: Callable[[str], Awaitable[bool]],
-        cancelled: threading.Event,
+        cancelled: threading.Event, woken: trio.Event,
     ) -> Generated:
-        """Send `max_tokens` words, one per interval; `on_token` returns False when nobody listens."""
+        """Send `max_tokens` words, one per interval; `on_token` returns False when nobody listens.
+        A cancellation (`woken`) ends it at once, not at the next token."""
         text = request.prompt or " ".join(m.content for m in request.messages or [])
         tokens_in = max(len(text.split()), 1)
         wanted = min(request.max_tokens or DEFAULT_TOKENS, self.ctx - tokens_in)
@@ -44,7 +45,8 @@ class SyntheticBackend:
         next_at = trio.current_time()
         while produced < wanted:
             next_at += self.interval
-            await trio.sleep_until(next_at)
+            with trio.move_on_at(next_at):
+                await woken.wait()
             if cancelled.is_set() or not await on_token(f"w{produced} "):
                 reason = "cancelled"
                 break
