@@ -67,10 +67,14 @@ class WorkerLanes:
     """
 
     STREAMS = 100
+    H2_FROM_SLOTS = 16
+    """A worker with fewer slots (a llama.cpp worker has 1 to 4) gets plain HTTP/1.1, a connection
+    per stream: its streams are few, and closing one stops the worker's request at once."""
 
     def __init__(self) -> None:
         self._clients: list[httpx.AsyncClient] = []
         self._busy: dict[tuple[str, int], int] = {}
+        self._h1 = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     @staticmethod
     def _client() -> httpx.AsyncClient:
@@ -78,7 +82,10 @@ class WorkerLanes:
         return httpx.AsyncClient(http1=False, http2=True, limits=limits)
 
     @contextlib.contextmanager
-    def lane(self, url: str) -> Iterator[httpx.AsyncClient]:
+    def lane(self, url: str, slots: int = 1) -> Iterator[httpx.AsyncClient]:
+        if slots < self.H2_FROM_SLOTS:
+            yield self._h1
+            return
         index = 0
         while self._busy.get((url, index), 0) >= self.STREAMS:
             index += 1
@@ -97,7 +104,7 @@ class WorkerLanes:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for client in self._clients:
+        for client in [self._h1, *self._clients]:
             await client.aclose()
 
 
@@ -111,7 +118,8 @@ async def _cancel_on_worker(
     """Tell the worker to stop a request we no longer read. Closing an HTTP/2 stream early does
     not reach the worker (httpx sends no RST_STREAM), so the queen says it: DELETE, at most 2 s,
     even while we are being cancelled."""
-    with trio.CancelScope(shield=True), trio.move_on_after(2.0), lanes.lane(worker.url) as http:
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0), \
+            lanes.lane(worker.url, worker.slots_total) as http:
         try:
             await http.delete(f"{worker.url}/v1/inference/{request_id}", headers=headers, timeout=2.0)
         except httpx.HTTPError as error:
@@ -174,7 +182,7 @@ async def _attempts(
         """The worker is generating for us and has not said it stopped."""
         alive_at = 0.0
         try:
-            with lanes.lane(worker.url) as http:
+            with lanes.lane(worker.url, worker.slots_total) as http:
                 async with http.stream(
                     "POST", f"{worker.url}/v1/inference", content=body, headers={**hop, **headers(worker)},
                     timeout=WORKER_TIMEOUT,
