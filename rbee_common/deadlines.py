@@ -93,16 +93,6 @@ def from_headers(headers: _Headers, *, default_s: float | None) -> str | None:
     return candidates[0][1]
 
 
-def earliest(inherited: str | None, given: str | None) -> str | None:
-    """A hop's deadline: the one it inherited; a later one it was also given is ignored (warned)."""
-    if inherited is None or given is None:
-        return inherited or given
-    if parse(given) > parse(inherited):
-        log.warning("deadline cannot be extended: %s ignored for the original %s", given, inherited)
-        return inherited
-    return given
-
-
 def trio_deadline(header: str | None) -> float:
     """The deadline as trio's clock reads it (inf for none)."""
     if header is None:

@@ -17,6 +17,7 @@ from rbee_common.config import (
     load_config,
 )
 from rbee_common.errors import ConfigError
+from rbee_hive.config import RESTART_ONLY as HIVE_RESTART_ONLY
 
 log = logging.getLogger("rbee.queen.config")
 
@@ -26,8 +27,6 @@ LOCALHOST_HIVE = HiveEntry(host="127.0.0.1")
 
 RESTART_ONLY = frozenset({"host", "port", "local_hive"})
 """[queen] settings a running queen cannot change: SIGHUP logs that they wait for a restart."""
-HIVE_RESTART_ONLY = frozenset({"host", "port", "hive_id", "queen_url", "data_dir"})
-"""The same for [hive] (the queen's in-process hive, and rbee-hive)."""
 
 
 class QueenConfig(msgspec.Struct, kw_only=True):

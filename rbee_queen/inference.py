@@ -56,7 +56,8 @@ class Served(msgspec.Struct, kw_only=True):
 
 
 class WorkerLanes:
-    """The queen's HTTP/2 connections to workers (prior knowledge: workers are ours).
+    """The queen's connections to workers: HTTP/2 with prior knowledge (workers are ours) to those
+    with many slots, HTTP/1.1 to the rest (`H2_FROM_SLOTS`).
 
     One connection carries many streams, so 10,000 streams need 10,000 sockets
     in and about 100 out, not 20,000. httpx puts at most 100 streams on one

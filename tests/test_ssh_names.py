@@ -90,9 +90,8 @@ def operator(sshd: Sshd, tmp_path: Path) -> Operator:
     known = tmp_path / "known_hosts"
     config = tmp_path / "rbee.toml"
     config.write_text(f'[queen]\nknown_hosts = "{known}"\n')
-    env = {"HOME": str(home), "RBEE_CONFIG": str(config), "RBEE_API_TOKEN": "",
+    env = {"HOME": str(home), "RBEE_CONFIG": str(config),
            **{f"XDG_{p}_HOME": str(tmp_path / p.lower()) for p in ("STATE", "DATA", "CONFIG", "CACHE")}}
-    env.pop("RBEE_API_TOKEN")
     return Operator(home, env, known)
 
 
