@@ -18,14 +18,17 @@ COUNT = {"operation": "infer", "model": "smollm2-135m", "prompt": "Count from 1 
          "temperature": 0}
 
 
-@given(parsers.parse("the worker is busy with a request through the queen for {seconds:d} seconds"))
+@given(parsers.parse("every slot of the worker is busy with requests through the queen for {seconds:d} seconds"))
 def busy_through_queen(world: World, seconds: int) -> None:
-    # Greedy counting at about 100 tokens/s on one thread: max_tokens sets the duration.
-    body = {**COUNT, "max_tokens": seconds * 100}
-    thread = threading.Thread(target=lambda: run_job(world.queen_url, body), daemon=True)
-    thread.start()
-    world.extra["stack"].callback(lambda: thread.join(60))
-    assert wait_for(lambda: [w["slots_busy"] for w in active_workers(world)] == [1], timeout=10)
+    (worker,) = active_workers(world)
+    slots = int(worker["slots_total"])
+    # Greedy counting at about 100 tokens/s on one thread, shared by the batched slots.
+    body = {**COUNT, "max_tokens": max(seconds * 100 // slots, 20)}
+    for _ in range(slots):
+        thread = threading.Thread(target=lambda: run_job(world.queen_url, body), daemon=True)
+        thread.start()
+        world.extra["stack"].callback(lambda thread=thread: thread.join(60))
+    assert wait_for(lambda: [w["slots_busy"] for w in active_workers(world)] == [slots], timeout=10)
 
 
 @when("I ask the queen's OpenAI API for a completion")

@@ -100,6 +100,11 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """How often the hive checks each worker (`/v1/ready`); 3 failed checks in a row remove it."""
     worker_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     """A worker with no request for this long is stopped (as Ollama's keep_alive); 0 keeps it."""
+    worker_slots: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    """Sequences each worker batches on one copy of the model; 0 picks: 4 on a GPU or Metal, on a
+    CPU as many as 8,192 tokens of cache hold (4 at worker_ctx 2048)."""
+    worker_ctx: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 2048
+    """Context length of each sequence, in tokens (a worker's cache is slots x worker_ctx)."""
     worker_binary: str | None = None
     """`llm-worker-rbee` to run (default: the one installed next to this Python)."""
     cpu_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None

@@ -115,6 +115,11 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
+    min_p: float = 0.05
+    """llama.cpp's min-p: drop tokens below this fraction of the likeliest one's probability."""
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = msgspec.field(default_factory=list)
     response_format: ResponseFormat | None = None
@@ -336,6 +341,8 @@ class InferenceEnd(_InferenceEvent, tag="end", frozen=True, kw_only=True):
     tokens_out: int
     decode_ms: float
     stop_reason: StopReason
+    tokens_cached: int = 0
+    """Prompt tokens already in the worker's cache (a shared prefix), not decoded again."""
 
 
 class InferenceError(_InferenceEvent, tag="error", frozen=True, kw_only=True):

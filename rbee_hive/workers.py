@@ -29,11 +29,12 @@ import psutil
 import trio
 
 from rbee_common.auth import TOKEN_ENV, bearer, new_token, token_sha256
-from rbee_common.builtin import builtin_model_path
+from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.child import Child, spawn_child
 from rbee_common.config import HiveSettings
 from rbee_common.errors import Forbidden, NotFound, RbeeError, ServiceUnavailable, Unprocessable
 from rbee_common.jobs import JobContext
+from rbee_common.sizing import GgufError, auto_slots, gguf_metadata, kv_bytes_per_token, worker_bytes
 from rbee_common.wire import WorkerSpawn
 from rbee_hive.catalog import Catalog, CatalogEntry, check_reference
 from rbee_hive.devices import available_backends, detect_devices, physical_cores
@@ -68,6 +69,7 @@ class Preflight(msgspec.Struct, frozen=True, kw_only=True):
     required_bytes: int
     available_bytes: int
     memory: str
+    slots: int = 1
 
 
 class InsufficientResources(Unprocessable):
@@ -226,17 +228,28 @@ class Workers:
                 problem, code="BACKEND_UNAVAILABLE", details={"available_backends": backends},
                 hint=f"Available here: {', '.join(backends) or 'none'}.",
             )
-        needed = int(size * 1.2)
+        ctx = self.settings.worker_ctx
+        slots = self.settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
+        kv_per_token = 0
+        if fmt == "gguf":
+            try:
+                path = builtin_model_path(model_arg) if model_arg in BUILTIN_MODELS else Path(model_arg)
+                kv_per_token = kv_bytes_per_token(gguf_metadata(path or model_arg))
+            except (OSError, GgufError):
+                kv_per_token = 0  # llama.cpp will say what is wrong with the file
+        needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
         kind = "VRAM" if device.kind == "cuda" else "RAM"
         free = device.memory_free_bytes if device.kind == "cuda" else psutil.virtual_memory().available
         if needed > free:
+            cache = f" and a cache of {slots} x {ctx} tokens" if kv_per_token else ""
             raise InsufficientResources(
                 f"Not enough {kind} on {op.device}: the model needs {needed / 1e6:.0f} MB "
-                f"(1.2 x its {size / 1e6:.0f} MB) and {free / 1e6:.0f} MB are available.",
+                f"(its {size / 1e6:.0f} MB once{cache}) and {free / 1e6:.0f} MB are available.",
                 code=f"INSUFFICIENT_{kind}",
                 details={"required_bytes": needed, "available_bytes": free, "device": op.device,
                          "model": name},
-                hint="Stop a worker, pick a smaller quantization, or use another device.",
+                hint="Stop a worker, pick a smaller quantization, use another device, or lower "
+                     "[hive] worker_slots or worker_ctx.",
             )
         threads = op.threads or 1
         if op.device == "CPU-0":
@@ -252,7 +265,7 @@ class Workers:
                     hint="Stop a CPU worker, or ask for fewer threads.",
                 )
         return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
-                         required_bytes=needed, available_bytes=free, memory=kind)
+                         required_bytes=needed, available_bytes=free, memory=kind, slots=slots)
 
     def _synthetic(self, op: WorkerSpawn) -> Preflight:
         """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
@@ -264,7 +277,8 @@ class Workers:
             )
         check_reference(op.model)
         return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
-                         required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM")
+                         required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM",
+                         slots=self.settings.synthetic_slots)
 
     def _free_port(self, skip: set[int]) -> int:
         used = {r.info.port for r in self.running.values()} | self._reserved_ports | skip
@@ -285,13 +299,14 @@ class Workers:
 
     async def spawn(self, op: WorkerSpawn, context: JobContext) -> HiveWorker:
         checked = await trio.to_thread.run_sync(self.preflight, op)
-        name, model_arg, backend, threads = checked.name, checked.model_arg, checked.backend, checked.threads
+        name, backend, threads = checked.name, checked.backend, checked.threads
         context.narrate(
             "worker_preflight",
-            f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s); it needs "
+            f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s), "
+            f"{checked.slots} slot(s); it needs "
             f"{checked.required_bytes / 1e6:.0f} MB of the {checked.available_bytes / 1e6:.0f} MB "
             f"{checked.memory} available",
-            model=name, device=op.device, backend=backend, threads=threads,
+            model=name, device=op.device, backend=backend, threads=threads, slots=checked.slots,
             required_bytes=checked.required_bytes, available_bytes=checked.available_bytes,
         )
         worker_id = f"worker-{uuid.uuid4().hex[:12]}"
@@ -301,7 +316,7 @@ class Workers:
             tried.add(port)
             self._reserved_ports.add(port)
             try:
-                result = await self._start(op, context, worker_id, name, model_arg, backend, threads, port)
+                result = await self._start(op, context, worker_id, checked, port)
             finally:
                 self._reserved_ports.discard(port)
             if result is not None:
@@ -312,9 +327,9 @@ class Workers:
         )
 
     async def _start(
-        self, op: WorkerSpawn, context: JobContext, worker_id: str, name: str, model_arg: str, backend: str,
-        threads: int, port: int,
+        self, op: WorkerSpawn, context: JobContext, worker_id: str, checked: Preflight, port: int,
     ) -> HiveWorker | None:
+        name, model_arg, backend, threads = checked.name, checked.model_arg, checked.backend, checked.threads
         command = worker_command(self.settings)
         log_path = self.log_dir / f"{worker_id}.log"
         token = op.worker_token or (new_token() if self.token else None)
@@ -324,13 +339,13 @@ class Workers:
             "--host", self.settings.host, "--port", str(port), "--worker-id", worker_id,
             "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
             "--heartbeat-s", f"{self.settings.worker_heartbeat_s:g}",
+            "--slots", str(checked.slots), "--ctx", str(self.settings.worker_ctx),
             # drain a little less than we wait, so a busy worker finishes before our SIGKILL
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
             *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),
         ]
         if backend == "synthetic":
-            argv += ["--slots", str(self.settings.synthetic_slots),
-                     "--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}"]
+            argv += ["--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}"]
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)
@@ -352,7 +367,7 @@ class Workers:
         info = HiveWorker(
             worker_id=worker_id, model=name, device=op.device, backend=backend, threads=threads,
             pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}", state="starting",
-            slots_total=self.settings.synthetic_slots if backend == "synthetic" else 1,
+            slots_total=checked.slots,
             started_at=time.time(),
             token_sha256=token_sha256(token) if token else None,
         )

@@ -51,6 +51,7 @@ class Served(msgspec.Struct, kw_only=True):
     worker_id: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
+    tokens_cached: int = 0
     stop_reason: str = "stop"
     attempts: int = 0
 
@@ -214,6 +215,7 @@ async def _attempts(
                         elif isinstance(event, InferenceEnd):
                             ended, running = True, False
                             served.tokens_in, served.tokens_out = event.tokens_in, event.tokens_out
+                            served.tokens_cached = event.tokens_cached
                             served.stop_reason = event.stop_reason
                         elif isinstance(event, InferenceError):
                             running = False

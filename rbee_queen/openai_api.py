@@ -62,6 +62,12 @@ class _Common(msgspec.Struct, kw_only=True):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    top_k: int | None = None
+    """llama.cpp's extensions, as llama-server and Ollama take them."""
+    min_p: float | None = None
+    repeat_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -118,8 +124,9 @@ def _params(request: _Common, *, prompt: str | None, messages: list[ChatMessage]
     fields["max_tokens"] = request.max_completion_tokens or request.max_tokens
     if request.temperature is not None:
         fields["temperature"] = request.temperature
-    if request.top_p is not None:
-        fields["top_p"] = request.top_p
+    for name in ("top_p", "frequency_penalty", "presence_penalty", "top_k", "min_p", "repeat_penalty"):
+        if (value := getattr(request, name)) is not None:
+            fields[name] = value
     return GenerationParams(**fields)
 
 
@@ -137,6 +144,7 @@ class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0
     finish_reason: str = "stop"
 
 
@@ -200,9 +208,10 @@ async def _respond(
     usage = Usage()
     pieces = generate(request.model, params, usage, deadline)
 
-    def usage_body() -> dict[str, int]:
+    def usage_body() -> dict[str, Any]:
         return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
     def finish() -> str:
         return "length" if usage.finish_reason == "length" else "stop"

@@ -65,6 +65,7 @@ class InferResult(msgspec.Struct, kw_only=True):
     tokens_out: int
     stop_reason: str
     attempts: int
+    tokens_cached: int = 0
 
 
 class QueenService:
@@ -244,6 +245,7 @@ class QueenService:
             async for piece in pieces:
                 yield piece
         usage.prompt_tokens, usage.completion_tokens = served.tokens_in, served.tokens_out
+        usage.cached_tokens = served.tokens_cached
         usage.finish_reason = served.stop_reason
 
     async def infer(self, operation: Infer, context: JobContext) -> InferResult:
@@ -264,6 +266,7 @@ class QueenService:
         return InferResult(
             text="".join(text), model=operation.model, worker_id=served.worker_id, tokens_in=served.tokens_in,
             tokens_out=served.tokens_out, stop_reason=served.stop_reason, attempts=served.attempts,
+            tokens_cached=served.tokens_cached,
         )
 
     async def model_names(self) -> list[str]:

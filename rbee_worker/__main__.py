@@ -21,6 +21,7 @@ from rbee_common.daemon import (
     run_daemon,
 )
 from rbee_common.errors import ConfigError
+from rbee_common.sizing import auto_slots
 from rbee_worker.config import WorkerConfig
 from rbee_worker.serve import serve
 
@@ -53,8 +54,8 @@ def main(
     hive_id: Annotated[str, typer.Option(help="The hive that started it.")] = "localhost",
     queen_url: Annotated[str | None, typer.Option(help="Send heartbeats to this queen.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for generation.")] = 1,
-    ctx: Annotated[int, typer.Option(min=64, help="Context length in tokens.")] = 2048,
-    slots: Annotated[int, typer.Option(min=1, help="Concurrent requests; more get 503 ALL_SLOTS_BUSY.")] = 1,
+    ctx: Annotated[int, typer.Option(min=64, help="Context length of each sequence, in tokens.")] = 2048,
+    slots: Annotated[int | None, typer.Option(min=1, help="Concurrent sequences batched on one copy of the model; more requests get 503 ALL_SLOTS_BUSY. Default: 4 on a GPU or Metal; on a CPU as many as 8,192 tokens of cache hold (4 at --ctx 2048).")] = None,  # noqa: E501
     lifeline_fd: Annotated[int | None, typer.Option(help="Exit when this fd reaches EOF (the parent died).")] = None,  # noqa: E501
     heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats (and one at once on a change of state).")] = 5.0,  # noqa: E501
     drain_s: Annotated[float, typer.Option(min=0, help="On shutdown, let requests finish this long.")] = 5.0,
@@ -86,7 +87,8 @@ def main(
     config = WorkerConfig(
         model=model, model_name=model_name, device=device, backend=backend, host=host, port=port,
         worker_id=worker_id,
-        hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx, slots=slots,
+        hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx,
+        slots=slots or auto_slots(device=device, backend=backend, ctx=ctx),
         lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s, api_token=token,
         synthetic_tokens_per_s=synthetic_tokens_per_s,
     )

@@ -23,6 +23,8 @@ from rbee_worker.service import WorkerService, encode_event
 log = logging.getLogger("rbee.worker")
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
+CANCEL_WAIT_S = 2.0
+"""DELETE waits at most this long for the request to end (the engine stops it at its next step)."""
 
 
 def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event) -> QuartTrio:
@@ -73,6 +75,10 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
         # Idempotent: a request that already ended (or was cancelled) answers 204 again.
         if not service.cancel(request_id):
             raise NotFound("No running or recent request with that id.", code="REQUEST_NOT_FOUND")
+        active = service.active.get(request_id)
+        if active is not None:  # answered once its slot is free: the next request can take it
+            with trio.move_on_after(CANCEL_WAIT_S):
+                await active.done.wait()
         return no_content()
 
     @app.post("/v1/admin/shutdown")

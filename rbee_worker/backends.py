@@ -9,10 +9,11 @@ darwin/arm64, llama.cpp otherwise (DESIGN §4).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ import msgspec
 
 from rbee_common.errors import ServiceUnavailable, Unprocessable, ValidationFailed
 from rbee_common.wire import InferenceRequest, StopReason
+from rbee_worker.engine import Engine, Job
 from rbee_worker.models import ResolvedModel
 
 log = logging.getLogger("rbee.worker.backend")
@@ -32,6 +34,8 @@ class Generated(msgspec.Struct, frozen=True):
     tokens_in: int
     tokens_out: int
     stop_reason: StopReason
+    tokens_cached: int = 0
+    """Prompt tokens whose keys and values were already in the cache."""
 
 
 class Backend(Protocol):
@@ -76,8 +80,20 @@ def load_backend(
                 "MLX serves MLX model directories; this model is a GGUF file.",
                 hint="Use --backend llama-cpp (or auto) for GGUF models.",
             )
-        return MlxBackend(model, device=device, ctx=ctx)
+        return MlxBackend(model, device=device, ctx=ctx, slots=slots)
     raise BackendUnavailable(f"Unknown backend {name}.", hint="Use auto, llama-cpp or mlx.")
+
+
+def token_budget(request: InferenceRequest, prompt_tokens: int, ctx: int) -> int:
+    """Tokens the request may generate in a sequence of `ctx`; a prompt that leaves none is refused."""
+    if prompt_tokens >= ctx:
+        raise ValidationFailed(
+            f"The prompt is {prompt_tokens} tokens; this worker's context is {ctx}.",
+            details={"field": "messages" if request.messages else "prompt"},
+        )
+    if not prompt_tokens:
+        raise ValidationFailed("The prompt is empty.", details={"field": "prompt"})
+    return min(request.max_tokens or ctx, ctx - prompt_tokens)
 
 
 # llama.cpp's `general.file_type` (enum llama_ftype) for the common quantizations.
@@ -87,56 +103,127 @@ GGUF_FILE_TYPES = {
     32: "BF16",
 }
 
+N_BATCH = 512
+"""Tokens in one decode step: every generating sequence's next token, then prompt chunks."""
+PENALTY_LAST_N = 64
+"""How many recent tokens the repetition penalties look at (llama.cpp's default)."""
+
 _FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
 
+def _metadata(lib: Any, model: Any) -> dict[str, str]:
+    """The GGUF's key/value metadata, as strings."""
+    meta: dict[str, str] = {}
+    size = 1024
+    buffer = ctypes.create_string_buffer(size)
+
+    def read(fn: Callable[..., int], i: int) -> str:
+        nonlocal size, buffer
+        n = fn(model, i, buffer, size)
+        if n >= size:
+            size = n + 1
+            buffer = ctypes.create_string_buffer(size)
+            fn(model, i, buffer, size)
+        return buffer.value.decode("utf-8", errors="replace")
+
+    for i in range(lib.llama_model_meta_count(model)):
+        meta[read(lib.llama_model_meta_key_by_index, i)] = read(lib.llama_model_meta_val_str_by_index, i)
+    return meta
+
+
 class LlamaCppBackend:
+    """llama.cpp with continuous batching: the weights once, one context, `slots` sequences.
+
+    Requests share one engine thread (`rbee_worker.engine`); each `generate`
+    call tokenizes in its own thread, hands the job over and waits for its end.
+    """
+
     name = "llama-cpp"
     json_mode = True
 
     def __init__(self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int) -> None:
         try:
-            from llama_cpp import Llama
+            import llama_cpp as lib
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as error:
             raise BackendUnavailable(
                 "llama-cpp-python is not installed.", hint="pip install llama-cpp-python"
             ) from error
-        self.ctx = ctx
-        gpu_layers = -1 if device.startswith("GPU-") else 0
-        # One context per slot: a llama.cpp context serves one sequence at a time.
-        self._pool: queue.Queue[Any] = queue.Queue()
-        first = None
-        for _ in range(slots):
-            try:
-                llm = Llama(
-                    model_path=model.path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
-                    n_gpu_layers=gpu_layers, verbose=False,
-                )
-            except (ValueError, RuntimeError, OSError) as error:  # llama.cpp says little more
-                raise ModelLoadFailed(
-                    "llama.cpp could not load the model: not a valid GGUF file, or too little memory.",
-                    hint="Check the file (a finished download, a GGUF this llama.cpp reads) and free memory.",
-                ) from error
-            first = first or llm
-            self._pool.put(llm)
-        if first is None:
+        if slots < 1:
             raise BackendUnavailable("A worker needs at least one slot.")
-        meta = first.metadata
+        self.ctx = ctx
+        self.slots = slots
+        self._lib = lib
+        import llama_cpp._logger  # installs the log callback that reads this level
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+        lib.llama_backend_init()
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = -1 if device.startswith("GPU-") else 0
+        self._model = lib.llama_model_load_from_file(model.path.encode(), model_params)
+        if not self._model:
+            raise ModelLoadFailed(
+                "llama.cpp could not load the model: not a valid GGUF file, or too little memory.",
+                hint="Check the file (a finished download, a GGUF this llama.cpp reads) and free memory.",
+            )
+        context_params = lib.llama_context_default_params()
+        context_params.n_ctx = ctx * slots
+        context_params.n_seq_max = slots
+        context_params.kv_unified = False  # each sequence its own `ctx` positions
+        context_params.n_batch = context_params.n_ubatch = N_BATCH
+        # Logits for at most one token per sequence a step: the output buffer is slots x vocab
+        # floats, not n_batch x vocab (100 MB for a 49k vocabulary).
+        context_params.n_outputs_max = slots
+        context_params.n_threads = context_params.n_threads_batch = threads
+        context_params.no_perf = True
+        self._context = lib.llama_init_from_model(self._model, context_params)
+        if not self._context:
+            lib.llama_model_free(self._model)
+            raise ModelLoadFailed(
+                f"llama.cpp could not create a context of {slots} x {ctx} tokens: too little memory.",
+                hint="Ask for fewer slots or a shorter context (--slots, --ctx).",
+            )
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        meta = _metadata(lib, self._model)
         file_type = int(meta.get("general.file_type", -1))
+        architecture = meta.get("general.architecture")
         self.info = {
-            "architecture": meta.get("general.architecture"), "vocab_size": first.n_vocab(),
-            "eos_token_id": first.token_eos(), "bos_token_id": first.token_bos(),
+            "architecture": architecture, "vocab_size": lib.llama_vocab_n_tokens(self._vocab),
+            "eos_token_id": lib.llama_vocab_eos(self._vocab),
+            "bos_token_id": lib.llama_vocab_bos(self._vocab),
             "quantization": GGUF_FILE_TYPES.get(file_type, f"type {file_type}"),
-            "context_length": int(meta.get(f"{meta.get('general.architecture')}.context_length", 0)) or None,
+            "context_length": int(meta.get(f"{architecture}.context_length", 0)) or None,
         }
         template = meta.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
-        eos = first.detokenize([first.token_eos()], special=True).decode(errors="ignore")
-        bos = first.detokenize([first.token_bos()], special=True).decode(errors="ignore")
+        eos = self._piece(lib.llama_vocab_eos(self._vocab))
+        bos = self._piece(lib.llama_vocab_bos(self._vocab))
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._engine = Engine(lib, self._context, self._vocab, slots=slots, seq_ctx=ctx, n_batch=N_BATCH,
+                              matcher=StopMatcher)
+
+    def close(self) -> None:
+        """Stop the engine and free the context and the weights."""
+        self._engine.close()
+        self._lib.llama_free(self._context)
+        self._lib.llama_model_free(self._model)
+
+    def _piece(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)].decode(errors="ignore")
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        size = len(data) + 8
+        while True:
+            tokens = (self._lib.llama_token * size)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, size, True, True)
+            if n >= 0:
+                return list(tokens[:n])
+            size = -n
 
     def _prompt(self, request: InferenceRequest) -> tuple[str, list[str]]:
         if request.messages is not None:
@@ -149,54 +236,66 @@ class LlamaCppBackend:
             return formatted.prompt, [stop for stop in stops if stop]  # "" would stop at once
         return request.prompt or "", []
 
-    def _grammar(self, request: InferenceRequest) -> Any:
+    def _grammar(self, request: InferenceRequest) -> bytes | None:
         fmt = request.response_format
         if fmt is None or fmt.type == "text":
             return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
         if fmt.type == "json_schema" and fmt.json_schema:
             schema = fmt.json_schema.get("schema", fmt.json_schema)
-            return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+            return str(json_schema_to_gbnf(json.dumps(schema))).encode()
+        return JSON_GBNF.encode()
+
+    def _sampler(self, request: InferenceRequest) -> Any:
+        """The request's sampler chain, in llama.cpp's usual order."""
+        lib = self._lib
+        params = lib.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = lib.llama_sampler_chain_init(params)
+        grammar = self._grammar(request)
+        if grammar is not None:
+            sampler = lib.llama_sampler_init_grammar(self._vocab, grammar, b"root")
+            if not sampler:
+                lib.llama_sampler_free(chain)
+                raise ValidationFailed(
+                    "This JSON schema could not be turned into a grammar.",
+                    details={"field": "response_format"},
+                )
+            lib.llama_sampler_chain_add(chain, sampler)
+        if (request.repeat_penalty, request.frequency_penalty, request.presence_penalty) != (1.0, 0.0, 0.0):
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                PENALTY_LAST_N, request.repeat_penalty, request.frequency_penalty, request.presence_penalty))
+        if request.temperature <= 0.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if request.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(request.top_k))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(request.top_p, 1))
+        if request.min_p > 0.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(request.min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(request.temperature))
+        seed = lib.LLAMA_DEFAULT_SEED if request.seed is None else request.seed & 0xFFFFFFFF
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
 
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
     ) -> Generated:
-        llm = self._pool.get()
-        try:
-            prompt, template_stops = self._prompt(request)
-            tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-            if len(tokens) >= self.ctx:
-                raise ValidationFailed(
-                    f"The prompt is {len(tokens)} tokens; this worker's context is {self.ctx}.",
-                    details={"field": "messages" if request.messages else "prompt"},
-                )
-            max_tokens = min(request.max_tokens or self.ctx, self.ctx - len(tokens))
-            stream = llm.create_completion(
-                prompt=tokens, max_tokens=max_tokens, temperature=request.temperature,
-                top_p=request.top_p, top_k=request.top_k, seed=request.seed,
-                stop=[*template_stops, *request.stop] or None, grammar=self._grammar(request),
-                stream=True,
-            )
-            produced = 0
-            reason: StopReason = "length"
-            try:
-                for chunk in stream:
-                    if cancelled.is_set():
-                        reason = "cancelled"
-                        break
-                    choice = chunk["choices"][0]
-                    if choice["text"]:
-                        on_token(choice["text"])
-                        produced += 1
-                    if choice["finish_reason"]:
-                        reason = "stop" if choice["finish_reason"] == "stop" else "length"
-            finally:
-                stream.close()
-            return Generated(len(tokens), produced, reason)
-        finally:
-            self._pool.put(llm)
+        prompt, template_stops = self._prompt(request)
+        tokens = self.tokenize(prompt)
+        max_tokens = token_budget(request, len(tokens), self.ctx)
+        job = Job(
+            tokens=tokens, max_tokens=max_tokens,
+            sampler=self._sampler(request), on_piece=on_token, cancelled=cancelled,
+            stops=[*template_stops, *request.stop],
+        )
+        self._engine.submit(job)
+        job.finished.wait()
+        if job.error is not None:
+            raise job.error
+        reason: StopReason = job.reason  # type: ignore[assignment]
+        return Generated(len(tokens), job.produced, reason, job.tokens_cached)
 
 
 class StopMatcher:
@@ -226,20 +325,38 @@ class StopMatcher:
         return text
 
 
+class _MlxJob:
+    def __init__(self, tokens: list[int], max_tokens: int, sampler: Any, on_piece: OnToken,
+                 cancelled: threading.Event, stops: list[str], detokenizer: Any, seed: int | None) -> None:
+        self.tokens, self.max_tokens, self.sampler, self.seed = tokens, max_tokens, sampler, seed
+        self.on_piece, self.cancelled = on_piece, cancelled
+        self.matcher = StopMatcher(stops)
+        self.detokenizer = detokenizer
+        self.produced = 0
+        self.reason: StopReason = "length"
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+
 class MlxBackend:
     """`mlx-lm` on an MLX model directory: Metal on Apple Silicon, `mlx[cpu]` elsewhere.
 
-    MLX evaluation is not documented as thread-safe, so generations take turns
-    under one lock: with `--slots 2` the second request waits for the first.
+    Continuous batching through mlx-lm's `BatchGenerator`: one engine thread
+    (MLX evaluation is not documented as thread-safe) steps every active
+    sequence together and admits new ones between steps. Each sequence has its
+    own sampler; a `seed` seeds MLX's one random state when its request starts,
+    so sampled (not greedy) output is reproducible only when it runs alone.
+    There is no prompt-cache reuse across requests here.
     """
 
     name = "mlx"
     json_mode = False
 
-    def __init__(self, model: ResolvedModel, *, device: str, ctx: int) -> None:
+    def __init__(self, model: ResolvedModel, *, device: str, ctx: int, slots: int = 1) -> None:
         try:
             import mlx.core as mx
             from mlx_lm import load
+            from mlx_lm.generate import BatchGenerator
         except ImportError as error:
             raise BackendUnavailable(
                 "mlx-lm is not installed.", hint="pip install mlx-lm (and mlx[cpu] on Linux)"
@@ -250,6 +367,7 @@ class MlxBackend:
             )
         mx.set_default_device(mx.cpu if device == "CPU-0" else mx.gpu)
         self.ctx = ctx
+        self.slots = slots
         self._mx = mx
         try:
             loaded = load(model.path)
@@ -268,7 +386,23 @@ class MlxBackend:
             "quantization": f"{bits}-bit" if bits else "none",
             "context_length": config.get("max_position_embeddings"),
         }
-        self._lock = threading.Lock()
+        eos = sorted(getattr(self._tokenizer, "eos_token_ids", None) or [self._tokenizer.eos_token_id])
+        self._generator: Any = BatchGenerator(
+            self._model, stop_tokens=[[token] for token in eos],
+            completion_batch_size=slots, prefill_batch_size=slots,
+        )
+        self._waiting: deque[_MlxJob] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="rbee-mlx-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        self._generator.close()
 
     def _prompt(self, request: InferenceRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -284,43 +418,84 @@ class MlxBackend:
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
     ) -> Generated:
-        from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         tokens = self._prompt(request)
-        if len(tokens) >= self.ctx:
-            raise ValidationFailed(
-                f"The prompt is {len(tokens)} tokens; this worker's context is {self.ctx}.",
-                details={"field": "messages" if request.messages else "prompt"},
-            )
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p, top_k=request.top_k)
-        stops = StopMatcher(request.stop)
-        produced = 0
-        reason: StopReason = "length"
-        with self._lock:
-            if request.seed is not None:
-                self._mx.random.seed(request.seed)
-            stream = stream_generate(
-                self._model, self._tokenizer, tokens,
-                max_tokens=min(request.max_tokens or self.ctx, self.ctx - len(tokens)), sampler=sampler,
-            )
-            try:
-                for response in stream:
-                    if cancelled.is_set():
-                        reason = "cancelled"
+        max_tokens = token_budget(request, len(tokens), self.ctx)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p, min_p=request.min_p,
+                               top_k=request.top_k)
+        job = _MlxJob(tokens, max_tokens, sampler, on_token,
+                      cancelled, list(request.stop), self._tokenizer.detokenizer, request.seed)
+        with self._wake:
+            if self._closing:
+                raise BackendUnavailable("The worker is stopping.")
+            self._waiting.append(job)
+            self._wake.notify()
+        job.finished.wait()
+        if job.error is not None:
+            raise job.error
+        return Generated(len(tokens), job.produced, job.reason)
+
+    # --- the engine thread ---
+
+    def _loop(self) -> None:
+        running: dict[int, _MlxJob] = {}
+        try:
+            while True:
+                with self._wake:
+                    while not self._closing and not self._waiting and not running:
+                        self._wake.wait()
+                    if self._closing:
                         break
-                    produced = response.generation_tokens
-                    text, stopped = stops.feed(response.text)
-                    if text:
-                        on_token(text)
-                    if stopped:
-                        reason = "stop"
-                        break
-                    if response.finish_reason:
-                        reason = "stop" if response.finish_reason == "stop" else "length"
-                else:
-                    if tail := stops.flush():
-                        on_token(tail)
-            finally:
-                stream.close()
-        return Generated(len(tokens), produced, reason)
+                    new = list(self._waiting)
+                    self._waiting.clear()
+                for job in new:
+                    if job.seed is not None:
+                        self._mx.random.seed(job.seed)
+                    (uid,) = self._generator.insert([job.tokens], [job.max_tokens], samplers=[job.sampler])
+                    running[uid] = job
+                gone = [uid for uid, job in running.items() if job.cancelled.is_set()]
+                if gone:
+                    self._generator.remove(gone)
+                    for uid in gone:
+                        self._finish(running.pop(uid), "cancelled")
+                if running:
+                    self._step(running)
+        except Exception as error:  # a bug or a broken model: every job learns of it
+            log.error("the MLX engine stopped", exc_info=error)
+            for job in [*running.values(), *self._waiting]:
+                job.error = error
+                job.finished.set()
+            return
+        for job in [*running.values(), *self._waiting]:
+            self._finish(job, "cancelled")
+
+    def _step(self, running: dict[int, _MlxJob]) -> None:
+        for response in self._generator.next_generated():
+            job = running.get(response.uid)
+            if job is None:
+                continue
+            if response.finish_reason == "stop":  # an end-of-sequence token: not text
+                self._finish(running.pop(response.uid), "stop", flush=True)
+                continue
+            job.produced += 1
+            job.detokenizer.add_token(response.token)
+            text, stopped = job.matcher.feed(job.detokenizer.last_segment)
+            if text:
+                job.on_piece(text)
+            if stopped:
+                self._generator.remove([response.uid])
+                self._finish(running.pop(response.uid), "stop")
+            elif response.finish_reason is not None:
+                self._finish(running.pop(response.uid), "length", flush=True)
+
+    @staticmethod
+    def _finish(job: _MlxJob, reason: StopReason, *, flush: bool = False) -> None:
+        if flush:
+            job.detokenizer.finalize()
+            text, stopped = job.matcher.feed(job.detokenizer.last_segment)
+            tail = text if stopped else text + job.matcher.flush()
+            if tail:
+                job.on_piece(tail)
+        job.reason = reason
+        job.finished.set()

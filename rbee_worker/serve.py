@@ -15,7 +15,7 @@ from rbee_common.http import serve_app
 from rbee_worker.app import build_app
 from rbee_worker.backends import load_backend
 from rbee_worker.config import WorkerConfig
-from rbee_worker.models import resolve_model
+from rbee_worker.models import ResolvedModel, resolve_model
 from rbee_worker.service import WorkerService
 from rbee_worker.synthetic import SyntheticBackend
 
@@ -69,6 +69,19 @@ async def serve(
     synthetic = config.backend == "synthetic"
     model = None if synthetic else resolve_model(config.model)
     service = WorkerService(config)
+    try:
+        await _serve(config, service, model, stop, task_status)
+    finally:  # the engine's thread and the model's memory go with the requests
+        close = getattr(service.backend, "close", None)
+        if close is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(close)
+
+
+async def _serve(
+    config: WorkerConfig, service: WorkerService, model: ResolvedModel | None, stop: trio.Event,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
     # One kept-alive connection to the queen: a new one per beat costs the queen twice the CPU.
     one = httpx.Limits(max_connections=2, max_keepalive_connections=1,
                        keepalive_expiry=config.heartbeat_s * 3)

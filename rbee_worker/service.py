@@ -1,9 +1,11 @@
 """The worker's state and inference, without HTTP.
 
 Requests take a slot or are refused (503 ALL_SLOTS_BUSY). Generation runs in
-a thread; its pieces cross into trio through a memory channel that the HTTP
-stream reads. Cancelling a request (DELETE, client gone, drain deadline) sets
-a flag the thread checks between tokens.
+the backend's thread (llama.cpp's engine thread serves every slot); its pieces
+cross into trio without ever blocking that thread, and a task per request
+forwards them to the memory channel that the HTTP stream reads. Cancelling a
+request (DELETE, client gone, drain deadline) sets a flag the engine checks
+at every step.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import os
 import threading
 import time
 import uuid
 
 import msgspec
+import outcome
 import trio
 
 from rbee_common import deadlines
@@ -73,6 +77,13 @@ def validate(request: InferenceRequest, ctx: int) -> None:
         raise bad("top_p", "`top_p` must be between 0 and 1.")
     if request.top_k < 0:
         raise bad("top_k", "`top_k` must be 0 or more.")
+    if not 0.0 <= request.min_p <= 1.0:
+        raise bad("min_p", "`min_p` must be between 0 and 1.")
+    if not 0.0 < request.repeat_penalty <= 2.0:
+        raise bad("repeat_penalty", "`repeat_penalty` must be above 0 and at most 2 (1 is off).")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2.0 <= getattr(request, name) <= 2.0:
+            raise bad(name, f"`{name}` must be between -2 and 2.")
     if len(request.stop) > 4:
         raise bad("stop", "At most 4 stop sequences.")
 
@@ -88,6 +99,8 @@ class WorkerService:
         self.url = ""
         self.active: dict[str, ActiveRequest] = {}
         self.last_request_end = time.monotonic()
+        self._threads = trio.CapacityLimiter(max(config.slots, 1))
+        """One waiting thread per running request (trio's default of 40 would cap the slots)."""
         self.recent: collections.deque[str] = collections.deque(maxlen=1024)
         """Ids of requests that ended, so a repeated DELETE stays a 204."""
 
@@ -183,17 +196,22 @@ class WorkerService:
         index = 0
         first_token_at: float | None = None
 
-        def on_token(text: str) -> None:  # in the generation thread
-            nonlocal index, first_token_at
-            if first_token_at is None:
-                first_token_at = time.monotonic()
-            try:  # blocking send: a slow client slows generation, never memory
-                trio.from_thread.run(send.send, InferenceToken(t=text, i=index))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.Cancelled,
-                    trio.RunFinishedError):
-                active.cancelled.set()  # the stream is gone: stop at the next token
-                return
-            index += 1
+        trio_token = trio.lowlevel.current_trio_token()
+        pieces_in, pieces_out = trio.open_memory_channel[str](math.inf)
+
+        def on_token(text: str) -> None:  # in the engine's thread: never blocks it
+            try:
+                trio_token.run_sync_soon(pieces_in.send_nowait, text)
+            except trio.RunFinishedError:
+                active.cancelled.set()
+
+        async def forward() -> None:
+            """Pieces to the stream, in order: a slow client holds its own pieces, not the engine."""
+            async for text in pieces_out:
+                if not await send_token(text):
+                    active.cancel()  # the stream is gone: the engine frees the sequence next step
+                    async for _ in pieces_out:  # drop the rest
+                        pass
 
         async def send_token(text: str) -> bool:  # in trio: the synthetic backend
             nonlocal index, first_token_at
@@ -219,9 +237,15 @@ class WorkerService:
                         generated = await backend.agenerate(
                             request, send_token, active.cancelled, active.woken)
                     else:
-                        generated = await trio.to_thread.run_sync(
-                            functools.partial(backend.generate, request, on_token, active.cancelled)
-                        )
+                        async with trio.open_nursery() as pump:
+                            pump.start_soon(forward)
+                            result = await outcome.acapture(
+                                trio.to_thread.run_sync,
+                                functools.partial(backend.generate, request, on_token, active.cancelled),
+                                limiter=self._threads,
+                            )
+                            pieces_in.close()  # every piece was queued before the thread's result
+                        generated = result.unwrap()
                 except RbeeError as error:
                     await send.send(InferenceError(code=error.code, message=error.message))
                     return
@@ -237,6 +261,7 @@ class WorkerService:
                 await send.send(InferenceEnd(
                     tokens_in=generated.tokens_in, tokens_out=generated.tokens_out,
                     decode_ms=round(decode_ms, 1), stop_reason=generated.stop_reason,
+                    tokens_cached=generated.tokens_cached,
                 ))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             active.cancel()  # the client went away

@@ -52,6 +52,12 @@ def test_openai_client_streams_with_usage_after_a_cold_start(queen: Daemon) -> N
     assert chunks[-1].usage.completion_tokens == 30 and chunks[-1].usage.prompt_tokens > 5
     assert [w["model"] for w in active(queen)] == ["smollm2-135m"]
     assert "local-hive" in httpx.get(f"{queen.url}/v1/build-info").json()["features"]
+    # The next turn of the conversation: the worker still holds the first prompt in its cache.
+    turn = [*CHAT, {"role": "assistant", "content": text}, {"role": "user", "content": "And at sunset?"}]
+    reply = openai.chat.completions.create(model="smollm2-135m", messages=turn, max_tokens=10)
+    assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+    cached = reply.usage.prompt_tokens_details.cached_tokens or 0
+    assert chunks[-1].usage.prompt_tokens <= cached < reply.usage.prompt_tokens
 
 
 def test_openai_client_without_streaming_and_json_mode(queen: Daemon) -> None:

@@ -28,7 +28,7 @@ def worker_argv(*extra: str) -> list[str]:
 
 @pytest.fixture
 def worker(isolated_dirs: Path) -> Iterator[Daemon]:
-    with daemon(worker_argv("--port", "0")) as running:
+    with daemon(worker_argv("--port", "0", "--slots", "1")) as running:
         yield running
 
 

@@ -30,7 +30,7 @@ def test_queen_lists_a_worker_from_its_heartbeats_and_drops_it_when_silent(isola
             assert seen["worker_id"] == "w-beat" and seen["hive_id"] == "lab-1"
             assert seen["url"] == worker.url and seen["pid"] == worker.process.pid
             assert seen["model"] == "smollm2-135m" and seen["backend"] == "llama-cpp"
-            assert seen["device"] == "CPU-0" and seen["slots_total"] == 1
+            assert seen["device"] == "CPU-0" and seen["slots_total"] == 4  # the CPU default at --ctx 2048
             stop_process(worker.process)
         assert wait_for(lambda: active_workers(queen.url) == [], timeout=5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,21 @@ def test_auto_picks_mlx_for_an_mlx_directory_and_streams_chat(mlx_worker: Daemon
     assert end["tokens_in"] > 8
     assert 1 <= end["tokens_out"] <= 24
     assert end["stop_reason"] in ("stop", "length")
+
+
+def test_mlx_batches_concurrent_requests_with_the_tokens_each_gives_alone(mlx_worker: Daemon) -> None:
+    ready = httpx.get(f"{mlx_worker.url}/v1/ready").json()
+    assert ready["slots_total"] == 4  # the CPU default at --ctx 2048: one model, four sequences
+    bodies = [{"prompt": prompt, "max_tokens": 12, "temperature": 0} for prompt in
+              ("hello world", "the quick brown fox", "once upon a time there", "rain")]
+
+    def text(body: dict[str, object]) -> str:
+        return "".join(str(t["t"]) for t in tokens_of(stream_events(mlx_worker.url, body)))
+
+    alone = [text(body) for body in bodies]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(text, bodies))
+    assert together == alone and all(alone)
 
 
 def test_same_seed_same_text_on_mlx(mlx_worker: Daemon) -> None:

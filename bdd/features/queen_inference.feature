@@ -6,7 +6,7 @@ Feature: Inference Execution through the queen
   Scenario: EH-018a / EC6 - Every slot busy: the queen queues the request
     Given a running queen with a local hive
     And 1 worker of "smollm2-135m" spawned through the queen
-    And the worker is busy with a request through the queen for 2 seconds
+    And every slot of the worker is busy with requests through the queen for 2 seconds
     When I run the queen operation {"operation": "infer", "model": "smollm2-135m", "prompt": "Hello,", "max_tokens": 5}
     Then the job succeeds
     And the job narrates "waiting for a slot"
@@ -14,7 +14,7 @@ Feature: Inference Execution through the queen
   Scenario: The queue is full - 429 with Retry-After
     Given a running queen with a local hive and "queen.queue_size=0, queen.cold_start=false"
     And 1 worker of "smollm2-135m" spawned through the queen
-    And the worker is busy with a request through the queen for 5 seconds
+    And every slot of the worker is busy with requests through the queen for 5 seconds
     When I ask the queen's OpenAI API for a completion
     Then the response status is 429
     And the OpenAI error code is "queue_full" with a Retry-After header

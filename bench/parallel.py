@@ -1,0 +1,245 @@
+"""Concurrent streams on one worker: llm-worker-rbee against llama.cpp's own `llama-server`.
+
+Both serve the built-in SmolLM2-135M GGUF with the same threads, the same
+context per sequence and as many sequences as concurrent requests (C): our
+`--slots C --ctx N` against `-np C -c C*N`. Each of the C clients sends its
+own prompt (the same prompts to both) and streams `--max-tokens` tokens.
+Reported per C: aggregate tokens/s (all tokens over the wall time from the
+first request to the last token), time to first token p50/p95, and the
+server's peak RSS (VmHWM). Each C runs `--runs` times; the median run counts.
+
+`llama-server` is built once from the llama.cpp sources vendored in the
+llama-cpp-python sdist of the installed version, into
+`~/.cache/rbee/llama-server-<version>/` (about 5 minutes on 2 cores).
+
+    .venv/bin/python bench/parallel.py [--threads 2] [--concurrency 1 2 4 8] [--max-tokens 128]
+
+Run it on a quiet machine; it stops every server it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rbee_worker.models import resolve_model
+from tests.helpers import BIN, daemon
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe a day in the life of a baker in a small mountain village.",
+    "Tell the story of a robot that learns to paint.",
+    "Write about two friends who sail around the world.",
+    "Describe the first morning of a new colony on Mars.",
+    "Tell a tale of a dragon who is afraid of the dark.",
+    "Write about a detective solving a mystery in a library.",
+    "Describe a festival in a city built on water.",
+]
+
+Stream = Callable[[httpx.Client, str, str, int, int], tuple[float, int]]
+"""(client, base url, prompt, max tokens, seed) -> (seconds to the first token, tokens)."""
+
+
+def build_llama_server() -> Path:
+    version = importlib.metadata.version("llama-cpp-python")
+    cache = Path.home() / ".cache" / "rbee" / f"llama-server-{version}"
+    source = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    binary = source / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.exists():
+        print(f"downloading the llama-cpp-python {version} sdist", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(cache)], check=True)
+    if not source.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+    print("building llama-server (about 5 minutes on 2 cores)", file=sys.stderr)
+    subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON"],
+                   cwd=source, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   cwd=source, check=True, stdout=subprocess.DEVNULL)
+    return binary
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def llama_server(
+    binary: Path, model: str, *, threads: int, ctx: int, slots: int,
+) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    argv = [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(ctx * slots),
+            "-np", str(slots), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"llama-server did not start:\n{log.read().decode(errors='replace')}")
+                time.sleep(0.2)
+            yield url, process.pid
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@contextmanager
+def rbee_worker(*, threads: int, ctx: int, slots: int) -> Iterator[tuple[str, int]]:
+    argv = [str(BIN / "llm-worker-rbee"), "--model", "smollm2-135m", "--device", "CPU-0",
+            "--threads", str(threads), "--ctx", str(ctx), "--slots", str(slots), "--port", "0"]
+    with daemon(argv, timeout=120) as worker:
+        yield worker.url, worker.process.pid
+
+
+def stream_rbee(http: httpx.Client, url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, int]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed}
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    with http.stream("POST", f"{url}/v1/inference", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith('data: {"type":"token"') and not first:
+                first = time.perf_counter() - start
+            elif line.startswith('data: {"type":"end"'):
+                tokens = json.loads(line[6:])["tokens_out"]
+            elif line.startswith('data: {"type":"error"'):
+                raise RuntimeError(line)
+    return first, tokens
+
+
+def stream_llama_server(
+    http: httpx.Client, url: str, prompt: str, max_tokens: int, seed: int,
+) -> tuple[float, int]:
+    body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.8, "seed": seed, "stream": True}
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    with http.stream("POST", f"{url}/completion", json=body, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event.get("content") and not first:
+                first = time.perf_counter() - start
+            if event.get("stop"):
+                tokens = event.get("timings", {}).get("predicted_n", tokens)
+    return first, tokens
+
+
+def one_run(stream: Stream, url: str, concurrency: int, max_tokens: int) -> tuple[float, list[float]]:
+    """(aggregate tokens/s, time to first token of each stream)."""
+    clients = [httpx.Client() for _ in range(concurrency)]
+    try:
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(
+                lambda i: stream(clients[i], url, PROMPTS[i % len(PROMPTS)], max_tokens, 1000 + i),
+                range(concurrency),
+            ))
+        elapsed = time.perf_counter() - start
+    finally:
+        for client in clients:
+            client.close()
+    return sum(tokens for _, tokens in results) / elapsed, [first for first, _ in results]
+
+
+def measure(server: Callable[[], object], stream: Stream, concurrency: int, max_tokens: int,
+            runs: int) -> dict[str, float]:
+    with server() as (url, pid):  # type: ignore[attr-defined]
+        one_run(stream, url, concurrency, 8)  # warm up
+        results = [one_run(stream, url, concurrency, max_tokens) for _ in range(runs)]
+        rss = peak_rss_mb(pid)
+    rates = sorted(results, key=lambda r: r[0])
+    rate, firsts = rates[len(rates) // 2]
+    firsts = sorted(first for _, run_firsts in results for first in run_firsts)
+    p95 = firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))]
+    return {"tok_s": round(rate, 1), "ttft_p50_ms": round(statistics.median(firsts) * 1000, 1),
+            "ttft_p95_ms": round(p95 * 1000, 1), "rss_mb": round(rss, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--ctx", type=int, default=2048, help="context per sequence, both servers")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    binary = build_llama_server()
+    if shutil.which("cmake") is None and not binary.exists():
+        raise SystemExit("cmake is needed to build llama-server")
+    model = resolve_model("smollm2-135m").path
+    rows = []
+    for c in args.concurrency:
+        ours = measure(lambda c=c: rbee_worker(threads=args.threads, ctx=args.ctx, slots=c),
+                       stream_rbee, c, args.max_tokens, args.runs)
+        theirs = measure(lambda c=c: llama_server(binary, model, threads=args.threads, ctx=args.ctx, slots=c),
+                         stream_llama_server, c, args.max_tokens, args.runs)
+        row = {"concurrency": c, "rbee": ours, "llama_server": theirs,
+               "tok_s_ratio": round(ours["tok_s"] / theirs["tok_s"], 2),
+               "rss_ratio": round(ours["rss_mb"] / theirs["rss_mb"], 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nthreads {args.threads}, ctx {args.ctx} per sequence, {args.max_tokens} tokens per stream, "
+          f"median of {args.runs} runs\n")
+    print("| C | rbee tok/s | llama-server tok/s | ratio | TTFT p50/p95 ms (rbee) | TTFT p50/p95 ms "
+          "(llama-server) | RSS MB (rbee / llama-server) | RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        ours, theirs = row["rbee"], row["llama_server"]
+        print(f"| {row['concurrency']} | {ours['tok_s']} | {theirs['tok_s']} | {row['tok_s_ratio']} | "
+              f"{ours['ttft_p50_ms']:.0f} / {ours['ttft_p95_ms']:.0f} | "
+              f"{theirs['ttft_p50_ms']:.0f} / {theirs['ttft_p95_ms']:.0f} | "
+              f"{ours['rss_mb']:.0f} / {theirs['rss_mb']:.0f} | {row['rss_ratio']} |")
+
+
+if __name__ == "__main__":
+    main()

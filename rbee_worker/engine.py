@@ -1,0 +1,261 @@
+"""Continuous batching on one copy of a GGUF model (llama.cpp's low-level API).
+
+One model, one context with `slots` sequences, one engine thread. Each step
+builds a single batch from every active sequence (a prompt chunk for a new
+one, one token for each one that is generating), decodes it, samples every
+sequence that asked for logits with its own sampler chain, and hands the
+pieces to their requests. A request waits only for the next step boundary:
+it is admitted as soon as a sequence is free, and a cancelled one frees its
+sequence at the next step.
+
+Each sequence keeps the tokens whose keys and values are in its part of the
+cache. A new request takes the free sequence that shares the longest prefix
+with its prompt and decodes only the rest (`tokens_cached`): a follow-up turn
+of a conversation, or a shared system prompt.
+
+The cache is not unified: every sequence has its own `ctx` positions
+(`kv_unified = false`), so one long prompt cannot starve the others and a
+sequence's attention never sees another's cells.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("rbee.worker.engine")
+
+OnPiece = Callable[[str], None]
+"""Called from the engine thread with each piece of text; must not block."""
+
+
+class EngineError(Exception):
+    """llama.cpp could not decode a batch (out of memory, a broken context)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's life in the engine."""
+
+    tokens: list[int]
+    """The prompt, tokenized."""
+    max_tokens: int
+    sampler: Any
+    """A `llama_sampler` chain; the engine frees it when the job ends."""
+    on_piece: OnPiece
+    cancelled: threading.Event
+    stops: list[str] = field(default_factory=list)
+    # --- set by the engine ---
+    produced: int = 0
+    tokens_cached: int = 0
+    reason: str = "length"
+    error: BaseException | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    _seq: _Sequence | None = None
+    _feed: list[int] = field(default_factory=list)
+    """Prompt tokens still to decode."""
+    _next: int | None = None
+    """The token sampled last step, decoded this step."""
+    _decoder: Any = None
+    _matcher: Any = None
+
+
+@dataclass(eq=False)
+class _Sequence:
+    id: int
+    cached: list[int] = field(default_factory=list)
+    """Tokens whose keys and values are in the cache, position 0 onwards."""
+    job: Job | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    """The step loop over a loaded llama.cpp context (owned by the caller)."""
+
+    def __init__(self, lib: Any, ctx: Any, vocab: Any, *, slots: int, seq_ctx: int, n_batch: int,
+                 matcher: Callable[[list[str]], Any]) -> None:
+        self._lib = lib
+        self._ctx = ctx
+        self._vocab = vocab
+        self._memory = lib.llama_get_memory(ctx)
+        self._seq_ctx = seq_ctx
+        self._n_batch = n_batch
+        self._matcher = matcher
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._sequences = [_Sequence(i) for i in range(slots)]
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._thread = threading.Thread(target=self._loop, name="rbee-engine", daemon=True)
+        self._thread.start()
+
+    # --- from request threads ---
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._closing:
+                raise EngineError("The engine is stopping.")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Stop the loop: running and waiting jobs end as cancelled. The caller frees the context."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+
+    # --- the engine thread ---
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._closing and not self._waiting and not self._running():
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                    self._admit()
+                try:
+                    self._step()
+                except EngineError as error:  # this batch failed: its jobs end, the cache starts over
+                    log.error("decoding failed: %s", error)
+                    for job in self._running():
+                        self._finish(job, "error", error=error)
+                    self._lib.llama_memory_clear(self._memory, True)
+                    for seq in self._sequences:
+                        seq.cached.clear()
+        except BaseException as error:  # a bug: every job learns of it, and the worker is broken
+            log.error("the engine stopped", exc_info=error)
+            for job in [*self._running(), *self._waiting]:
+                self._finish(job, "error", error=error)
+            self._waiting.clear()
+            return
+        for job in [*self._running(), *self._waiting]:
+            self._finish(job, "cancelled")
+        self._waiting.clear()
+
+    def _running(self) -> list[Job]:
+        return [s.job for s in self._sequences if s.job is not None]
+
+    def _admit(self) -> None:
+        """Give each waiting job the free sequence whose cache shares most of its prompt."""
+        free = [s for s in self._sequences if s.job is None]
+        while self._waiting and free:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+                continue
+            seq = max(free, key=lambda s: common_prefix(s.cached, job.tokens))
+            free.remove(seq)
+            # Decode at least the prompt's last token: its logits pick the first new token.
+            keep = min(common_prefix(seq.cached, job.tokens), len(job.tokens) - 1)
+            self._lib.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
+            del seq.cached[keep:]
+            seq.job, job._seq = job, seq
+            job.tokens_cached = keep
+            job._feed = job.tokens[keep:]
+            job._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            job._matcher = self._matcher(job.stops)
+
+    def _step(self) -> None:
+        lib, batch = self._lib, self._batch
+        n = 0
+        outputs: list[tuple[Job, int]] = []
+        added: list[tuple[_Sequence, list[int]]] = []
+        jobs = self._running()
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+        # Generating sequences first (one token each), then prompt chunks in what room is left.
+        order = sorted(self._running(), key=lambda j: j._next is None)
+        for job in order:
+            seq = job._seq
+            assert seq is not None
+            if job._next is not None:
+                chunk = [job._next]
+            else:
+                room = self._n_batch - n
+                if room <= 0:
+                    continue
+                chunk = job._feed[:room]
+                del job._feed[:room]
+            last = not job._feed
+            pos = len(seq.cached)
+            for k, token in enumerate(chunk):
+                batch.token[n] = token
+                batch.pos[n] = pos + k
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.id
+                wants = last and k == len(chunk) - 1
+                batch.logits[n] = wants
+                if wants:
+                    outputs.append((job, n))
+                n += 1
+            added.append((seq, chunk))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode returned {status}")
+        for seq, chunk in added:
+            seq.cached.extend(chunk)
+        for job, index in outputs:
+            token = lib.llama_sampler_sample(job.sampler, self._ctx, index)
+            job._next = None
+            if lib.llama_vocab_is_eog(self._vocab, token):
+                self._finish(job, "stop", flush=True)
+                continue
+            job.produced += 1
+            text, stopped = job._matcher.feed(job._decoder.decode(self._piece(token)))
+            if text:
+                job.on_piece(text)
+            if stopped:
+                self._finish(job, "stop")
+            elif job.produced >= job.max_tokens or len(job._seq.cached) + 1 >= self._seq_ctx:  # type: ignore[union-attr]
+                self._finish(job, "length", flush=True)
+            else:
+                job._next = token
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:max(n, 0)]
+        return piece
+
+    def _finish(
+        self, job: Job, reason: str, *, flush: bool = False, error: BaseException | None = None,
+    ) -> None:
+        """End `job`; `flush` emits what the decoder and the stop matcher still hold back."""
+        if job.finished.is_set():
+            return
+        if flush:
+            text, stopped = job._matcher.feed(job._decoder.decode(b"", final=True))
+            tail = text if stopped else text + job._matcher.flush()
+            if tail:
+                job.on_piece(tail)
+        if job._seq is not None:
+            job._seq.job = None
+            job._seq = None
+        job.reason, job.error = reason, error
+        self._lib.llama_sampler_free(job.sampler)
+        job.finished.set()
