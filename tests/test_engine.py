@@ -82,7 +82,9 @@ def test_four_concurrent_requests_give_the_tokens_each_gives_alone(four: Daemon)
 
 def test_a_cancelled_request_frees_its_slot_for_the_next_at_once(four: Daemon) -> None:
     started = [threading.Event() for _ in range(4)]
-    long = [chat(q, max_tokens=1500, request_id=f"req-long-{i}") for i, q in enumerate(QUESTIONS)]
+    # Counting, greedy: a stream that runs to max_tokens rather than stopping early.
+    long = [{"prompt": f"Count from {start} upwards: {start}, {start + 1}, {start + 2},", "max_tokens": 1500,
+             "temperature": 0, "request_id": f"req-long-{i}"} for i, start in enumerate((1, 50, 300, 7000))]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         running = [pool.submit(stream, four.url, body, started[i]) for i, body in enumerate(long)]
         assert all(event.wait(60) for event in started)
