@@ -3,10 +3,13 @@
 Both serve the built-in SmolLM2-135M GGUF with the same threads, the same
 context per sequence and as many sequences as concurrent requests (C): our
 `--slots C --ctx N` against `-np C -c C*N`. Each of the C clients sends its
-own prompt (the same prompts to both) and streams `--max-tokens` tokens.
+own prompt (the same prompts to both, greedy sampling, so both produce the
+same tokens) and streams up to `--max-tokens` tokens.
 Reported per C: aggregate tokens/s (all tokens over the wall time from the
 first request to the last token), time to first token p50/p95, and the
-server's peak RSS (VmHWM). Each C runs `--runs` times; the median run counts.
+server's peak RSS (VmHWM). For each C both servers run at once, and `--runs`
+runs alternate between them (so drift in the machine hits both); the median
+run counts.
 
 `llama-server` is built once from the llama.cpp sources vendored in the
 llama-cpp-python sdist of the installed version, into
@@ -44,15 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rbee_worker.models import resolve_model
 from tests.helpers import BIN, daemon
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Describe a day in the life of a baker in a small mountain village.",
-    "Tell the story of a robot that learns to paint.",
-    "Write about two friends who sail around the world.",
-    "Describe the first morning of a new colony on Mars.",
-    "Tell a tale of a dragon who is afraid of the dark.",
-    "Write about a detective solving a mystery in a library.",
-    "Describe a festival in a city built on water.",
+PROMPTS = [  # beginnings that a small model continues for a long while
+    "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who",
+    "The history of the Roman Empire begins with the founding of Rome, when",
+    "In the morning the baker woke before dawn, lit the oven and",
+    "The robot looked at the blank canvas for a long time. Then it picked up a brush and",
+    "Chapter one. The ship left the harbour at noon, and the two friends",
+    "The first colonists on Mars stepped out of their shelter and saw",
+    "Deep in the forest, a small dragon who was afraid of the dark",
+    "The detective opened the door of the old library and noticed that",
 ]
 
 Stream = Callable[[httpx.Client, str, str, int, int], tuple[float, int]]
@@ -66,6 +69,8 @@ def build_llama_server() -> Path:
     binary = source / "build" / "bin" / "llama-server"
     if binary.exists():
         return binary
+    if shutil.which("cmake") is None:
+        raise SystemExit("cmake is needed to build llama-server (apt-get install cmake)")
     cache.mkdir(parents=True, exist_ok=True)
     sdist = cache / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.exists():
@@ -138,7 +143,7 @@ def rbee_worker(*, threads: int, ctx: int, slots: int) -> Iterator[tuple[str, in
 
 
 def stream_rbee(http: httpx.Client, url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, int]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": seed}
     start = time.perf_counter()
     first = 0.0
     tokens = 0
@@ -157,7 +162,7 @@ def stream_rbee(http: httpx.Client, url: str, prompt: str, max_tokens: int, seed
 def stream_llama_server(
     http: httpx.Client, url: str, prompt: str, max_tokens: int, seed: int,
 ) -> tuple[float, int]:
-    body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.8, "seed": seed, "stream": True}
+    body = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": seed, "stream": True}
     start = time.perf_counter()
     first = 0.0
     tokens = 0
@@ -191,18 +196,31 @@ def one_run(stream: Stream, url: str, concurrency: int, max_tokens: int) -> tupl
     return sum(tokens for _, tokens in results) / elapsed, [first for first, _ in results]
 
 
-def measure(server: Callable[[], object], stream: Stream, concurrency: int, max_tokens: int,
-            runs: int) -> dict[str, float]:
-    with server() as (url, pid):  # type: ignore[attr-defined]
-        one_run(stream, url, concurrency, 8)  # warm up
-        results = [one_run(stream, url, concurrency, max_tokens) for _ in range(runs)]
-        rss = peak_rss_mb(pid)
-    rates = sorted(results, key=lambda r: r[0])
-    rate, firsts = rates[len(rates) // 2]
+def summary(results: list[tuple[float, list[float]]], pid: int) -> dict[str, float]:
+    rate = statistics.median(r[0] for r in results)
     firsts = sorted(first for _, run_firsts in results for first in run_firsts)
     p95 = firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))]
     return {"tok_s": round(rate, 1), "ttft_p50_ms": round(statistics.median(firsts) * 1000, 1),
-            "ttft_p95_ms": round(p95 * 1000, 1), "rss_mb": round(rss, 1)}
+            "ttft_p95_ms": round(p95 * 1000, 1), "rss_mb": round(peak_rss_mb(pid), 1)}
+
+
+def measure(binary: Path, model: str, args: argparse.Namespace, concurrency: int) -> dict[str, object]:
+    """Both servers up at once, idle but for the one measured: runs alternate between them, so
+    both see the same machine."""
+    ours_cm = rbee_worker(threads=args.threads, ctx=args.ctx, slots=concurrency)
+    theirs_cm = llama_server(binary, model, threads=args.threads, ctx=args.ctx, slots=concurrency)
+    with ours_cm as (our_url, our_pid), theirs_cm as (their_url, their_pid):
+        one_run(stream_rbee, our_url, concurrency, 8)  # warm up
+        one_run(stream_llama_server, their_url, concurrency, 8)
+        ours: list[tuple[float, list[float]]] = []
+        theirs: list[tuple[float, list[float]]] = []
+        for _ in range(args.runs):
+            ours.append(one_run(stream_rbee, our_url, concurrency, args.max_tokens))
+            theirs.append(one_run(stream_llama_server, their_url, concurrency, args.max_tokens))
+        mine, other = summary(ours, our_pid), summary(theirs, their_pid)
+    return {"concurrency": concurrency, "rbee": mine, "llama_server": other,
+            "tok_s_ratio": round(mine["tok_s"] / other["tok_s"], 2),
+            "rss_ratio": round(mine["rss_mb"] / other["rss_mb"], 2)}
 
 
 def main() -> None:
@@ -211,21 +229,13 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048, help="context per sequence, both servers")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     binary = build_llama_server()
-    if shutil.which("cmake") is None and not binary.exists():
-        raise SystemExit("cmake is needed to build llama-server")
     model = resolve_model("smollm2-135m").path
     rows = []
     for c in args.concurrency:
-        ours = measure(lambda c=c: rbee_worker(threads=args.threads, ctx=args.ctx, slots=c),
-                       stream_rbee, c, args.max_tokens, args.runs)
-        theirs = measure(lambda c=c: llama_server(binary, model, threads=args.threads, ctx=args.ctx, slots=c),
-                         stream_llama_server, c, args.max_tokens, args.runs)
-        row = {"concurrency": c, "rbee": ours, "llama_server": theirs,
-               "tok_s_ratio": round(ours["tok_s"] / theirs["tok_s"], 2),
-               "rss_ratio": round(ours["rss_mb"] / theirs["rss_mb"], 2)}
+        row = measure(binary, model, args, c)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nthreads {args.threads}, ctx {args.ctx} per sequence, {args.max_tokens} tokens per stream, "
@@ -235,6 +245,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         ours, theirs = row["rbee"], row["llama_server"]
+        assert isinstance(ours, dict) and isinstance(theirs, dict)
         print(f"| {row['concurrency']} | {ours['tok_s']} | {theirs['tok_s']} | {row['tok_s_ratio']} | "
               f"{ours['ttft_p50_ms']:.0f} / {ours['ttft_p95_ms']:.0f} | "
               f"{theirs['ttft_p50_ms']:.0f} / {theirs['ttft_p95_ms']:.0f} | "

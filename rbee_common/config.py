@@ -105,6 +105,10 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     CPU as many as 8,192 tokens of cache hold (4 at worker_ctx 2048)."""
     worker_ctx: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 2048
     """Context length of each sequence, in tokens (a worker's cache is slots x worker_ctx)."""
+    worker_spin_wait: Literal["auto", "full", "short"] = "auto"
+    """How llama.cpp's threads wait between operations (the worker's --spin-wait). auto: short when
+    a CPU worker takes every core of the machine (anything else running would stall all its
+    threads), full otherwise."""
     worker_binary: str | None = None
     """`llm-worker-rbee` to run (default: the one installed next to this Python)."""
     cpu_threads: Annotated[int, msgspec.Meta(ge=1)] | None = None

@@ -153,6 +153,13 @@ class Workers:
                    if r.info.device == "CPU-0" and r.info.backend != "synthetic")
         return total, used
 
+    def spin_wait(self, device: str, threads: int) -> str:
+        """`short` for a CPU worker that takes every core: the hive, the queen or anything else that
+        runs would deschedule one of its threads, and llama.cpp's spinning threads would all wait."""
+        if self.settings.worker_spin_wait != "auto":
+            return self.settings.worker_spin_wait
+        return "short" if device == "CPU-0" and threads >= physical_cores() else "full"
+
     # --- spawn ----------------------------------------------------------------
 
     def _model(self, ref: str) -> tuple[str, str, str, int]:
@@ -340,6 +347,7 @@ class Workers:
             "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
             "--heartbeat-s", f"{self.settings.worker_heartbeat_s:g}",
             "--slots", str(checked.slots), "--ctx", str(self.settings.worker_ctx),
+            "--spin-wait", self.spin_wait(op.device, threads),
             # drain a little less than we wait, so a busy worker finishes before our SIGKILL
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
             *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),

@@ -27,6 +27,8 @@ from rbee_worker.serve import serve
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 PR_SET_PDEATHSIG = 1
+SHORT_SPIN = "200"
+"""OpenMP spin iterations before a waiting thread sleeps, for --spin-wait short (bench/threads.py)."""
 
 
 def _version(value: bool) -> None:
@@ -56,6 +58,7 @@ def main(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for generation.")] = 1,
     ctx: Annotated[int, typer.Option(min=64, help="Context length of each sequence, in tokens.")] = 2048,
     slots: Annotated[int | None, typer.Option(min=1, help="Concurrent sequences batched on one copy of the model; more requests get 503 ALL_SLOTS_BUSY. Default: 4 on a GPU or Metal; on a CPU as many as 8,192 tokens of cache hold (4 at --ctx 2048).")] = None,  # noqa: E501
+    spin_wait: Annotated[str, typer.Option(help="full: llama.cpp's threads spin between operations (fastest on cores nobody else uses); short: they spin briefly, then sleep (GOMP_SPINCOUNT=200), so a process that takes one of the cores costs about half the speed instead of nearly all of it (bench/threads.py).")] = "full",  # noqa: E501
     lifeline_fd: Annotated[int | None, typer.Option(help="Exit when this fd reaches EOF (the parent died).")] = None,  # noqa: E501
     heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats (and one at once on a change of state).")] = 5.0,  # noqa: E501
     drain_s: Annotated[float, typer.Option(min=0, help="On shutdown, let requests finish this long.")] = 5.0,
@@ -73,11 +76,15 @@ def main(
         problem = "--model-name may hold letters, digits and . _ : / @ + = -."
     elif not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", worker_id):
         problem = "--worker-id may hold letters, digits, '.', '_' and '-'."
+    elif spin_wait not in ("full", "short"):
+        problem = "--spin-wait must be full or short."
     if problem:
         typer.echo(f"llm-worker-rbee: error: {problem}", err=True)
         raise typer.Exit(2)
     if device.startswith("GPU-"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.removeprefix("GPU-")
+    if spin_wait == "short" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
+        os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN  # read when llama.cpp's OpenMP runtime loads
     die_with_parent()
     try:
         token = load_token(None)

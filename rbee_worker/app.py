@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -52,7 +53,8 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
             log.warning("request timeout: it arrived after its deadline %s", deadline)
             raise deadlines.exceeded(deadline)
         active = service.begin(request)
-        send, receive = trio.open_memory_channel[InferenceEvent](64)
+        # Unbounded: the engine thread never waits for a client; max_tokens bounds it in fact.
+        send, receive = trio.open_memory_channel[InferenceEvent](math.inf)
         nursery.start_soon(service.run, active, request, send, deadline)
 
         async def frames() -> AsyncIterator[bytes]:

@@ -1,10 +1,11 @@
 """The worker's state and inference, without HTTP.
 
 Requests take a slot or are refused (503 ALL_SLOTS_BUSY). Generation runs in
-the backend's thread (llama.cpp's engine thread serves every slot); its pieces
-cross into trio without ever blocking that thread, and a task per request
-forwards them to the memory channel that the HTTP stream reads. Cancelling a
-request (DELETE, client gone, drain deadline) sets a flag the engine checks
+the backend's thread (one engine thread serves every slot); its pieces cross
+into trio without ever blocking that thread, into the request's unbounded
+memory channel that the HTTP stream reads (bounded in fact by max_tokens): a
+slow client holds back its own stream, never the other sequences. Cancelling
+a request (DELETE, client gone, drain deadline) sets a flag the engine checks
 at every step.
 """
 
@@ -13,14 +14,12 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import math
 import os
 import threading
 import time
 import uuid
 
 import msgspec
-import outcome
 import trio
 
 from rbee_common import deadlines
@@ -197,21 +196,23 @@ class WorkerService:
         first_token_at: float | None = None
 
         trio_token = trio.lowlevel.current_trio_token()
-        pieces_in, pieces_out = trio.open_memory_channel[str](math.inf)
+
+        def deliver(text: str) -> None:  # in trio, soon after the engine made the piece
+            nonlocal index, first_token_at
+            if first_token_at is None:
+                first_token_at = time.monotonic()
+            try:
+                send.send_nowait(InferenceToken(t=text, i=index))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                active.cancel()  # the stream is gone: the engine frees the sequence next step
+                return
+            index += 1
 
         def on_token(text: str) -> None:  # in the engine's thread: never blocks it
             try:
-                trio_token.run_sync_soon(pieces_in.send_nowait, text)
+                trio_token.run_sync_soon(deliver, text)
             except trio.RunFinishedError:
                 active.cancelled.set()
-
-        async def forward() -> None:
-            """Pieces to the stream, in order: a slow client holds its own pieces, not the engine."""
-            async for text in pieces_out:
-                if not await send_token(text):
-                    active.cancel()  # the stream is gone: the engine frees the sequence next step
-                    async for _ in pieces_out:  # drop the rest
-                        pass
 
         async def send_token(text: str) -> bool:  # in trio: the synthetic backend
             nonlocal index, first_token_at
@@ -237,15 +238,12 @@ class WorkerService:
                         generated = await backend.agenerate(
                             request, send_token, active.cancelled, active.woken)
                     else:
-                        async with trio.open_nursery() as pump:
-                            pump.start_soon(forward)
-                            result = await outcome.acapture(
-                                trio.to_thread.run_sync,
-                                functools.partial(backend.generate, request, on_token, active.cancelled),
-                                limiter=self._threads,
-                            )
-                            pieces_in.close()  # every piece was queued before the thread's result
-                        generated = result.unwrap()
+                        # Every piece is queued (run_sync_soon) before the thread's result, so all
+                        # are in `send` before the end event.
+                        generated = await trio.to_thread.run_sync(
+                            functools.partial(backend.generate, request, on_token, active.cancelled),
+                            limiter=self._threads,
+                        )
                 except RbeeError as error:
                     await send.send(InferenceError(code=error.code, message=error.message))
                     return

@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from rbee_common.sizing import gguf_metadata, kv_bytes_per_token
+from rbee_worker.models import resolve_model
 from tests.helpers import BIN, Daemon, daemon, gone, job_result, port_open, run_job, stop_process, wait_for
 
 
@@ -73,8 +75,15 @@ def test_spawn_list_infer_stop(hive: Daemon) -> None:
     assert progress and all(e["what"] == "worker_load" for e in progress)
     narrated = " ".join(str(e["human"]) for e in events if e["type"] == "narration")
     assert "Preflight passed" in narrated and "is ready at" in narrated
+    # One copy of the weights (and compute slack) plus the KV cache of 4 slots x 2,048 tokens.
+    (preflight,) = [e for e in events if e.get("action") == "worker_preflight"]
+    model = resolve_model("smollm2-135m").path
+    cache = 4 * 2048 * kv_bytes_per_token(gguf_metadata(model))
+    assert preflight["fields"]["slots"] == 4
+    assert preflight["fields"]["required_bytes"] == int(Path(model).stat().st_size * 1.2) + cache
     (worker,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
     assert worker["state"] == "ready" and psutil.pid_exists(worker["pid"])
+    assert worker["slots_total"] == 4
     assert 9300 <= worker["port"] <= 9399 and port_open(worker["port"])
     assert psutil.Process(worker["pid"]).ppid() == hive.process.pid
     body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
