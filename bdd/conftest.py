@@ -397,10 +397,12 @@ def stream_on_worker(world: World, url: str, body: dict[str, Any]) -> Streaming:
     return stream
 
 
-@given("the worker is busy with a long request")
-@when("the worker is busy with a long request")
+@given("every slot of the worker is busy with a long request")
+@when("every slot of the worker is busy with a long request")
 def worker_busy(world: World) -> None:
-    stream_on_worker(world, spawned(world)[-1]["url"], {**COUNTING, "request_id": "req-busy"})
+    worker = spawned(world)[-1]
+    for slot in range(int(worker["slots_total"])):
+        stream_on_worker(world, worker["url"], {**COUNTING, "request_id": f"req-busy-{slot}"})
 
 
 @given(parsers.parse("the worker is generating {tokens:d} tokens for a client"))

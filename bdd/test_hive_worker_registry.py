@@ -30,3 +30,10 @@ def one_worker(world: World, model: str, state: str, busy: int) -> None:
     (worker,) = job_value(world)
     assert (worker["model"], worker["state"], worker["slots_busy"]) == (model, state, busy)
     assert worker["pid"] > 0 and worker["url"].startswith("http://127.0.0.1:")
+
+
+@then(parsers.parse('the result lists 1 worker of "{model}" in state "{state}" with every slot busy'))
+def one_full_worker(world: World, model: str, state: str) -> None:
+    (worker,) = job_value(world)
+    assert (worker["model"], worker["state"]) == (model, state)
+    assert worker["slots_busy"] == worker["slots_total"] == 4  # the CPU default: 4 sequences

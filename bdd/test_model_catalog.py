@@ -5,6 +5,7 @@ from pathlib import Path
 from pytest_bdd import parsers, scenarios, then
 
 from bdd.conftest import World, hive_job, hub, job_value
+from rbee_common.sizing import gguf_metadata, kv_bytes_per_token
 
 scenarios("model_catalog.feature")
 
@@ -51,8 +52,11 @@ def size_from_disk(world: World, ref: str) -> None:
     world.extra["size"] = entry["size_bytes"]
 
 
-@then("the preflight required 1.2 times that size in RAM")
+@then("the preflight required 1.2 times that size in RAM plus the KV cache of its slots")
 def preflight_used_size(world: World) -> None:
     (preflight,) = [e for e in world.extra["events"] if e.get("action") == "worker_preflight"]
-    assert preflight["fields"]["required_bytes"] == int(world.extra["size"] * 1.2)
+    entry = world.extra["downloaded"]["hf:test-org/smol-GGUF"]
+    cache = preflight["fields"]["slots"] * 2048 * kv_bytes_per_token(gguf_metadata(entry["path"]))
+    assert cache > 0
+    assert preflight["fields"]["required_bytes"] == int(world.extra["size"] * 1.2) + cache
     assert preflight["fields"]["available_bytes"] > preflight["fields"]["required_bytes"]

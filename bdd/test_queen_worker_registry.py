@@ -23,7 +23,7 @@ def lists_worker(world: World) -> None:
     assert (listed["worker_id"], listed["url"], listed["hive_id"]) == (
         mine["worker_id"], mine["url"], "localhost")
     assert (listed["model"], listed["backend"], listed["device"]) == ("smollm2-135m", "llama-cpp", "CPU-0")
-    assert listed["slots_total"] == 1 and listed["pid"] == mine["pid"]
+    assert listed["slots_total"] == mine["slots_total"] == 4 and listed["pid"] == mine["pid"]
 
 
 @then(parsers.parse("the result lists {count:d} workers, each with worker_id, hive_id, url, model, device and state"))

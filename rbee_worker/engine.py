@@ -177,17 +177,14 @@ class Engine:
     def _step(self) -> None:
         lib, batch = self._lib, self._batch
         n = 0
-        outputs: list[tuple[Job, int]] = []
+        outputs: list[tuple[_Sequence, Job, int]] = []
         added: list[tuple[_Sequence, list[int]]] = []
-        jobs = self._running()
-        for job in jobs:
+        for job in self._running():
             if job.cancelled.is_set():
                 self._finish(job, "cancelled")
         # Generating sequences first (one token each), then prompt chunks in what room is left.
-        order = sorted(self._running(), key=lambda j: j._next is None)
-        for job in order:
-            seq = job._seq
-            assert seq is not None
+        busy = [(s, s.job) for s in self._sequences if s.job is not None]
+        for seq, job in sorted(busy, key=lambda pair: pair[1]._next is None):
             if job._next is not None:
                 chunk = [job._next]
             else:
@@ -206,7 +203,7 @@ class Engine:
                 wants = last and k == len(chunk) - 1
                 batch.logits[n] = wants
                 if wants:
-                    outputs.append((job, n))
+                    outputs.append((seq, job, n))
                 n += 1
             added.append((seq, chunk))
         if n == 0:
@@ -217,7 +214,7 @@ class Engine:
             raise EngineError(f"llama_decode returned {status}")
         for seq, chunk in added:
             seq.cached.extend(chunk)
-        for job, index in outputs:
+        for seq, job, index in outputs:
             token = lib.llama_sampler_sample(job.sampler, self._ctx, index)
             job._next = None
             if lib.llama_vocab_is_eog(self._vocab, token):
@@ -229,7 +226,7 @@ class Engine:
                 job.on_piece(text)
             if stopped:
                 self._finish(job, "stop")
-            elif job.produced >= job.max_tokens or len(job._seq.cached) + 1 >= self._seq_ctx:  # type: ignore[union-attr]
+            elif job.produced >= job.max_tokens or len(seq.cached) + 1 >= self._seq_ctx:
                 self._finish(job, "length", flush=True)
             else:
                 job._next = token

@@ -22,6 +22,6 @@ Feature: rbee-hive Worker Registry
 
   Scenario: Worker registry returns a matching busy worker
     Given a worker of "smollm2-135m" spawned on "CPU-0"
-    And the worker is busy with a long request
+    And every slot of the worker is busy with a long request
     When I run the hive operation {"operation": "worker_list"}
-    Then the result lists 1 worker of "smollm2-135m" in state "busy" with 1 slots busy
+    Then the result lists 1 worker of "smollm2-135m" in state "busy" with every slot busy

@@ -25,7 +25,7 @@ Feature: queen-rbee Worker Registry
   Scenario: A heartbeat updates the worker's state
     Given a running queen with a local hive
     And 1 worker of "smollm2-135m" spawned through the queen
-    When the worker is busy with a long request
+    When every slot of the worker is busy with a long request
     Then within 2 seconds the queen lists the worker as "busy"
 
   Scenario: Remove a worker
