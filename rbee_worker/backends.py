@@ -265,7 +265,8 @@ class LlamaCppBackend:
             lib.llama_sampler_chain_add(chain, sampler)
         if (request.repeat_penalty, request.frequency_penalty, request.presence_penalty) != (1.0, 0.0, 0.0):
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-                PENALTY_LAST_N, request.repeat_penalty, request.frequency_penalty, request.presence_penalty))
+                lib.llama_vocab_n_tokens(self._vocab), PENALTY_LAST_N, request.repeat_penalty,
+                request.frequency_penalty, request.presence_penalty))
         if request.temperature <= 0.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain

@@ -118,6 +118,15 @@ def test_the_second_turn_of_a_conversation_reuses_the_cached_prompt(four: Daemon
     assert other["tokens_cached"] == 0
 
 
+def test_repetition_penalties_change_what_a_greedy_request_repeats(four: Daemon) -> None:
+    body = {"prompt": "red red red red red red red red", "max_tokens": 12, "temperature": 0}
+    plain = stream(four.url, body)
+    for field, value in (("repeat_penalty", 1.8), ("frequency_penalty", 2.0), ("presence_penalty", 2.0)):
+        penalised = stream(four.url, {**body, field: value})
+        assert penalised["type"] == "end" and penalised["text"], field
+        assert str(penalised["text"]).count("red") < str(plain["text"]).count("red"), (field, penalised)
+
+
 def test_json_schema_still_parses_under_concurrency(four: Daemon) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"]}
