@@ -15,7 +15,7 @@ Feature: End-to-End Integration Flows
     When I run the queen operation {"operation": "model_download", "model": "hf:test-org/smol-GGUF"}
     Then the job succeeds
     And the job relayed the hive's download progress up to the file's size
-    When I run the queen operation {"operation": "infer", "model": "hf:test-org/smol-GGUF", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 20}
+    When I run the queen operation {"operation": "infer", "model": "hf:test-org/smol-GGUF", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 20, "temperature": 0}
     Then the job succeeds
     And the job narrates "starting one on hive localhost"
     And the job relayed the hive's narration "Preflight passed"
