@@ -155,7 +155,6 @@ class LlamaCppBackend:
         if slots < 1:
             raise BackendUnavailable("A worker needs at least one slot.")
         self.ctx = ctx
-        self.slots = slots
         self._lib = lib
         import llama_cpp._logger  # installs the log callback that reads this level
 
@@ -368,7 +367,6 @@ class MlxBackend:
             )
         mx.set_default_device(mx.cpu if device == "CPU-0" else mx.gpu)
         self.ctx = ctx
-        self.slots = slots
         self._mx = mx
         try:
             loaded = load(model.path)
