@@ -95,9 +95,34 @@ class WorkerListActive(_Op, tag="worker_list_active", frozen=True, kw_only=True)
     """Only workers of this model, or on this device."""
 
 
-class ChatMessage(msgspec.Struct, frozen=True):
-    role: Literal["system", "user", "assistant"]
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A function call the model made: `arguments` is the JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class Tool(msgspec.Struct, frozen=True, kw_only=True):
+    """A function the model may call; `parameters` is a JSON schema of its arguments object."""
+
+    name: ToolName
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    """An assistant turn's calls (history sent back by the client)."""
+    tool_call_id: str | None = None
+    """A `tool` turn: the call this is the result of."""
+    name: str | None = None
+    """A `tool` turn: the function's name."""
 
 
 class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,11 +148,31 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     stop: list[str] = msgspec.field(default_factory=list)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] = msgspec.field(default_factory=list)
+    """Functions the model may call; the chat template renders them."""
+    tool_choice: Literal["auto", "none", "required"] = "auto"
+    """`required`: a grammar forces a call matching a tool's parameters schema."""
+    tool_name: ToolName | None = None
+    """Force a call of this tool (OpenAI's named `tool_choice`)."""
+    parallel_tool_calls: bool = True
+    """Under `required` or a named tool: the grammar allows a list of calls, not just one."""
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    """Report each token's log-probability and this many likeliest alternatives (None: none)."""
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    """Added to a token's logit before sampling (-100 bans it)."""
 
 
 class Infer(_Op, GenerationParams, tag="infer", frozen=True, kw_only=True):
     model: ModelRef
     hive_id: Ident | None = None
+
+
+class Embed(_Op, tag="embed", frozen=True, kw_only=True):
+    """Vectors for texts, from a worker of `model` (cold-started like any other)."""
+
+    model: ModelRef
+    input: Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 # --- operations forwarded to a hive -----------------------------------------
@@ -188,6 +233,7 @@ Operation = (
     | SshTest
     | WorkerListActive
     | Infer
+    | Embed
     | WorkerSpawn
     | WorkerList
     | WorkerGet
@@ -200,7 +246,7 @@ Operation = (
 
 QUEEN_OPERATIONS: Final = (
     Status, HiveList, HiveGet, HiveInstall, HiveUninstall, HiveStart, HiveStop, HiveStatus,
-    HiveRefreshCapabilities, SshTest, WorkerListActive, Infer,
+    HiveRefreshCapabilities, SshTest, WorkerListActive, Infer, Embed,
 )
 HIVE_OPERATIONS: Final = (
     WorkerSpawn, WorkerList, WorkerGet, WorkerStop, ModelDownload, ModelList, ModelGet, ModelDelete,
@@ -328,9 +374,26 @@ class InferenceStarted(_InferenceEvent, tag="started", frozen=True, kw_only=True
     model: str
 
 
-class InferenceToken(_InferenceEvent, tag="token", frozen=True, kw_only=True):
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token: its text, log-probability, bytes and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[TopLogprob]
+
+
+class InferenceToken(_InferenceEvent, tag="token", frozen=True, kw_only=True, omit_defaults=True):
     t: str
     i: int
+    lp: list[TokenLogprob] | None = None
+    """With `logprobs`: the tokens this piece of text came from."""
 
 
 StopReason = Literal["stop", "length", "cancelled"]
@@ -343,11 +406,27 @@ class InferenceEnd(_InferenceEvent, tag="end", frozen=True, kw_only=True):
     stop_reason: StopReason
     tokens_cached: int = 0
     """Prompt tokens already in the worker's cache (a shared prefix), not decoded again."""
+    stop_sequence: str | None = None
+    """The stop sequence that ended the answer, when one did."""
 
 
 class InferenceError(_InferenceEvent, tag="error", frozen=True, kw_only=True):
     code: str
     message: str
+
+
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """`POST /v1/embeddings` on a worker: one vector per input (a text or token ids)."""
+
+    input: list[str | list[int]]
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Keep the first `dimensions` values and normalize again (Matryoshka truncation)."""
+
+
+class EmbedResult(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[list[float]]
+    """Unit-length vectors, in input order."""
+    tokens: int
 
 
 InferenceEvent = InferenceStarted | InferenceToken | InferenceEnd | InferenceError

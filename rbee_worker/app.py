@@ -18,12 +18,13 @@ from rbee_common.auth import install_auth
 from rbee_common.errors import NotFound
 from rbee_common.http import create_app, json_response, no_content, read_body, sse_frame, sse_response
 from rbee_common.validation import decode_body
-from rbee_common.wire import DONE, InferenceEvent, InferenceRequest
+from rbee_common.wire import DONE, EmbedRequest, InferenceEvent, InferenceRequest
 from rbee_worker.service import WorkerService, encode_event
 
 log = logging.getLogger("rbee.worker")
 
 _request_decoder = msgspec.json.Decoder(InferenceRequest)
+_embed_decoder = msgspec.json.Decoder(EmbedRequest)
 CANCEL_WAIT_S = 2.0
 """DELETE waits at most this long for the request to end (the engine stops it at its next step)."""
 
@@ -71,6 +72,11 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
                 active.cancel()  # a no-op when it ended; stops it when the client left
 
         return sse_response(frames())
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        request = decode_body(await read_body(), _embed_decoder)
+        return json_response(await service.embed(request))
 
     @app.delete("/v1/inference/<request_id>")
     async def cancel(request_id: str) -> Response:

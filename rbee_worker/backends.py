@@ -18,16 +18,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import jinja2
 import msgspec
 
 from rbee_common.errors import ServiceUnavailable, Unprocessable, ValidationFailed
-from rbee_common.wire import InferenceRequest, StopReason
+from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason, TokenLogprob
+from rbee_worker import tools
 from rbee_worker.engine import Engine, Job
 from rbee_worker.models import ResolvedModel
 
 log = logging.getLogger("rbee.worker.backend")
 
-OnToken = Callable[[str], None]
+OnToken = Callable[[str, "list[TokenLogprob] | None"], None]
+
+FEATURES = ("response_format", "tools", "logprobs", "logit_bias", "embeddings")
+"""What a request may ask that a backend may not do; `Backend.features` names what it does."""
 
 
 class Generated(msgspec.Struct, frozen=True):
@@ -36,19 +41,22 @@ class Generated(msgspec.Struct, frozen=True):
     stop_reason: StopReason
     tokens_cached: int = 0
     """Prompt tokens whose keys and values were already in the cache."""
+    stop_sequence: str | None = None
 
 
 class Backend(Protocol):
     name: str
     ctx: int
-    json_mode: bool
-    """Whether `response_format` json_object / json_schema can be enforced."""
+    features: frozenset[str]
+    """Which of `FEATURES` it does (JSON grammars, tool calls, logprobs, embeddings)."""
     info: dict[str, Any]
     """What the model file says: architecture, vocab size, eos token, quantization."""
 
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
     ) -> Generated: ...
+
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]: ...
 
 
 class BackendUnavailable(ServiceUnavailable):
@@ -142,7 +150,7 @@ class LlamaCppBackend:
     """
 
     name = "llama-cpp"
-    json_mode = True
+    features = frozenset(FEATURES)
 
     def __init__(self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int) -> None:
         try:
@@ -196,16 +204,32 @@ class LlamaCppBackend:
             "quantization": GGUF_FILE_TYPES.get(file_type, f"type {file_type}"),
             "context_length": int(meta.get(f"{architecture}.context_length", 0)) or None,
         }
-        template = meta.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
+        self._template = meta.get("tokenizer.chat_template") or _FALLBACK_TEMPLATE
         eos = self._piece(lib.llama_vocab_eos(self._vocab))
         bos = self._piece(lib.llama_vocab_bos(self._vocab))
-        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._formatter = Jinja2ChatFormatter(template=self._template, eos_token=eos, bos_token=bos)
+        pooling = meta.get(f"{architecture}.pooling_type")
+        self.embedding_only = bool(pooling and pooling.isdigit() and int(pooling) > 0)
+        """An embedding model (its GGUF names a pooling): it makes vectors, not text."""
+        self._pooling = int(pooling) if self.embedding_only and pooling else 1
+        """The GGUF's pooling for embeddings; mean (1) for a model that names none (a chat model)."""
+        self.info["embedding_only"] = self.embedding_only
+        self.info["embedding_length"] = lib.llama_model_n_embd(self._model)
+        pooling_names = {1: "mean", 2: "cls", 3: "last", 4: "rank"}
+        self.info["pooling"] = pooling_names.get(self._pooling, str(self._pooling))
+        self._threads = threads
+        self._embed_context: Any = None
+        self._embed_lock = threading.Lock()
         self._engine = Engine(lib, self._context, self._vocab, slots=slots, seq_ctx=ctx, n_batch=N_BATCH,
                               matcher=StopMatcher)
 
     def close(self) -> None:
         """Stop the engine and free the context and the weights."""
         self._engine.close()
+        with self._embed_lock:
+            if self._embed_context is not None:
+                self._lib.llama_free(self._embed_context)
+                self._embed_context = None
         self._lib.llama_free(self._context)
         self._lib.llama_model_free(self._model)
 
@@ -226,9 +250,15 @@ class LlamaCppBackend:
 
     def _prompt(self, request: InferenceRequest) -> tuple[str, list[str]]:
         if request.messages is not None:
-            formatted = self._formatter(
-                messages=[{"role": m.role, "content": m.content} for m in request.messages]  # type: ignore[misc]
-            )
+            messages, listed = tools.template_messages(request, self._template)
+            try:
+                formatted = self._formatter(messages=messages, tools=listed)  # type: ignore[arg-type]
+            except (jinja2.TemplateError, ValueError, TypeError) as error:  # and raise_exception's
+                raise ValidationFailed(
+                    f"The model's chat template refused these messages: {str(error)[:200]}",
+                    details={"field": "messages"},
+                    hint="Follow the roles the model's template expects (often: user and assistant in turn).",
+                ) from None
             stops = formatted.stop if isinstance(formatted.stop, list) else (
                 [formatted.stop] if formatted.stop else []
             )
@@ -236,11 +266,14 @@ class LlamaCppBackend:
         return request.prompt or "", []
 
     def _grammar(self, request: InferenceRequest) -> bytes | None:
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        forced = tools.forced_call_schema(request)
+        if forced is not None:
+            return str(json_schema_to_gbnf(json.dumps(forced))).encode()
         fmt = request.response_format
         if fmt is None or fmt.type == "text":
             return None
-        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
         if fmt.type == "json_schema" and fmt.json_schema:
             schema = fmt.json_schema.get("schema", fmt.json_schema)
             return str(json_schema_to_gbnf(json.dumps(schema))).encode()
@@ -249,17 +282,31 @@ class LlamaCppBackend:
     def _sampler(self, request: InferenceRequest) -> Any:
         """The request's sampler chain, in llama.cpp's usual order."""
         lib = self._lib
+        n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        if any(token >= n_vocab for token in request.logit_bias):
+            raise ValidationFailed(f"A `logit_bias` token id is outside the vocabulary (0 to {n_vocab - 1}).",
+                                   details={"field": "logit_bias"})
         params = lib.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = lib.llama_sampler_chain_init(params)
-        grammar = self._grammar(request)
+        if request.logit_bias:
+            biases = (lib.llama_logit_bias * len(request.logit_bias))()
+            for k, (token, bias) in enumerate(request.logit_bias.items()):
+                biases[k].token, biases[k].bias = token, bias
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_logit_bias(n_vocab, len(request.logit_bias), biases))
+        try:
+            grammar = self._grammar(request)
+        except (ValueError, KeyError, TypeError, AssertionError, RecursionError):  # the converter's own
+            grammar = b""
         if grammar is not None:
-            sampler = lib.llama_sampler_init_grammar(self._vocab, grammar, b"root")
+            sampler = lib.llama_sampler_init_grammar(self._vocab, grammar, b"root") if grammar else None
             if not sampler:
                 lib.llama_sampler_free(chain)
+                field = "tools" if tools.forced_call_schema(request) is not None else "response_format"
                 raise ValidationFailed(
-                    "This JSON schema could not be turned into a grammar.",
-                    details={"field": "response_format"},
+                    "This JSON schema could not be turned into a grammar.", details={"field": field},
+                    hint="Use the common JSON schema keywords (type, properties, required, enum, items).",
                 )
             lib.llama_sampler_chain_add(chain, sampler)
         if (request.repeat_penalty, request.frequency_penalty, request.presence_penalty) != (1.0, 0.0, 0.0):
@@ -282,20 +329,120 @@ class LlamaCppBackend:
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
     ) -> Generated:
+        if self.embedding_only:
+            raise ValidationFailed(
+                "This is an embedding model: it makes vectors, not text.", details={"field": "model"},
+                hint="Send it to /v1/embeddings, or pick a chat model for completions.")
         prompt, template_stops = self._prompt(request)
         tokens = self.tokenize(prompt)
         max_tokens = token_budget(request, len(tokens), self.ctx)
         job = Job(
             tokens=tokens, max_tokens=max_tokens,
             sampler=self._sampler(request), on_piece=on_token, cancelled=cancelled,
-            stops=[*template_stops, *request.stop],
+            stops=[*template_stops, *request.stop], logprobs=request.logprobs,
         )
         self._engine.submit(job)
         job.finished.wait()
         if job.error is not None:
             raise job.error
         reason: StopReason = job.reason  # type: ignore[assignment]
-        return Generated(len(tokens), job.produced, reason, job.tokens_cached)
+        return Generated(len(tokens), job.produced, reason, job.tokens_cached, job.stop_sequence)
+
+    # --- embeddings ---
+
+    EMBED_SEQUENCES = 8
+    """Inputs decoded together in one batch."""
+
+    def _embedding_context(self) -> Any:
+        """A second context on the same weights, made on the first embedding request."""
+        if self._embed_context is None:
+            lib = self._lib
+            params = lib.llama_context_default_params()
+            params.embeddings = True
+            params.pooling_type = self._pooling
+            params.n_ctx = params.n_batch = params.n_ubatch = self.ctx  # a whole input in one ubatch
+            params.n_seq_max = self.EMBED_SEQUENCES
+            params.kv_unified = True
+            params.n_threads = params.n_threads_batch = self._threads
+            params.no_perf = True
+            context = lib.llama_init_from_model(self._model, params)
+            if not context:
+                raise BackendUnavailable("llama.cpp could not make an embedding context: too little memory.")
+            self._embed_context = context
+        return self._embed_context
+
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
+        """One unit vector per input, in order; inputs are packed into shared batches."""
+        n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
+        inputs: list[list[int]] = []
+        for k, item in enumerate(request.input):
+            tokens = self.tokenize(item) if isinstance(item, str) else list(item)
+            if not tokens:
+                raise ValidationFailed(f"Input {k} is empty.", details={"field": f"input[{k}]"})
+            if len(tokens) > self.ctx:
+                raise ValidationFailed(
+                    f"Input {k} is {len(tokens)} tokens; this worker embeds at most {self.ctx}.",
+                    details={"field": f"input[{k}]"}, hint="Split the text into shorter pieces.")
+            if any(not 0 <= token < n_vocab for token in tokens):
+                raise ValidationFailed(
+                    f"Input {k} has a token id outside the vocabulary (0 to {n_vocab - 1}).",
+                    details={"field": f"input[{k}]"})
+            inputs.append(tokens)
+        vectors: list[list[float]] = []
+        with self._embed_lock:
+            context = self._embedding_context()
+            start = 0
+            while start < len(inputs):
+                group = [inputs[start]]
+                size = len(inputs[start])
+                while (start + len(group) < len(inputs) and len(group) < self.EMBED_SEQUENCES
+                       and size + len(inputs[start + len(group)]) <= self.ctx):
+                    size += len(inputs[start + len(group)])
+                    group.append(inputs[start + len(group)])
+                vectors.extend(self._embed_group(context, group))
+                start += len(group)
+        import numpy as np
+
+        out = []
+        for vector in vectors:
+            array = np.asarray(vector, dtype=np.float64)
+            if request.dimensions is not None:
+                if request.dimensions > array.size:
+                    raise ValidationFailed(
+                        f"This model's vectors have {array.size} dimensions; `dimensions` may not be more.",
+                        details={"field": "dimensions"})
+                array = array[:request.dimensions]
+            norm = float(np.linalg.norm(array))
+            out.append((array / norm if norm > 0 else array).tolist())
+        return out, sum(len(tokens) for tokens in inputs)
+
+    def _embed_group(self, context: Any, group: list[list[int]]) -> list[list[float]]:
+        lib = self._lib
+        import numpy as np
+
+        total = sum(len(tokens) for tokens in group)
+        batch = lib.llama_batch_init(total, 0, 1)
+        try:
+            n = 0
+            for seq, tokens in enumerate(group):
+                for pos, token in enumerate(tokens):
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+                    batch.seq_id[n][0] = seq
+                    batch.logits[n] = True
+                    n += 1
+            batch.n_tokens = n
+            memory = lib.llama_get_memory(context)
+            if memory:  # an encoder-only model keeps no cache
+                lib.llama_memory_clear(memory, True)
+            if lib.llama_decode(context, batch) != 0:
+                raise BackendUnavailable("llama.cpp could not compute these embeddings.")
+            n_embd = lib.llama_model_n_embd(self._model)
+            return [
+                np.ctypeslib.as_array(lib.llama_get_embeddings_seq(context, seq), shape=(n_embd,)).tolist()
+                for seq in range(len(group))
+            ]
+        finally:
+            lib.llama_batch_free(batch)
 
 
 class StopMatcher:
@@ -304,6 +451,8 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self._stops = [stop for stop in stops if stop]
         self._pending = ""
+        self.matched: str | None = None
+        """The stop sequence that was met."""
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """The text that is safe to emit now, and whether a stop sequence was met."""
@@ -311,7 +460,9 @@ class StopMatcher:
         hits = [i for i in (text.find(stop) for stop in self._stops) if i >= 0]
         if hits:
             self._pending = ""
-            return text[: min(hits)], True
+            at = min(hits)
+            self.matched = next(stop for stop in self._stops if text.find(stop) == at)
+            return text[:at], True
         hold = max(
             (n for stop in self._stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
              if stop.startswith(text[-n:])),
@@ -333,6 +484,7 @@ class _MlxJob:
         self.matcher = StopMatcher(stops)
         self.detokenizer = detokenizer
         self.produced = 0
+        self.stop_sequence: str | None = None
         self.reason: StopReason = "length"
         self.error: BaseException | None = None
         self.finished = threading.Event()
@@ -350,7 +502,8 @@ class MlxBackend:
     """
 
     name = "mlx"
-    json_mode = False
+    features: frozenset[str] = frozenset()
+    """No grammars (JSON mode, forced tool calls), logprobs or embeddings here yet."""
 
     def __init__(self, model: ResolvedModel, *, device: str, ctx: int, slots: int = 1) -> None:
         try:
@@ -433,7 +586,11 @@ class MlxBackend:
         job.finished.wait()
         if job.error is not None:
             raise job.error
-        return Generated(len(tokens), job.produced, job.reason)
+        return Generated(len(tokens), job.produced, job.reason, stop_sequence=job.stop_sequence)
+
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
+        raise ValidationFailed("The mlx backend does not compute embeddings.", details={"field": "input"},
+                               hint="Serve a GGUF model on llama.cpp for embeddings.")
 
     # --- the engine thread ---
 
@@ -481,8 +638,9 @@ class MlxBackend:
             job.detokenizer.add_token(response.token)
             text, stopped = job.matcher.feed(job.detokenizer.last_segment)
             if text:
-                job.on_piece(text)
+                job.on_piece(text, None)
             if stopped:
+                job.stop_sequence = job.matcher.matched
                 self._generator.remove([response.uid])
                 self._finish(running.pop(response.uid), "stop")
             elif response.finish_reason is not None:
@@ -494,7 +652,9 @@ class MlxBackend:
             job.detokenizer.finalize()
             text, stopped = job.matcher.feed(job.detokenizer.last_segment)
             tail = text if stopped else text + job.matcher.flush()
+            if stopped:
+                job.stop_sequence = job.matcher.matched
             if tail:
-                job.on_piece(tail)
+                job.on_piece(tail, None)
         job.reason = reason
         job.finished.set()

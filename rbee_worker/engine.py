@@ -29,10 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from rbee_common.wire import TokenLogprob, TopLogprob
+
 log = logging.getLogger("rbee.worker.engine")
 
-OnPiece = Callable[[str], None]
-"""Called from the engine thread with each piece of text; must not block."""
+OnPiece = Callable[[str, "list[TokenLogprob] | None"], None]
+"""Called from the engine thread with each piece of text (and, when asked, the log-probabilities
+of the tokens it came from); must not block."""
 
 
 class EngineError(Exception):
@@ -51,8 +56,11 @@ class Job:
     on_piece: OnPiece
     cancelled: threading.Event
     stops: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    """Report log-probabilities with this many alternatives (None: none)."""
     # --- set by the engine ---
     produced: int = 0
+    stop_sequence: str | None = None
     tokens_cached: int = 0
     reason: str = "length"
     error: BaseException | None = None
@@ -64,6 +72,8 @@ class Job:
     """The token sampled last step, decoded this step."""
     _decoder: Any = None
     _matcher: Any = None
+    _lp: list[TokenLogprob] = field(default_factory=list)
+    """Log-probabilities of tokens whose text is still held back."""
 
 
 @dataclass(eq=False)
@@ -221,15 +231,43 @@ class Engine:
                 self._finish(job, "stop", flush=True)
                 continue
             job.produced += 1
-            text, stopped = job._matcher.feed(job._decoder.decode(self._piece(token)))
+            piece = self._piece(token)
+            if job.logprobs is not None:
+                job._lp.append(self._logprob(index, token, piece, job.logprobs))
+            text, stopped = job._matcher.feed(job._decoder.decode(piece))
             if text:
-                job.on_piece(text)
+                job.on_piece(text, self._take_lp(job))
             if stopped:
+                job.stop_sequence = job._matcher.matched
                 self._finish(job, "stop")
             elif job.produced >= job.max_tokens or len(seq.cached) + 1 >= self._seq_ctx:
                 self._finish(job, "length", flush=True)
             else:
                 job._next = token
+
+    @staticmethod
+    def _take_lp(job: Job) -> list[TokenLogprob] | None:
+        if job.logprobs is None:
+            return None
+        taken, job._lp = job._lp, []
+        return taken
+
+    def _logprob(self, index: int, token: int, piece: bytes, top: int) -> TokenLogprob:
+        """The chosen token's log-probability under the model's raw distribution, and the `top`
+        likeliest tokens' (before sampling's filters, as OpenAI and llama-server report them)."""
+        n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,))
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak).sum()))
+        best: list[TopLogprob] = []
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            for other in sorted(ids.tolist(), key=lambda i: -float(logits[i])):
+                raw = self._piece(other)
+                best.append(TopLogprob(raw.decode(errors="replace"), float(logits[other]) - log_total,
+                                       list(raw)))
+        return TokenLogprob(piece.decode(errors="replace"), float(logits[token]) - log_total, list(piece),
+                            best)
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -248,8 +286,10 @@ class Engine:
         if flush:
             text, stopped = job._matcher.feed(job._decoder.decode(b"", final=True))
             tail = text if stopped else text + job._matcher.flush()
+            if stopped:
+                job.stop_sequence = job._matcher.matched
             if tail:
-                job.on_piece(tail)
+                job.on_piece(tail, self._take_lp(job))
         if job._seq is not None:
             job._seq.job = None
             job._seq = None

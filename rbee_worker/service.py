@@ -25,12 +25,15 @@ import trio
 from rbee_common import deadlines
 from rbee_common.errors import RbeeError, ServiceUnavailable, ValidationFailed
 from rbee_common.wire import (
+    EmbedRequest,
+    EmbedResult,
     InferenceEnd,
     InferenceError,
     InferenceEvent,
     InferenceRequest,
     InferenceStarted,
     InferenceToken,
+    TokenLogprob,
     WorkerHeartbeat,
     WorkerState,
 )
@@ -85,6 +88,40 @@ def validate(request: InferenceRequest, ctx: int) -> None:
             raise bad(name, f"`{name}` must be between -2 and 2.")
     if len(request.stop) > 4:
         raise bad("stop", "At most 4 stop sequences.")
+    for token, bias in request.logit_bias.items():
+        if not -100.0 <= bias <= 100.0:
+            raise bad("logit_bias", "Each `logit_bias` value must be between -100 and 100.")
+        if token < 0:
+            raise bad("logit_bias", "`logit_bias` keys are token ids (0 or more).")
+    validate_tools(request)
+
+
+def asked_features(request: InferenceRequest) -> list[str]:
+    """Which of the backends' optional features (`backends.FEATURES`) this request needs."""
+    asked = []
+    if request.response_format is not None and request.response_format.type != "text":
+        asked.append("response_format")
+    if request.tools or any(m.tool_calls or m.role == "tool" for m in request.messages or []):
+        asked.append("tools")
+    if request.logprobs is not None:
+        asked.append("logprobs")
+    if request.logit_bias:
+        asked.append("logit_bias")
+    return asked
+
+
+def validate_tools(request: InferenceRequest) -> None:
+    names = [tool.name for tool in request.tools]
+    if len(set(names)) != len(names):
+        raise ValidationFailed("Two tools have the same name.", details={"field": "tools"})
+    if request.tool_name is not None and request.tool_name not in names:
+        raise ValidationFailed("`tool_choice` names a function that is not in `tools`.",
+                               details={"field": "tool_choice"})
+    if request.tool_choice == "required" and not names:
+        raise ValidationFailed("`tool_choice` is `required` but there are no `tools`.",
+                               details={"field": "tool_choice"})
+    if (request.tools or request.tool_choice != "auto") and request.messages is None:
+        raise ValidationFailed("Tools need `messages` (a chat), not a `prompt`.", details={"field": "tools"})
 
 
 class WorkerService:
@@ -100,6 +137,7 @@ class WorkerService:
         self.last_request_end = time.monotonic()
         self._threads = trio.CapacityLimiter(max(config.slots, 1))
         """One waiting thread per running request (trio's default of 40 would cap the slots)."""
+        self._embedder = trio.CapacityLimiter(1)
         self.recent: collections.deque[str] = collections.deque(maxlen=1024)
         """Ids of requests that ended, so a repeated DELETE stays a 204."""
 
@@ -133,13 +171,12 @@ class WorkerService:
         if self.draining:
             raise ServiceUnavailable("This worker is shutting down.", code="DRAINING")
         validate(request, self.config.ctx)
-        wants_json = request.response_format is not None and request.response_format.type != "text"
-        if wants_json and not self.backend.json_mode:
-            raise ValidationFailed(
-                f"The {self.backend.name} backend cannot constrain output to JSON.",
-                details={"field": "response_format"},
-                hint="Serve a GGUF model on llama.cpp for JSON mode.",
-            )
+        for feature in asked_features(request):
+            if feature not in self.backend.features:
+                raise ValidationFailed(
+                    f"The {self.backend.name} backend cannot do `{feature}`.", details={"field": feature},
+                    hint="Serve a GGUF model on llama.cpp for JSON mode, tool calls, logprobs, logit_bias.",
+                )
         if len(self.active) >= self.config.slots:
             raise AllSlotsBusy(
                 f"All {self.config.slots} slot(s) of this worker are busy.",
@@ -197,20 +234,20 @@ class WorkerService:
 
         trio_token = trio.lowlevel.current_trio_token()
 
-        def deliver(text: str) -> None:  # in trio, soon after the engine made the piece
+        def deliver(text: str, logprobs: list[TokenLogprob] | None) -> None:  # in trio, soon after
             nonlocal index, first_token_at
             if first_token_at is None:
                 first_token_at = time.monotonic()
             try:
-                send.send_nowait(InferenceToken(t=text, i=index))
+                send.send_nowait(InferenceToken(t=text, i=index, lp=logprobs))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 active.cancel()  # the stream is gone: the engine frees the sequence next step
                 return
             index += 1
 
-        def on_token(text: str) -> None:  # in the engine's thread: never blocks it
+        def on_token(text: str, logprobs: list[TokenLogprob] | None) -> None:  # the engine's thread
             try:
-                trio_token.run_sync_soon(deliver, text)
+                trio_token.run_sync_soon(deliver, text, logprobs)
             except trio.RunFinishedError:
                 active.cancelled.set()
 
@@ -259,7 +296,7 @@ class WorkerService:
                 await send.send(InferenceEnd(
                     tokens_in=generated.tokens_in, tokens_out=generated.tokens_out,
                     decode_ms=round(decode_ms, 1), stop_reason=generated.stop_reason,
-                    tokens_cached=generated.tokens_cached,
+                    tokens_cached=generated.tokens_cached, stop_sequence=generated.stop_sequence,
                 ))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             active.cancel()  # the client went away
@@ -270,6 +307,26 @@ class WorkerService:
             if len(self.active) == self.config.slots - 1:
                 self.state_changed.set()  # ready again
             active.done.set()
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Vectors for the inputs: a second context on the same weights, one request at a time."""
+        backend = self.backend
+        if backend is None:
+            raise ServiceUnavailable("The model is still loading.", code="LOADING",
+                                     details={"retry_after_s": 1})
+        if self.draining:
+            raise ServiceUnavailable("This worker is shutting down.", code="DRAINING")
+        if "embeddings" not in backend.features or isinstance(backend, SyntheticBackend):
+            raise ValidationFailed(f"The {backend.name} backend does not compute embeddings.",
+                                   details={"field": "input"},
+                                   hint="Serve a GGUF model on llama.cpp for embeddings.")
+        if not request.input:
+            raise ValidationFailed("`input` must not be empty.", details={"field": "input"})
+        try:
+            vectors, tokens = await trio.to_thread.run_sync(backend.embed, request, limiter=self._embedder)
+        finally:
+            self.last_request_end = time.monotonic()  # in use: not idle (the hive stops idle workers)
+        return EmbedResult(data=vectors, tokens=tokens)
 
     async def drain(self, deadline_s: float) -> None:
         """Refuse new requests; let active ones finish, then cancel the rest."""

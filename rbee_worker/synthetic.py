@@ -23,7 +23,7 @@ DEFAULT_TOKENS = 16
 
 class SyntheticBackend:
     name = "synthetic"
-    json_mode = False
+    features: frozenset[str] = frozenset()
     is_async = True
 
     def __init__(self, *, tokens_per_s: float, ctx: int) -> None:

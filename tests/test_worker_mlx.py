@@ -75,12 +75,22 @@ def test_stop_sequence_ends_mlx_output_before_it(mlx_worker: Daemon) -> None:
     assert isinstance(end, dict) and end["stop_reason"] == "stop"
 
 
-def test_json_mode_on_mlx_is_refused_up_front(mlx_worker: Daemon) -> None:
-    body = {"prompt": "hi", "response_format": {"type": "json_object"}}
-    response = httpx.post(f"{mlx_worker.url}/v1/inference", json=body)
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["details"]["field"] == "response_format" and "llama.cpp" in error["details"]["hint"]
+def test_what_mlx_cannot_do_is_refused_up_front_by_name(mlx_worker: Daemon) -> None:
+    chat = [{"role": "user", "content": "hi"}]
+    tool = {"name": "get_time", "parameters": {"type": "object"}}
+    asks = {
+        "response_format": {"prompt": "hi", "response_format": {"type": "json_object"}},
+        "tools": {"messages": chat, "tools": [tool]},
+        "logprobs": {"prompt": "hi", "logprobs": 2},
+        "logit_bias": {"prompt": "hi", "logit_bias": {"5": -100}},
+    }
+    for field, body in asks.items():
+        response = httpx.post(f"{mlx_worker.url}/v1/inference", json=body)
+        assert response.status_code == 400, field
+        error = response.json()["error"]
+        assert error["details"]["field"] == field and "llama.cpp" in error["details"]["hint"]
+    response = httpx.post(f"{mlx_worker.url}/v1/embeddings", json={"input": ["hi"]})
+    assert response.status_code == 400 and "embeddings" in response.json()["error"]["message"]
 
 
 def test_gguf_with_backend_mlx_fails_at_start_with_the_fix(isolated_dirs: Path) -> None:
