@@ -205,8 +205,11 @@ def bearer(token: str | None) -> dict[str, str]:
 
 
 def presented_token() -> str:
-    """The token in this request's Authorization header, or Unauthorized (with the reason)."""
+    """The token in this request's Authorization header (or `x-api-key`, as Anthropic's clients send
+    it), or Unauthorized (with the reason)."""
     header = request.headers.get("Authorization")
+    if header is None and request.headers.get("x-api-key"):  # Anthropic's clients send theirs here
+        return str(request.headers["x-api-key"])
     if header is None:
         raise _refuse("Missing API key", "MISSING_API_KEY", "missing_header")
     if header.strip() == "Bearer":  # "Bearer " with nothing after it (HTTP strips the trailing space)

@@ -73,6 +73,8 @@ def from_headers(headers: _Headers, *, default_s: float | None) -> str | None:
     if raw is not None:
         candidates.append((parse(raw), raw))
     timeout = headers.get(TIMEOUT_HEADER)
+    if timeout == "NOT_GIVEN":  # what the Stainless clients (Anthropic's) send for a stream: no timeout
+        timeout = None
     if timeout is not None:
         try:
             seconds = float(timeout)

@@ -36,6 +36,9 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message, path = describe_validation_error(exc)
+        unknown = re.match(r"Object contains unknown field `(?P<field>[^`]+)`", message)
+        if unknown:  # a request field this server does not take: name it (`param` on OpenAI's routes)
+            path = f"{path}.{unknown['field']}" if path else unknown["field"]
         where = f" at `{path}`" if path else ""
         raise ValidationFailed(
             f"{message}{where}.", details={"field": path} if path else {}

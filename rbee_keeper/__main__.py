@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from rbee_common.validation import describe_validation_error
 from rbee_common.wire import (
     BuildInfo,
     ChatMessage,
+    Embed,
     HiveInstall,
     HiveRefreshCapabilities,
     HiveStart,
@@ -201,6 +203,27 @@ def infer(
         print(text)
     elif not text.endswith("\n"):
         print()
+
+
+@cli.command()
+@handles_errors
+def embed(
+    ctx: typer.Context,
+    texts: Annotated[list[str], typer.Argument(help="One or more texts; each gets a vector.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A model a hive has (see `rbee-keeper model list`).")] = "smollm2-135m",  # noqa: E501
+    dimensions: Annotated[int | None, typer.Option(min=1, help="Keep this many leading dimensions (normalized again).")] = None,  # noqa: E501
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the model, the vectors and the token count.")] = False,  # noqa: E501
+    keep_queen: KeepQueen = False,
+) -> None:
+    """Embed texts: one unit vector per text, a line of numbers each (or JSON with --json)."""
+    operation = _operation(Embed, model=model, input=texts, dimensions=dimensions)
+    result = run_with_queen(_ctx(ctx), operation, keep_queen=keep_queen)
+    vectors = result.get("data", []) if isinstance(result, dict) else []
+    if as_json:
+        print(json.dumps({"model": model, "data": vectors, "tokens": result.get("tokens")}))
+        return
+    for vector in vectors:
+        print(" ".join(f"{value:.6f}" for value in vector))
 
 
 @worker_cli.command("spawn")

@@ -13,6 +13,8 @@ from rbee_common.daemon import build_timestamp, package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.wire import BuildInfo
+from rbee_queen.anthropic_api import add_anthropic_routes
+from rbee_queen.ollama_api import add_ollama_routes
 from rbee_queen.openai_api import add_openai_routes
 from rbee_queen.service import QueenService
 
@@ -52,8 +54,15 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
             raise
         return no_content()
 
-    add_openai_routes(app, generate=service.generate, list_models=service.model_names,
-                      default_deadline_s=lambda: service.config.settings.default_deadline_s,
+    def default_deadline_s() -> float:
+        return service.config.settings.default_deadline_s
+
+    add_openai_routes(app, generate=service.generate, list_models=service.model_names, embed=service.embed,
+                      default_deadline_s=default_deadline_s, streams=service.streams)
+    add_anthropic_routes(app, generate=service.generate, default_deadline_s=default_deadline_s,
+                         streams=service.streams)
+    add_ollama_routes(app, generate=service.generate, embed=service.embed, catalogs=service.catalogs,
+                      workers=service.workers.active, jobs=jobs, default_deadline_s=default_deadline_s,
                       streams=service.streams)
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)

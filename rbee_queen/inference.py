@@ -53,6 +53,7 @@ class Served(msgspec.Struct, kw_only=True):
     tokens_out: int = 0
     tokens_cached: int = 0
     stop_reason: str = "stop"
+    stop_sequence: str | None = None
     attempts: int = 0
 
 
@@ -145,8 +146,9 @@ async def generate(
     served: Served | None = None, hive_id: str | None = None,
     headers: Callable[[WorkerInfo], dict[str, str]] = lambda worker: {},
     deadline: str | None = None,
-) -> AsyncGenerator[str, None]:
-    """Text pieces as the worker streams them; `served` is filled in at the end.
+) -> AsyncGenerator[InferenceToken, None]:
+    """Text pieces (with their logprobs, when asked) as the worker streams them; `served` is
+    filled in at the end.
 
     `deadline` (an X-Request-Deadline value) goes to the worker unchanged, and to
     the hive with a cold start's spawn job; the worker stops at it. The caller
@@ -170,7 +172,7 @@ async def _attempts(
     scheduler: Scheduler, registry: WorkerRegistry, lanes: WorkerLanes, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None, served: Served,
     hive_id: str | None, headers: Callable[[WorkerInfo], dict[str, str]], deadline: str | None,
-) -> AsyncGenerator[str, None]:
+) -> AsyncGenerator[InferenceToken, None]:
     request = InferenceRequest(**{f: getattr(params, f) for f in GenerationParams.__struct_fields__})
     hop = {"Content-Type": "application/json", **({deadlines.HEADER: deadline} if deadline else {})}
     excluded: set[str] = set()
@@ -211,12 +213,13 @@ async def _attempts(
                         event = inference_event_decoder.decode(data)
                         if isinstance(event, InferenceToken):
                             sent_any = True
-                            yield event.t
+                            yield event
                         elif isinstance(event, InferenceEnd):
                             ended, running = True, False
                             served.tokens_in, served.tokens_out = event.tokens_in, event.tokens_out
                             served.tokens_cached = event.tokens_cached
                             served.stop_reason = event.stop_reason
+                            served.stop_sequence = event.stop_sequence
                         elif isinstance(event, InferenceError):
                             running = False
                             if event.code == "REQUEST_TIMEOUT" and deadline is not None:

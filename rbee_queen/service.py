@@ -16,11 +16,14 @@ from rbee_common.audit import AuditLog
 from rbee_common.auth import TokenSource, bearer, new_token
 from rbee_common.config import HiveEntry, state_dir
 from rbee_common.daemon import package_version
-from rbee_common.errors import InvalidRequest, NotImplementedYet, RbeeError
+from rbee_common.errors import InvalidRequest, NotImplementedYet, RbeeError, error_from_response
 from rbee_common.http import OpenStreams
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     HIVE_OPERATIONS,
+    Embed,
+    EmbedRequest,
+    EmbedResult,
     GenerationParams,
     HiveGet,
     HiveHealth,
@@ -32,6 +35,7 @@ from rbee_common.wire import (
     HiveStop,
     HiveUninstall,
     Infer,
+    InferenceToken,
     ModelList,
     Operation,
     QueenStatus,
@@ -44,10 +48,10 @@ from rbee_common.wire import (
 )
 from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
+from rbee_queen.dialects import Usage
 from rbee_queen.heartbeats import Heartbeats, Placement
 from rbee_queen.hives import HiveRouter, hive_url
-from rbee_queen.inference import Served, WorkerLanes, generate
-from rbee_queen.openai_api import Usage
+from rbee_queen.inference import WORKER_TIMEOUT, Served, WorkerFailed, WorkerLanes, generate
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.remote import Remote
 from rbee_queen.scheduler import Scheduler
@@ -149,6 +153,9 @@ class QueenService:
                         for hive_id, entry in self.config.hives.items()]
             case Infer():
                 return await self.infer(operation, context)
+            case Embed(model=model, input=texts, dimensions=dimensions):
+                context.narrate("embed", f"Embedding {len(texts)} input(s) with {model}", model=model)
+                return await self.embed(model, EmbedRequest(input=list(texts), dimensions=dimensions))
             case HiveGet(hive_id=hive_id):
                 entry = self.router.entry(hive_id or "localhost")
                 shown = {k: v for k, v in msgspec.to_builtins(entry).items() if k not in _PRIVATE_FIELDS}
@@ -235,7 +242,7 @@ class QueenService:
 
     async def generate(
         self, model: str, params: GenerationParams, usage: Usage, deadline: str | None = None,
-    ) -> AsyncGenerator[str, None]:
+    ) -> AsyncGenerator[InferenceToken, None]:
         served = Served()
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._lanes, model, params,
@@ -247,6 +254,32 @@ class QueenService:
         usage.prompt_tokens, usage.completion_tokens = served.tokens_in, served.tokens_out
         usage.cached_tokens = served.tokens_cached
         usage.finish_reason = served.stop_reason
+        usage.stop_sequence = served.stop_sequence
+
+    async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
+        """Vectors from a worker of `model` (cold-started like any other); a worker that cannot be
+        reached is left for another, as for inference."""
+        excluded: set[str] = set()
+        attempts = self.config.settings.infer_attempts
+        for _ in range(attempts):
+            worker = await self.scheduler.acquire(model, None, frozenset(excluded))
+            try:
+                with self._lanes.lane(worker.url, worker.slots_total) as http:
+                    response = await http.post(
+                        f"{worker.url}/v1/embeddings", content=msgspec.json.encode(request),
+                        headers={"Content-Type": "application/json", **self.worker_headers(worker)},
+                        timeout=WORKER_TIMEOUT)
+            except httpx.TransportError as error:
+                self.workers.forget(worker.worker_id, f"embedding request failed ({type(error).__name__})")
+                excluded.add(worker.worker_id)
+                continue
+            finally:
+                self.scheduler.release(worker.worker_id)
+            if response.status_code >= 400:
+                raise error_from_response(response.status_code, response.content)
+            return msgspec.json.decode(response.content, type=EmbedResult)
+        raise WorkerFailed(f"The embedding request failed on {attempts} worker(s).",
+                           hint="Check the workers (`worker_list_active`) and the hives' logs.")
 
     async def infer(self, operation: Infer, context: JobContext) -> InferResult:
         if operation.hive_id is not None:
@@ -261,30 +294,37 @@ class QueenService:
             hive_id=operation.hive_id, headers=self.worker_headers, deadline=deadline,
         )) as pieces:
             async for piece in pieces:
-                context.token(piece, len(text))
-                text.append(piece)
+                context.token(piece.t, len(text))
+                text.append(piece.t)
         return InferResult(
             text="".join(text), model=operation.model, worker_id=served.worker_id, tokens_in=served.tokens_in,
             tokens_out=served.tokens_out, stop_reason=served.stop_reason, attempts=served.attempts,
             tokens_cached=served.tokens_cached,
         )
 
-    async def model_names(self) -> list[str]:
-        """Models a request can name: what workers serve and what hive catalogs hold."""
-        names = {w.model for w in self.workers.active()}
+    async def catalogs(self) -> list[dict[str, Any]]:
+        """Every hive's catalog entries, each with its `hive_id`; a hive that does not answer
+        within 3 s is left out, not waited for."""
+        found: list[dict[str, Any]] = []
 
         async def catalog(hive_id: str) -> None:
-            # A hive that does not answer within 3 s is left out, not waited for.
             with contextlib.suppress(RbeeError, httpx.HTTPError, OSError), trio.move_on_after(3.0):
                 if self.router.is_local(hive_id) and self.local_hive is not None:
                     entries = msgspec.to_builtins(self.local_hive.catalog.list())
                 else:
                     entries = await self.router.run(ModelList(hive_id=hive_id), hive_id, None)
-                names.update(str(entry["id"]) for entry in entries or [])
+                found.extend({**entry, "hive_id": hive_id}
+                             for entry in entries or [] if isinstance(entry, dict))
 
         async with trio.open_nursery() as nursery:
             for hive_id in self.router.ids():
                 nursery.start_soon(catalog, hive_id)
+        return found
+
+    async def model_names(self) -> list[str]:
+        """Models a request can name: what workers serve and what hive catalogs hold."""
+        names = {w.model for w in self.workers.active()}
+        names.update(str(entry["id"]) for entry in await self.catalogs())
         return sorted(names)
 
     # --- status ---------------------------------------------------------------------

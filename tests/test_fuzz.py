@@ -141,9 +141,10 @@ HOSTILE = ["../../etc/passwd", "/etc/passwd", "a/../../b", "x;touch /tmp/FUZZ", 
            "é", "\u202e", "A" * 5000, "file:///etc/shadow", "hf:../x", "hf:a/b:../../c.gguf", "-oProxyCommand=x"]
 OPERATIONS = ["status", "hive_list", "hive_get", "hive_status", "worker_list_active", "infer", "worker_spawn",
               "worker_list", "worker_get", "worker_stop", "model_download", "model_list", "model_get",
-              "model_delete", "ssh_test", "hive_install", "nonsense"]
+              "model_delete", "ssh_test", "hive_install", "embed", "nonsense"]
 FIELDS = ["model", "hive_id", "worker_id", "device", "backend", "threads", "prompt", "messages", "max_tokens",
-          "stop", "seed", "response_format", "worker_token", "force", "purge", "provider"]
+          "stop", "seed", "response_format", "worker_token", "force", "purge", "provider", "input", "tools",
+          "tool_choice", "logprobs", "logit_bias"]
 
 
 class Fuzzer:

@@ -1,0 +1,345 @@
+"""Anthropic's Messages API on the queen: `POST /v1/messages`, as the official clients speak it.
+
+System prompt, messages of content blocks (text, `tool_use`, `tool_result`),
+`max_tokens`, `stop_sequences`, sampling fields, tools and `tool_choice`;
+streamed as Anthropic's event sequence (`message_start`, `content_block_*`,
+`message_delta`, `message_stop`). Errors take Anthropic's shape,
+`{"type": "error", "error": {"type", "message"}}`. The client's key may come as
+`x-api-key` (its default) or `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+import msgspec
+from quart import Response
+from quart import request as http_request
+from quart_trio import QuartTrio
+
+from rbee_common import deadlines
+from rbee_common.errors import RbeeError, ValidationFailed
+from rbee_common.http import OpenStreams, read_body, sse_response
+from rbee_common.validation import decode_body
+from rbee_common.wire import ChatMessage, GenerationParams, InferenceToken, ToolCall
+from rbee_queen import toolcalls
+from rbee_queen.dialects import ERROR_TYPES as BASE_TYPES
+from rbee_queen.dialects import Answer, Generate, Usage, check_choice, error_response, tool_of
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _Block(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    content: str | list[_Block] | None = None
+    is_error: bool | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class _Message(msgspec.Struct, kw_only=True):
+    role: Literal["user", "assistant"]
+    content: str | list[_Block]
+
+
+class _Tool(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: str | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class _ToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class _Metadata(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    user_id: str | None = None
+
+
+class MessagesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str
+    max_tokens: int
+    messages: list[_Message]
+    system: str | list[_Block] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: _ToolChoice | None = None
+    metadata: _Metadata | None = None
+    """Accepted; `user_id` goes nowhere but the request."""
+    cache_control: dict[str, Any] | None = None
+    """Accepted: the worker reuses a cached prompt prefix by itself."""
+    thinking: dict[str, Any] | None = None
+    service_tier: str | None = None
+
+
+_decoder = msgspec.json.Decoder(MessagesRequest)
+
+ERROR_TYPES = {**BASE_TYPES, 413: "request_too_large", 503: "overloaded_error"}
+
+
+def anthropic_error(error: RbeeError) -> Response:
+    body = {
+        "type": "error",
+        "error": {"type": ERROR_TYPES.get(error.status, "api_error"), "message": error.message},
+    }
+    return error_response(body, error)
+
+
+def _text_of(blocks: str | list[_Block] | None, field: str) -> str:
+    if blocks is None or isinstance(blocks, str):
+        return blocks or ""
+    parts = []
+    for block in blocks:
+        if block.type != "text":
+            raise ValidationFailed(
+                f"Here a `{block.type[:32]}` block is not supported; send text.", details={"field": field}
+            )
+        parts.append(block.text or "")
+    return "".join(parts)
+
+
+def _messages(request: MessagesRequest) -> list[ChatMessage]:
+    out: list[ChatMessage] = []
+    system = _text_of(request.system, "system")
+    if system:
+        out.append(ChatMessage("system", system))
+    if not request.messages:
+        raise ValidationFailed("`messages` must not be empty.", details={"field": "messages"})
+    for k, message in enumerate(request.messages):
+        if isinstance(message.content, str):
+            out.append(ChatMessage(message.role, message.content))
+            continue
+        text: list[str] = []
+        calls: list[ToolCall] = []
+        for j, block in enumerate(message.content):
+            where = f"messages[{k}].content[{j}]"
+            if block.type == "text":
+                text.append(block.text or "")
+            elif block.type == "tool_use" and message.role == "assistant":
+                calls.append(
+                    ToolCall(
+                        id=block.id or toolcalls.new_call_id(),
+                        name=block.name or "",
+                        arguments=json.dumps(block.input or {}),
+                    )
+                )
+            elif block.type == "tool_result" and message.role == "user":
+                result = _text_of(block.content, where + ".content")
+                out.append(
+                    ChatMessage(
+                        "tool",
+                        ("Error: " if block.is_error else "") + result,
+                        tool_call_id=block.tool_use_id or "",
+                    )
+                )
+            else:
+                raise ValidationFailed(
+                    f"A `{block.type[:32]}` block is not supported in a {message.role} message.",
+                    details={"field": where},
+                    hint="rbee's models take text, tool_use and tool_result blocks.",
+                )
+        if text or calls:
+            out.append(ChatMessage(message.role, "".join(text), tool_calls=calls))
+    return out
+
+
+def _params(request: MessagesRequest) -> GenerationParams:
+    if request.thinking is not None and request.thinking.get("type") != "disabled":
+        raise ValidationFailed(
+            "rbee's models do not think aloud; leave out `thinking`.", details={"field": "thinking"}
+        )
+    if request.service_tier not in (None, "auto", "standard_only"):
+        raise ValidationFailed("rbee has one service tier.", details={"field": "service_tier"})
+    if request.max_tokens < 1:
+        raise ValidationFailed("`max_tokens` must be 1 or more.", details={"field": "max_tokens"})
+    for k, tool in enumerate(request.tools or []):
+        if tool.type not in (None, "custom"):
+            raise ValidationFailed(
+                "Only custom tools (with an `input_schema`) are supported.", details={"field": f"tools[{k}]"}
+            )
+    tools = [
+        tool_of(t.name, t.description, t.input_schema, f"tools[{k}]")
+        for k, t in enumerate(request.tools or [])
+    ]
+    choice = request.tool_choice
+    mode = (
+        {"auto": "auto", "any": "required", "tool": "auto", "none": "none"}[choice.type] if choice else "auto"
+    )
+    name = choice.name if choice is not None and choice.type == "tool" else None
+    if choice is not None and choice.type == "tool" and not name:
+        raise ValidationFailed(
+            "`tool_choice` of type `tool` needs a `name`.", details={"field": "tool_choice"}
+        )
+    check_choice(tools, mode, name, "tool_choice")
+    fields: dict[str, Any] = {
+        "messages": _messages(request),
+        "max_tokens": request.max_tokens,
+        "stop": request.stop_sequences or [],
+        "tools": tools,
+        "tool_choice": mode,
+        "tool_name": name,
+        "parallel_tool_calls": not (choice is not None and choice.disable_parallel_tool_use),
+    }
+    for field in ("temperature", "top_p", "top_k"):
+        if (value := getattr(request, field)) is not None:
+            fields[field] = value
+    return GenerationParams(**fields)
+
+
+def _stop(usage: Usage, calls: list[ToolCall], stops: list[str]) -> tuple[str, str | None]:
+    if calls:
+        return "tool_use", None
+    if usage.finish_reason == "length":
+        return "max_tokens", None
+    if usage.stop_sequence is not None and usage.stop_sequence in stops:
+        return "stop_sequence", usage.stop_sequence
+    return "end_turn", None
+
+
+def _tool_block(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": toolcalls.arguments_object(call)}
+
+
+def add_anthropic_routes(
+    app: QuartTrio,
+    *,
+    generate: Generate,
+    default_deadline_s: Callable[[], float],
+    streams: OpenStreams,
+) -> None:
+    @app.post("/v1/messages")
+    async def anthropic_messages() -> Response:
+        try:
+            request = decode_body(await read_body(), _decoder)
+            params = _params(request)
+            until = deadlines.from_headers(http_request.headers, default_s=default_deadline_s() or None)
+            answer = Answer(generate, request.model, params, deadline=until, streams=streams)
+        except RbeeError as error:
+            return anthropic_error(error)
+        return await _respond(request, params, answer)
+
+
+async def _respond(request: MessagesRequest, params: GenerationParams, answer: Answer) -> Response:
+    ident = "msg_" + uuid.uuid4().hex
+    usage = answer.usage
+    tools = [tool.name for tool in params.tools] if params.tool_choice != "none" else []
+    stops = list(params.stop)
+
+    def message(
+        content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None
+    ) -> dict[str, Any]:
+        return {
+            "id": ident,
+            "type": "message",
+            "role": "assistant",
+            "model": request.model,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": {
+                "input_tokens": usage.prompt_tokens,
+                "output_tokens": usage.completion_tokens,
+                "cache_read_input_tokens": usage.cached_tokens,
+            },
+        }
+
+    if not request.stream:
+        try:
+            text, calls, _ = await answer.parsed(tools)
+        except RbeeError as error:
+            return anthropic_error(error)
+        content = ([{"type": "text", "text": text}] if text or not calls else []) + [
+            _tool_block(c) for c in calls
+        ]
+        reason, sequence = _stop(usage, calls, stops)
+        return Response(_encode(message(content, reason, sequence)), content_type="application/json")
+
+    try:
+        first = await answer.first()
+    except RbeeError as error:
+        return anthropic_error(error)
+
+    def event(kind: str, body: dict[str, Any]) -> bytes:
+        return f"event: {kind}\ndata: ".encode() + _encode({"type": kind, **body}) + b"\n\n"
+
+    async def frames() -> AsyncIterator[bytes]:
+        held = toolcalls.ToolStream(tools) if tools else None
+        index = -1
+        open_kind: str | None = None
+
+        def begin(block: dict[str, Any]) -> list[bytes]:
+            """Close the open block and open the next."""
+            nonlocal index, open_kind
+            frames = [event("content_block_stop", {"index": index})] if open_kind else []
+            index += 1
+            open_kind = block["type"]
+            return [*frames, event("content_block_start", {"index": index, "content_block": block})]
+
+        def text(shown: str) -> list[bytes]:
+            frames = begin({"type": "text", "text": ""}) if open_kind != "text" else []
+            delta = {"type": "text_delta", "text": shown}
+            return (
+                [*frames, event("content_block_delta", {"index": index, "delta": delta})] if shown else frames
+            )
+
+        def call(delta: toolcalls.CallDelta) -> list[bytes]:
+            frames = []
+            if delta.id is not None:
+                frames = begin({"type": "tool_use", "id": delta.id, "name": delta.name, "input": {}})
+            if delta.arguments:
+                json_delta = {"type": "input_json_delta", "partial_json": delta.arguments}
+                frames.append(event("content_block_delta", {"index": index, "delta": json_delta}))
+            return frames
+
+        try:
+            yield event("message_start", {"message": message([], None, None)})
+            piece: InferenceToken | None = first
+            while piece is not None:
+                shown = held.feed(piece.t) if held is not None else piece.t
+                for frame in text(shown) if shown else []:
+                    yield frame
+                for delta in held.deltas() if held is not None else []:
+                    for frame in call(delta):
+                        yield frame
+                piece = await answer.next()
+            rest, calls, last = held.finish() if held is not None else ("", [], [])
+            for delta in last:
+                for frame in call(delta):
+                    yield frame
+            if rest or open_kind is None:  # an answer has at least one block
+                for frame in text(rest):
+                    yield frame
+            yield event("content_block_stop", {"index": index})
+            reason, sequence = _stop(usage, calls, stops)
+            yield event(
+                "message_delta",
+                {
+                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                    "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+                },
+            )
+            yield event("message_stop", {})
+        except RbeeError as error:
+            yield event(
+                "error",
+                {"error": {"type": ERROR_TYPES.get(error.status, "api_error"), "message": error.message}},
+            )
+        finally:
+            await answer.aclose()
+
+    return sse_response(frames())

@@ -1,0 +1,161 @@
+"""What the queen's API dialects (OpenAI, Anthropic, Ollama) share: one generation, read under
+the request's deadline and the queen's shutdown, and what it reports at its end."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+from quart import Response
+
+from rbee_common import deadlines
+from rbee_common.errors import RbeeError, ShuttingDown, ValidationFailed
+from rbee_common.http import OpenStreams
+from rbee_common.wire import EmbedRequest, EmbedResult, GenerationParams, InferenceToken, Tool, ToolCall
+from rbee_queen import toolcalls
+
+log = logging.getLogger("rbee.queen.api")
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str = "stop"
+    stop_sequence: str | None = None
+
+
+Generate = Callable[[str, GenerationParams, Usage, str | None], AsyncGenerator[InferenceToken, None]]
+Embed = Callable[[str, EmbedRequest], Awaitable[EmbedResult]]
+ListModels = Callable[[], Awaitable[list[str]]]
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+"""The error `type` OpenAI's and Anthropic's bodies give for a status (each dialect adds its own)."""
+
+
+def error_response(body: dict[str, Any], error: RbeeError) -> Response:
+    """A dialect's error body with the error's status, and `Retry-After` when it has one (429, 503)."""
+    response = Response(msgspec.json.encode(body), status=error.status, content_type="application/json")
+    retry = error.details.get("retry_after_s")
+    if isinstance(retry, int):
+        response.headers["Retry-After"] = str(retry)
+    return response
+
+
+class Answer:
+    """One generation as an HTTP route reads it.
+
+    `first()` is awaited before the response starts, so that scheduling errors
+    (no worker, a full queue, a refused field) get their own status code; the
+    rest is read with `next()`, which ends at the deadline (REQUEST_TIMEOUT) and
+    when the queen stops (SHUTTING_DOWN), so every stream gets its terminator.
+    """
+
+    def __init__(
+        self,
+        generate: Generate,
+        model: str,
+        params: GenerationParams,
+        *,
+        deadline: str | None,
+        streams: OpenStreams,
+    ) -> None:
+        self.usage = Usage()
+        self._deadline = deadline
+        self._until = deadlines.trio_deadline(deadline)
+        self._streams = streams
+        self._pieces = generate(model, params, self.usage, deadline)
+
+    def _timed_out(self) -> RbeeError:
+        log.warning("request timeout: the deadline %s passed", self._deadline)
+        return deadlines.exceeded(self._deadline or "")
+
+    async def first(self) -> InferenceToken | None:
+        try:
+            with trio.move_on_at(self._until):
+                return await self._pieces.__anext__()
+            raise self._timed_out()
+        except StopAsyncIteration:
+            return None
+        except BaseException:
+            await self._pieces.aclose()
+            raise
+
+    async def next(self) -> InferenceToken | None:
+        """The next piece, None at the end."""
+        with self._streams.guard() as scope:
+            scope.deadline = self._until
+            try:
+                return await self._pieces.__anext__()
+            except StopAsyncIteration:
+                return None
+        if scope.cancelled_caught and trio.current_time() >= self._until:
+            raise self._timed_out()
+        if scope.cancelled_caught:
+            raise ShuttingDown(
+                "The queen is shutting down; this answer ends here.",
+                hint="Retry the request on a running queen.",
+            )
+        return None
+
+    async def all(self) -> list[InferenceToken]:
+        """Every piece (an answer that is not streamed)."""
+        try:
+            with trio.move_on_at(self._until):
+                async with contextlib.aclosing(self._pieces) as stream:
+                    return [piece async for piece in stream]
+            raise self._timed_out()
+        finally:
+            await self._pieces.aclose()
+
+    async def parsed(self, tools: list[str]) -> tuple[str, list[ToolCall], list[InferenceToken]]:
+        """The whole answer (not streamed): its text, the tool calls in it, and its pieces."""
+        pieces = await self.all()
+        text, calls = toolcalls.parse("".join(piece.t for piece in pieces), tools)
+        return text, calls, pieces
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()
+
+
+def tool_of(name: str, description: str | None, parameters: dict[str, Any] | None, field: str) -> Tool:
+    """A tool from any dialect's description of it, or a 400 naming `field`."""
+    try:
+        return msgspec.convert(
+            {
+                "name": name,
+                "description": description or "",
+                "parameters": parameters or {"type": "object", "properties": {}},
+            },
+            Tool,
+        )
+    except msgspec.ValidationError:
+        raise ValidationFailed(
+            "A tool's name must be 1 to 64 letters, digits, `_`, `.` or `-`.",
+            details={"field": field},
+        ) from None
+
+
+def check_choice(tools: list[Tool], choice: str, name: str | None, field: str) -> None:
+    """A forced call needs tools, and a named one a tool of that name (400 naming `field`)."""
+    if choice == "required" and not tools:
+        raise ValidationFailed("A call is required but there are no tools.", details={"field": field})
+    if name is not None and name not in {tool.name for tool in tools}:
+        raise ValidationFailed(
+            "The tool choice names a function that is not among the tools.", details={"field": field}
+        )
