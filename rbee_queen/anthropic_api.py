@@ -27,7 +27,7 @@ from rbee_common.validation import decode_body
 from rbee_common.wire import ChatMessage, GenerationParams, InferenceToken, ToolCall
 from rbee_queen import toolcalls
 from rbee_queen.dialects import ERROR_TYPES as BASE_TYPES
-from rbee_queen.dialects import Answer, Generate, Usage, check_choice, error_response, tool_of
+from rbee_queen.dialects import Answer, Generate, Usage, check_choice, error_response, named, tool_of
 
 _encode = msgspec.json.Encoder().encode
 
@@ -107,7 +107,7 @@ def _text_of(blocks: str | list[_Block] | None, field: str) -> str:
     for block in blocks:
         if block.type != "text":
             raise ValidationFailed(
-                f"Here a `{block.type[:32]}` block is not supported; send text.", details={"field": field}
+                f"Here a `{named(block.type)}` block is not supported; send text.", details={"field": field}
             )
         parts.append(block.text or "")
     return "".join(parts)
@@ -149,7 +149,7 @@ def _messages(request: MessagesRequest) -> list[ChatMessage]:
                 )
             else:
                 raise ValidationFailed(
-                    f"A `{block.type[:32]}` block is not supported in a {message.role} message.",
+                    f"A `{named(block.type)}` block is not supported in a {message.role} message.",
                     details={"field": where},
                     hint="rbee's models take text, tool_use and tool_result blocks.",
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -131,6 +132,11 @@ class Answer:
 
     async def aclose(self) -> None:
         await self._pieces.aclose()
+
+
+def named(text: str) -> str:
+    """A name from the request (a block type, an option) fit to quote back: only when it looks like one."""
+    return text if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", text) else "(an unknown name)"
 
 
 def tool_of(name: str, description: str | None, parameters: dict[str, Any] | None, field: str) -> Tool:

@@ -34,7 +34,6 @@ from rbee_common.wire import (
     EmbedRequest,
     GenerationParams,
     InferenceToken,
-    ModelDownload,
     Progress,
     ToolCall,
     WorkerInfo,
@@ -52,7 +51,7 @@ from rbee_queen.ollama_requests import (
     generate_params,
     model_id,
     ollama_name,
-    pull_reference,
+    pull_operation,
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -170,7 +169,8 @@ def add_ollama_routes(
             name = decode_body(await read_body(), msgspec.json.Decoder(NameBody)).which
             entry = (await entries()).get(model_id(name))
             if entry is None:
-                raise NotFound(f"model '{name[:100]}' not found", code="MODEL_NOT_FOUND")
+                raise NotFound("That model is in no hive's catalog.", code="MODEL_NOT_FOUND",
+                               hint="See /api/tags; pull hf.co/<org>/<repo>:<quant> to add one.")
         except RbeeError as error:
             return ollama_error(error)
         meta = _metadata(entry)
@@ -323,8 +323,9 @@ def add_ollama_routes(
     async def ollama_pull() -> Response:
         try:
             body = decode_body(await read_body(), msgspec.json.Decoder(NameBody))
-            reference = pull_reference(body.which)
-            job = jobs.submit(ModelDownload(model=reference), actor="ollama-api", deadline=deadline())
+            operation = pull_operation(body.which)
+            reference = operation.model
+            job = jobs.submit(operation, actor="ollama-api", deadline=deadline())
         except RbeeError as error:
             return ollama_error(error)
 

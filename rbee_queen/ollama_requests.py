@@ -25,10 +25,10 @@ from typing import Any, Literal
 import msgspec
 
 from rbee_common.errors import ValidationFailed
-from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat, ToolCall
+from rbee_common.wire import ChatMessage, GenerationParams, ModelDownload, ResponseFormat, ToolCall
 from rbee_hive.catalog import catalog_id
 from rbee_queen import toolcalls
-from rbee_queen.dialects import tool_of
+from rbee_queen.dialects import named, tool_of
 
 SAMPLING = {
     "temperature": "temperature",
@@ -75,13 +75,20 @@ def ollama_name(model: str) -> str:
     return model if ":" in model else f"{model}:latest"
 
 
-def pull_reference(name: str) -> str:
+def pull_operation(name: str) -> ModelDownload:
+    """The model download on the `localhost` hive that an Ollama pull of `name` is."""
     hf = _HF_NAME.match(name)
+    reference = None
     if hf:
         tag = hf["tag"] if hf["tag"] and hf["tag"] != "latest" else None
-        return f"hf:{hf['repo']}" + (f":{tag}" if tag else "")
-    if name.startswith("hf:"):
-        return name
+        reference = f"hf:{hf['repo']}" + (f":{tag}" if tag else "")
+    elif name.startswith("hf:"):
+        reference = name
+    if reference is not None:
+        try:
+            return msgspec.convert({"operation": "model_download", "model": reference}, ModelDownload)
+        except msgspec.ValidationError:
+            raise ValidationFailed("That model name is not valid.", details={"field": "model"}) from None
     raise ValidationFailed(
         "rbee pulls models from Hugging Face, not from Ollama's library.",
         details={"field": "model"},
@@ -181,7 +188,7 @@ def _options(request: Base) -> dict[str, Any]:
             fields["stop"] = [value] if isinstance(value, str) else value
         elif key not in LOAD_TIME:
             raise ValidationFailed(
-                f"rbee does not take the option `{key[:40]}`.", details={"field": f"options.{key[:40]}"}
+                f"rbee does not take the option `{named(key)}`.", details={"field": f"options.{named(key)}"}
             )
     if "max_tokens" not in fields:
         fields["max_tokens"] = None  # Ollama's default: until the model stops or the context is full

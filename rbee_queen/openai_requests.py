@@ -16,7 +16,7 @@ import msgspec
 
 from rbee_common.errors import ValidationFailed
 from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat, ToolCall
-from rbee_queen.dialects import check_choice, tool_of
+from rbee_queen.dialects import check_choice, named, tool_of
 
 log = logging.getLogger("rbee.queen.openai")
 
@@ -215,7 +215,7 @@ def _text(content: str | list[_Part] | None, field: str) -> str:
     for part in content:
         if part.type != "text":
             raise ValidationFailed(
-                f"rbee's models take text only, not `{part.type[:32]}` parts.", details={"field": field}
+                f"rbee's models take text only, not `{named(part.type)}` parts.", details={"field": field}
             )
     return "".join(part.text for part in content)
 

@@ -189,6 +189,13 @@ class Fuzzer:
             fields = {"model": self.value(marker), "messages": [{"role": self.value(marker),
                                                                   "content": self.value(marker)}],
                       "max_tokens": self.value(marker), "stream": self.random.choice([True, "yes", 1])}
+        if kind == 4:  # what the dialects take: tools, options, inputs, names
+            fields = {"model": self.value(marker), "messages": [{"role": "user", "content": self.value(marker)}],
+                      "tools": [{"type": "function", "function": {"name": self.value(marker),
+                                                                  "parameters": self.value(marker)}}],
+                      "tool_choice": self.value(marker), "options": {marker: self.value(marker)},
+                      "input": self.value(marker), "name": self.value(marker), "max_tokens": 1,
+                      "logprobs": self.value(marker), "logit_bias": {marker: 1}}
         return json.dumps(fields).encode()
 
 
@@ -198,7 +205,8 @@ def _request(fuzz: Fuzzer, client: httpx.Client, base: str, category: str, job_u
     rnd = fuzz.random
     if category == "bodies":
         path = rnd.choice(["/v1/jobs", "/v1/chat/completions", "/v1/completions", "/v1/worker-heartbeat",
-                           "/v1/shutdown-not", "/v1/jobs/x"])
+                           "/v1/shutdown-not", "/v1/jobs/x", "/v1/embeddings", "/v1/messages", "/api/chat",
+                           "/api/generate", "/api/embed", "/api/show", "/api/pull"])
         content_type = rnd.choice(["application/json", "text/plain", "application/x-www-form-urlencoded",
                                    f"multipart/form-data; boundary={marker}"])
         return client.post(base + path, content=fuzz.body(marker),
