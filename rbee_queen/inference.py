@@ -18,7 +18,7 @@ import msgspec
 import trio
 
 from rbee_common import deadlines
-from rbee_common.errors import ServiceUnavailable, error_from_response
+from rbee_common.errors import RbeeError, ServiceUnavailable, error_from_response
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     DONE,
@@ -176,8 +176,22 @@ async def _attempts(
     request = InferenceRequest(**{f: getattr(params, f) for f in GenerationParams.__struct_fields__})
     hop = {"Content-Type": "application/json", **({deadlines.HEADER: deadline} if deadline else {})}
     excluded: set[str] = set()
+    failed: tuple[str, str] | None = None
+    """The worker the last attempt failed on, and how."""
     for attempt in range(1, attempts + 1):
-        worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id)
+        try:
+            worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id)
+        except RbeeError as error:
+            if failed is None or error.status == 429 or error.status >= 500:
+                raise  # overload keeps its status and Retry-After
+            # No other worker (a cold start refused, say for want of cores): the first failure is the
+            # news, not the retry's.
+            raise WorkerFailed(
+                f"The request failed on worker {failed[0]} before its first token ({failed[1]}), and no "
+                f"other worker could take it ({error.code}: {error.message})",
+                details={"worker_id": failed[0], "retry_code": error.code},
+                hint="See that worker's log on its hive; the retry's error is secondary.",
+            ) from error
         served.worker_id, served.attempts = worker.worker_id, attempt
         request_id = f"req-{uuid.uuid4()}"
         body = _encode(msgspec.structs.replace(request, request_id=request_id))
@@ -254,6 +268,7 @@ async def _attempts(
                 await _cancel_on_worker(lanes, worker, request_id, headers(worker))
             scheduler.release(worker.worker_id)
         excluded.add(worker.worker_id)
+        failed = (worker.worker_id, failure)
         log.warning("request failed on worker %s before its first token (%s); attempt %d of %d",
                     worker.worker_id, failure, attempt, attempts)
         if context is not None:
