@@ -93,7 +93,7 @@ class Answer:
             raise self._timed_out()
         except StopAsyncIteration:
             return None
-        except BaseException:
+        except RbeeError:
             await self._pieces.aclose()
             raise
 
