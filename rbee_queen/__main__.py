@@ -32,7 +32,8 @@ def main(
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
-    """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling).
+    """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling; OpenAI,
+    Anthropic and Ollama APIs).
 
     SIGHUP reads the API token file and the config file again: changed hives and limits apply
     without a restart (host, port and --local-hive wait for one); a broken file changes nothing.
