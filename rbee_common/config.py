@@ -81,7 +81,7 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: Port = 9000
-    hive_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "localhost"
+    hive_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")] = "localhost"
     queen_url: str | None = None
     data_dir: str | None = None
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
@@ -147,12 +147,12 @@ class KeeperSettings(_Section, frozen=True, kw_only=True):
 
 
 HOST_PATTERN = (
-    r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]{2,45}|\[[0-9A-Fa-f:.]{2,45}\])$"
+    r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:.]{2,45}|\[[0-9A-Fa-f:.]{2,45}\])\Z"
 )
 """A host name (letters, digits, '.', '_', '-') or an IPv4/IPv6 address: nothing a shell would read."""
 Host = Annotated[str, msgspec.Meta(pattern=HOST_PATTERN)]
-User = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9._-]{0,31}$")]
-CommandPath = Annotated[str, msgspec.Meta(pattern=r"^(~/)?[A-Za-z0-9._/+-]{1,255}$")]
+User = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9._-]{0,31}\Z")]
+CommandPath = Annotated[str, msgspec.Meta(pattern=r"^(~/)?[A-Za-z0-9._/+-]{1,255}\Z")]
 """A program name or path (`python3`, `/usr/bin/python3.11`, `~/py/bin/python`)."""
 
 
@@ -186,7 +186,7 @@ class RbeeConfig(_Section, frozen=True, kw_only=True):
     queen: QueenSettings = QueenSettings()
     hive: HiveSettings = HiveSettings()
     keeper: KeeperSettings = KeeperSettings()
-    hives: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")], HiveEntry] = (
+    hives: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")], HiveEntry] = (
         msgspec.field(default_factory=dict)
     )
 

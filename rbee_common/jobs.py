@@ -63,7 +63,7 @@ from rbee_common.wire import (
 
 log = logging.getLogger("rbee.jobs")
 
-_JOB_ID = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_JOB_ID = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 _encoder = msgspec.json.Encoder()
 
 KEEPALIVE_S = 15.0

@@ -20,15 +20,15 @@ from rbee_common.errors import ErrorBody
 
 # --- validated scalars -------------------------------------------------------
 
-Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}\Z")]
 """Aliases, hive ids and worker ids."""
 
 ModelRef = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._:/@+=-]+$")
+    str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._:/@+=-]+\Z")
 ]
 """`hf:org/repo[:file]`, `file:///abs/path.gguf` or a catalog id (DESIGN §5)."""
 
-DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3})$")]
+DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3})\Z")]
 
 Backend = Literal["auto", "llama-cpp", "mlx", "synthetic"]
 
@@ -95,7 +95,7 @@ class WorkerListActive(_Op, tag="worker_list_active", frozen=True, kw_only=True)
     """Only workers of this model, or on this device."""
 
 
-ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")]
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,7 +178,7 @@ class Embed(_Op, tag="embed", frozen=True, kw_only=True):
 # --- operations forwarded to a hive -----------------------------------------
 
 
-Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=256, pattern=r"^[A-Za-z0-9._~+/=-]+$")]
+Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=256, pattern=r"^[A-Za-z0-9._~+/=-]+\Z")]
 
 
 class WorkerSpawn(_HiveOp, tag="worker_spawn", frozen=True, kw_only=True):
@@ -440,9 +440,9 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
 
     worker_id: Ident
     hive_id: Ident
-    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]{1,256}$")]
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]{1,256}\Z")]
     model: ModelRef
-    backend: Annotated[str, msgspec.Meta(pattern=r"^(auto|llama-cpp|mlx|synthetic)$")]
+    backend: Annotated[str, msgspec.Meta(pattern=r"^(auto|llama-cpp|mlx|synthetic)\Z")]
     device: DeviceName
     state: WorkerState
     slots_total: Annotated[int, msgspec.Meta(ge=1)]

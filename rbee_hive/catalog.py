@@ -25,8 +25,8 @@ from rbee_common.errors import Conflict, InvalidRequest, NotFound, ValidationFai
 log = logging.getLogger("rbee.hive.catalog")
 Provider = Literal["hf", "file", "builtin"]
 ModelFormat = Literal["gguf", "mlx"]
-_HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?::(?P<select>[A-Za-z0-9._-]+))?$")
-_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?::(?P<select>[A-Za-z0-9._-]+))?\Z")
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}\Z")
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,8 +16,8 @@ import msgspec
 from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config
 from rbee_common.errors import ConfigError, Conflict, NotFound, ValidationFailed
 
-ALIAS = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SAFE_VALUE = re.compile(r"^[^\"\\\n\r\t]{1,512}$")
+ALIAS = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+_SAFE_VALUE = re.compile(r"^[^\"\\\n\r\t]{1,512}\Z")
 
 
 def config_path(explicit: str | None) -> Path:

@@ -58,7 +58,7 @@ LOAD_TIME = frozenset(
 )
 _HF_NAME = re.compile(
     r"^(?:https?://)?(?:hf\.co|huggingface\.co)/(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)"
-    r"(?::(?P<tag>[A-Za-z0-9._-]+))?$"
+    r"(?::(?P<tag>[A-Za-z0-9._-]+))?\Z"
 )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rbee_common.audit import canonical, entry_hash
@@ -54,6 +54,7 @@ def test_the_operation_decoder_answers_any_bytes_with_a_value_or_a_400(body: byt
 @given(st.dictionaries(st.sampled_from(["operation", "model", "hive_id", "worker_id", "device", "threads",
                                         "worker_token", "max_tokens", "prompt"]),
                        json_values, max_size=6))
+@example({"operation": "worker_get", "worker_id": "worker-1\n"})
 def test_decoded_operations_hold_only_valid_ids(fields: dict[str, object]) -> None:
     try:
         operation = decode_body(json.dumps(fields).encode(), operation_decoder)
@@ -95,6 +96,7 @@ def test_model_references_are_refused_or_harmless(ref: str) -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(st.text(max_size=40))
+@example("0\n")  # `$` matched before a final newline: every pattern now ends with `\Z`
 def test_an_accepted_host_has_nothing_a_shell_or_ssh_would_read(host: str) -> None:
     try:
         msgspec.convert({"host": host}, HiveEntry)
