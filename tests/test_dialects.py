@@ -135,6 +135,33 @@ def test_named_tool_call_streams_openai_deltas(openai: OpenAI) -> None:
     matches_weather_schema(arguments)
 
 
+def test_required_streamed_and_named_whole_give_the_same_calls(openai: OpenAI) -> None:
+    named = openai.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[TIME, WEATHER], temperature=0, max_tokens=120,  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False,
+    )
+    (call,) = named.choices[0].message.tool_calls or []
+    assert named.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    matches_weather_schema(call.function.arguments)
+
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in openai.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0,  # type: ignore[list-item]
+        max_tokens=120, stream=True,
+    ):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            if delta.function and delta.function.name:
+                entry["name"] = delta.function.name
+            if delta.function and delta.function.arguments:
+                entry["arguments"] += delta.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls
+    weather = [entry for entry in calls.values() if entry["name"] == "get_weather"]
+    assert weather and matches_weather_schema(weather[0]["arguments"])["unit"] in ("celsius", "fahrenheit")
+
+
 def test_embeddings_are_deterministic_unit_vectors_of_the_models_width(openai: OpenAI) -> None:
     texts = ["The sky is blue.", "Bees make honey.", "The sky is blue."]
     first = openai.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
