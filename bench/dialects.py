@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,30 +123,20 @@ def main() -> None:
                 )
             }
             report["chat_tokens"] = tokens
-            report["tool_call_ms"] = median_ms(
-                lambda: openai.chat.completions.create(
-                    model=MODEL,
-                    messages=ASK,
-                    tools=TOOLS,
-                    tool_choice="required",
-                    temperature=0,  # type: ignore[arg-type]
-                    max_tokens=100,
-                ),
-                args.runs,
-            )
+            forced: dict[str, Any] = {
+                "model": MODEL,
+                "messages": ASK,
+                "tools": TOOLS,
+                "tool_choice": "required",
+                "temperature": 0,
+                "max_tokens": 100,
+            }
+            report["tool_call_ms"] = median_ms(lambda: openai.chat.completions.create(**forced), args.runs)
             named, ended = [], []
             for _ in range(args.runs + 1):
                 began = time.perf_counter()
                 first = None
-                for chunk in openai.chat.completions.create(
-                    model=MODEL,
-                    messages=ASK,
-                    tools=TOOLS,
-                    tool_choice="required",
-                    temperature=0,  # type: ignore[arg-type]
-                    max_tokens=100,
-                    stream=True,
-                ):
+                for chunk in openai.chat.completions.create(**forced, stream=True):
                     if first is None and chunk.choices and chunk.choices[0].delta.tool_calls:
                         first = time.perf_counter() - began
                 named.append((first or 0) * 1000)

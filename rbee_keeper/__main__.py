@@ -218,9 +218,10 @@ def embed(
     """Embed texts: one unit vector per text, a line of numbers each (or JSON with --json)."""
     operation = _operation(Embed, model=model, input=texts, dimensions=dimensions)
     result = run_with_queen(_ctx(ctx), operation, keep_queen=keep_queen)
-    vectors = result.get("data", []) if isinstance(result, dict) else []
+    value = result if isinstance(result, dict) else {}
+    vectors = value.get("data", [])
     if as_json:
-        print(json.dumps({"model": model, "data": vectors, "tokens": result.get("tokens")}))
+        print(json.dumps({"model": model, "data": vectors, "tokens": value.get("tokens")}))
         return
     for vector in vectors:
         print(" ".join(f"{value:.6f}" for value in vector))

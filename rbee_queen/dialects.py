@@ -3,7 +3,6 @@ the request's deadline and the queen's shutdown, and what it reports at its end.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -118,8 +117,7 @@ class Answer:
         """Every piece (an answer that is not streamed)."""
         try:
             with trio.move_on_at(self._until):
-                async with contextlib.aclosing(self._pieces) as stream:
-                    return [piece async for piece in stream]
+                return [piece async for piece in self._pieces]
             raise self._timed_out()
         finally:
             await self._pieces.aclose()

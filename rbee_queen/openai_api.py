@@ -42,14 +42,11 @@ _encode = msgspec.json.Encoder().encode
 __all__ = ["Usage", "add_openai_routes", "openai_error"]
 
 
-OPENAI_TYPES = ERROR_TYPES
-
-
 def openai_error(error: RbeeError) -> Response:
     body = {
         "error": {
             "message": error.message,
-            "type": OPENAI_TYPES.get(error.status, "server_error"),
+            "type": ERROR_TYPES.get(error.status, "server_error"),
             "param": error.details.get("field"),
             "code": error.code.lower(),
         }
@@ -118,25 +115,23 @@ def add_openai_routes(
         data = [{"id": name, "object": "model", "created": created, "owned_by": "rbee"} for name in names]
         return Response(_encode({"object": "list", "data": data}), content_type="application/json")
 
-    @app.post("/v1/chat/completions")
-    async def chat() -> Response:
+    async def answer(decoder: msgspec.json.Decoder[Any], to_params: Callable[[Any], GenerationParams],
+                     *, chat: bool) -> Response:
         try:
-            request = decode_body(await read_body(), chat_decoder)
-            params = chat_params(request)
+            request = decode_body(await read_body(), decoder)
+            params = to_params(request)
             answer = Answer(generate, request.model, params, deadline=deadline(), streams=streams)
         except RbeeError as error:
             return openai_error(error)
-        return await _respond(request, params, answer, chat=True)
+        return await _respond(request, params, answer, chat=chat)
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Response:
+        return await answer(chat_decoder, chat_params, chat=True)
 
     @app.post("/v1/completions")
     async def completions() -> Response:
-        try:
-            request = decode_body(await read_body(), completion_decoder)
-            params = completion_params(request)
-            answer = Answer(generate, request.model, params, deadline=deadline(), streams=streams)
-        except RbeeError as error:
-            return openai_error(error)
-        return await _respond(request, params, answer, chat=False)
+        return await answer(completion_decoder, completion_params, chat=False)
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import jinja2
 import msgspec
+import numpy as np
 
 from rbee_common.errors import ServiceUnavailable, Unprocessable, ValidationFailed
 from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason, TokenLogprob
@@ -388,7 +389,12 @@ class LlamaCppBackend:
                     f"Input {k} has a token id outside the vocabulary (0 to {n_vocab - 1}).",
                     details={"field": f"input[{k}]"})
             inputs.append(tokens)
-        vectors: list[list[float]] = []
+        width = int(self.info["embedding_length"])
+        if request.dimensions is not None and request.dimensions > width:
+            raise ValidationFailed(
+                f"This model's vectors have {width} dimensions; `dimensions` may not be more.",
+                details={"field": "dimensions"})
+        vectors: list[np.ndarray] = []
         with self._embed_lock:
             context = self._embedding_context()
             start = 0
@@ -399,27 +405,15 @@ class LlamaCppBackend:
                        and size + len(inputs[start + len(group)]) <= self.ctx):
                     size += len(inputs[start + len(group)])
                     group.append(inputs[start + len(group)])
-                vectors.extend(self._embed_group(context, group))
+                vectors.extend(self._embed_group(context, group, request.dimensions))
                 start += len(group)
-        import numpy as np
+        return [vector.tolist() for vector in vectors], sum(len(tokens) for tokens in inputs)
 
-        out = []
-        for vector in vectors:
-            array = np.asarray(vector, dtype=np.float64)
-            if request.dimensions is not None:
-                if request.dimensions > array.size:
-                    raise ValidationFailed(
-                        f"This model's vectors have {array.size} dimensions; `dimensions` may not be more.",
-                        details={"field": "dimensions"})
-                array = array[:request.dimensions]
-            norm = float(np.linalg.norm(array))
-            out.append((array / norm if norm > 0 else array).tolist())
-        return out, sum(len(tokens) for tokens in inputs)
-
-    def _embed_group(self, context: Any, group: list[list[int]]) -> list[list[float]]:
+    def _embed_group(
+        self, context: Any, group: list[list[int]], dimensions: int | None,
+    ) -> list[np.ndarray]:
+        """Unit vectors for `group`, decoded together (their first `dimensions` values, normalized)."""
         lib = self._lib
-        import numpy as np
-
         total = sum(len(tokens) for tokens in group)
         batch = lib.llama_batch_init(total, 0, 1)
         try:
@@ -437,10 +431,13 @@ class LlamaCppBackend:
             if lib.llama_decode(context, batch) != 0:
                 raise BackendUnavailable("llama.cpp could not compute these embeddings.")
             n_embd = lib.llama_model_n_embd(self._model)
-            return [
-                np.ctypeslib.as_array(lib.llama_get_embeddings_seq(context, seq), shape=(n_embd,)).tolist()
-                for seq in range(len(group))
-            ]
+            out = []
+            for seq in range(len(group)):
+                pooled = np.ctypeslib.as_array(lib.llama_get_embeddings_seq(context, seq), shape=(n_embd,))
+                vector = pooled[:dimensions].astype(np.float64)  # a copy: the buffer is reused
+                norm = float(np.linalg.norm(vector))
+                out.append(vector / norm if norm > 0 else vector)
+            return out
         finally:
             lib.llama_batch_free(batch)
 

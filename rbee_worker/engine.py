@@ -100,6 +100,7 @@ class Engine:
         self._lib = lib
         self._ctx = ctx
         self._vocab = vocab
+        self._n_vocab = lib.llama_vocab_n_tokens(vocab)
         self._memory = lib.llama_get_memory(ctx)
         self._seq_ctx = seq_ctx
         self._n_batch = n_batch
@@ -255,8 +256,8 @@ class Engine:
     def _logprob(self, index: int, token: int, piece: bytes, top: int) -> TokenLogprob:
         """The chosen token's log-probability under the model's raw distribution, and the `top`
         likeliest tokens' (before sampling's filters, as OpenAI and llama-server report them)."""
-        n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._ctx, index), shape=(n_vocab,))
+        raw = self._lib.llama_get_logits_ith(self._ctx, index)
+        logits = np.ctypeslib.as_array(raw, shape=(self._n_vocab,))
         peak = float(logits.max())
         log_total = peak + float(np.log(np.exp(logits - peak).sum()))
         best: list[TopLogprob] = []

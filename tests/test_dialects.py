@@ -159,7 +159,8 @@ def test_required_streamed_and_named_whole_give_the_same_calls(openai: OpenAI) -
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and calls
     weather = [entry for entry in calls.values() if entry["name"] == "get_weather"]
-    assert weather and matches_weather_schema(weather[0]["arguments"])["unit"] in ("celsius", "fahrenheit")
+    assert weather, "the weather question calls get_weather"
+    matches_weather_schema(weather[0]["arguments"])
 
 
 def test_embeddings_are_deterministic_unit_vectors_of_the_models_width(openai: OpenAI) -> None:
