@@ -24,7 +24,7 @@ from pathlib import Path
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from rbee_common.errors import ConfigError, Unauthorized
+from rbee_common.errors import AuthFailed, ConfigError, InvalidApiKey, InvalidAuthFormat, MissingApiKey
 
 MIN_TOKEN_CHARS = 16
 TOKEN_ENV = "RBEE_API_TOKEN"
@@ -211,14 +211,14 @@ def presented_token() -> str:
     if header is None and request.headers.get("x-api-key"):  # Anthropic's clients send theirs here
         return str(request.headers["x-api-key"])
     if header is None:
-        raise _refuse("Missing API key", "MISSING_API_KEY", "missing_header")
+        raise _refuse(MissingApiKey, "Missing API key", "missing_header")
     if header.strip() == "Bearer":  # "Bearer " with nothing after it (HTTP strips the trailing space)
-        raise _refuse("Missing API key", "MISSING_API_KEY", "empty_token")
+        raise _refuse(MissingApiKey, "Missing API key", "empty_token")
     if not header.startswith("Bearer "):  # the scheme is case-sensitive, one space
-        raise _refuse("Invalid Authorization header format", "INVALID_AUTH_FORMAT", "invalid_format")
+        raise _refuse(InvalidAuthFormat, "Invalid Authorization header format", "invalid_format")
     token = header[len("Bearer "):]
     if not token.strip():
-        raise _refuse("Missing API key", "MISSING_API_KEY", "empty_token")
+        raise _refuse(MissingApiKey, "Missing API key", "empty_token")
     return token
 
 
@@ -229,24 +229,18 @@ def matches(token: str, accepted: Iterable[str]) -> bool:
     return found
 
 
-class AuthFailed(Unauthorized):
-    """A 401, with what the audit log records (never sent to the client)."""
 
-    reason: str = "invalid_token"
-    identity: str | None = None
-
-
-def _refuse(message: str, code: str, reason: str, token: str | None = None) -> AuthFailed:
+def _refuse(kind: type[AuthFailed], message: str, reason: str, token: str | None = None) -> AuthFailed:
     identity = f" identity=token:{fingerprint(token)}" if token else ""
     log.warning("auth failed reason=%s path=%r%s", reason, request.path, identity)
-    error = AuthFailed(message, code=code, hint="Send Authorization: Bearer <token>.")
+    error = kind(message, hint="Send Authorization: Bearer <token>.")
     error.reason, error.identity = reason, f"token:{fingerprint(token)}" if token else None
     return error
 
 
 def refuse_token(token: str | None) -> AuthFailed:
     """The 401 for a presented token that no credential matches."""
-    return _refuse("Invalid or missing API key", "INVALID_API_KEY", "invalid_token", token)
+    return _refuse(InvalidApiKey, "Invalid or missing API key", "invalid_token", token)
 
 
 def install_auth(

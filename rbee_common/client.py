@@ -4,7 +4,12 @@
 returns at `[DONE]`; `[ERROR]` raises the error class the server raised and
 `[CANCELLED]` raises `JobCancelled`. If the caller stops early (cancelled, or
 leaves the loop) the job is cancelled on the server too. A dropped stream is
-resumed with `Last-Event-ID`. httpx errors are translated here, once.
+resumed with `Last-Event-ID`. `JobClient.call(op)` runs a job to its end and
+returns its result as the type `op` declares (`wire.py`).
+
+Every outbound HTTP call of every rbee program goes through
+`map_transport_errors`: httpx's errors become ours once, at the boundary (the
+shape of httpx's own `map_httpcore_exceptions`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from rbee_common.errors import (
     ConnectFailed,
     JobCancelled,
     JobFailed,
+    PoolTimedOut,
     RbeeError,
     RequestTimedOut,
     TransportError,
@@ -37,7 +43,9 @@ from rbee_common.wire import (
     JobEvent,
     JobInfo,
     Narration,
-    Operation,
+    Op,
+    Result,
+    T,
     event_decoder,
 )
 
@@ -52,29 +60,40 @@ _info_decoder = msgspec.json.Decoder(JobInfo)
 _encoder = msgspec.json.Encoder()
 
 
+QUEEN_HINT = "Is it running? `rbee-keeper queen status` tells; `rbee-keeper queen start` starts it."
+
+
 @contextlib.contextmanager
-def translate_transport_errors(base_url: str) -> Iterator[None]:
-    """Turn httpx's errors into ours, naming the server and what to do."""
+def map_transport_errors(where: str, *, hint: str | None = None) -> Iterator[None]:
+    """Turn httpx's errors into ours, naming the server (`where`) and what to do.
+
+    `ConnectFailed`: nothing listens (or the name does not resolve); `PoolTimedOut`: every
+    connection of our own pool stayed busy; `RequestTimedOut`: the server did not answer in
+    time; `TransportError`: the connection broke, or the answer was not HTTP.
+    """
     try:
         yield
+    except httpx.ConnectTimeout:
+        raise ConnectFailed(f"Cannot connect to {where}: no answer in time.", hint=hint) from None
     except httpx.ConnectError:
-        raise ConnectFailed(
-            f"Cannot connect to {base_url}.",
-            hint="Is it running? `rbee-keeper queen status` tells; `rbee-keeper queen start` starts it.",
-        ) from None
+        raise ConnectFailed(f"Cannot connect to {where}.", hint=hint) from None
+    except httpx.PoolTimeout:
+        raise PoolTimedOut(f"No connection to {where} became free in time.", hint=hint) from None
     except httpx.TimeoutException:
-        raise RequestTimedOut(f"{base_url} did not answer in time.") from None
-    except httpx.TransportError as error:
+        raise RequestTimedOut(f"{where} did not answer in time.", hint=hint) from None
+    except (httpx.TransportError, httpx.DecodingError, httpx.TooManyRedirects) as error:
         raise TransportError(
-            f"The connection to {base_url} failed ({type(error).__name__})."
-        ) from None
+            f"The connection to {where} failed ({type(error).__name__}).", hint=hint) from None
 
 
 class JobClient:
     def __init__(
-        self, base_url: str, *, http: httpx.AsyncClient, token: str | None = None
+        self, base_url: str, *, http: httpx.AsyncClient, token: str | None = None,
+        hint: str | None = QUEEN_HINT,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.hint = hint
+        """What to do when the server cannot be reached (the default speaks of a queen)."""
         self._http = http
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -85,7 +104,7 @@ class JobClient:
         headers = {**self._headers, **(extra or {})}
         if content is not None:
             headers["Content-Type"] = "application/json"
-        with translate_transport_errors(self.base_url):
+        with map_transport_errors(self.base_url, hint=self.hint):
             response = await self._http.request(
                 method, self.base_url + path, content=content, headers=headers, timeout=REQUEST_TIMEOUT
             )
@@ -93,7 +112,7 @@ class JobClient:
             raise error_from_response(response.status_code, response.content)
         return response
 
-    async def submit(self, operation: Operation) -> JobCreated:
+    async def submit(self, operation: Op[object]) -> JobCreated:
         # A job submitted on behalf of a request with a deadline has the same deadline (area 340).
         response = await self.request("POST", "/v1/jobs", json=operation, extra=deadlines.outgoing())
         return _created_decoder.decode(response.content)
@@ -118,7 +137,7 @@ class JobClient:
             if last_id is not None:
                 headers["Last-Event-ID"] = str(last_id)
             try:
-                with translate_transport_errors(self.base_url):
+                with map_transport_errors(self.base_url, hint=self.hint):
                     async with httpx_sse.aconnect_sse(
                         self._http, "GET", f"{self.base_url}/v1/jobs/{job_id}/stream",
                         headers=headers, timeout=STREAM_TIMEOUT,
@@ -161,7 +180,7 @@ class JobClient:
                 raise TransportError("The job's event stream ended without a terminator.")
 
     async def run(
-        self, operation: Operation, *, on_created: Callable[[JobCreated], None] | None = None
+        self, operation: Op[object], *, on_created: Callable[[JobCreated], None] | None = None
     ) -> AsyncGenerator[JobEvent, None]:
         """Submit `operation` and yield its events; cancel it if we stop early.
 
@@ -184,6 +203,28 @@ class JobClient:
                 with trio.CancelScope(shield=True) as scope, contextlib.suppress(RbeeError):
                     scope.deadline = trio.current_time() + 2.0
                     await self.cancel(created.job_id)
+
+
+    async def call(
+        self, operation: Op[T], *, on_event: Callable[[JobEvent], None] | None = None,
+        on_created: Callable[[JobCreated], None] | None = None,
+    ) -> T:
+        """Run `operation` to its end and return its result, typed as the operation declares;
+        every other event goes to `on_event` as it comes."""
+        raw: msgspec.Raw | None = None
+        async with contextlib.aclosing(self.run(operation, on_created=on_created)) as events:
+            async for event in events:
+                if isinstance(event, Result):
+                    raw = event.value
+                elif on_event is not None:
+                    on_event(event)
+        if raw is None:
+            raise JobFailed(f"The {operation.name} job ended without a result.")
+        try:
+            return operation.decode_result(raw)
+        except msgspec.ValidationError as error:
+            raise JobFailed(f"The {operation.name} result does not match this rbee's wire types ({error}).",
+                            hint="Run the same rbee version on every machine.") from None
 
 
 def _job_error(data: str, last_error: Narration | None) -> RbeeError:

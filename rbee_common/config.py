@@ -191,6 +191,38 @@ class RbeeConfig(_Section, frozen=True, kw_only=True):
     )
 
 
+# --- writing -----------------------------------------------------------------
+
+
+def toml_value(value: object) -> str:
+    """A TOML value, through one encoder: JSON's strings, numbers, booleans and arrays of them are
+    TOML's too (its string escapes included)."""
+    scalar = (str, int, float, bool)
+    if not (isinstance(value, scalar) or (isinstance(value, list | tuple)
+                                          and all(isinstance(item, scalar) for item in value))):
+        raise ConfigError(f"A setting of type {type(value).__name__} cannot be written here.",
+                          hint="Edit the config file by hand.")
+    return msgspec.json.encode(value).decode()
+
+
+def toml_section(name: str, section: msgspec.Struct) -> str:
+    """`[name]` with every field of `section` that differs from its schema's default, in the
+    schema's order: what `hive add` and `hive install` write, so neither keeps its own field list."""
+    lines = [f"[{name}]"]
+    for field in msgspec.structs.fields(section):
+        value = getattr(section, field.name)
+        if field.default is not msgspec.NODEFAULT:
+            default: object = field.default
+        elif field.default_factory is not msgspec.NODEFAULT:
+            default = field.default_factory()
+        else:
+            default = msgspec.NODEFAULT  # required: always written
+        if value is None or value == default:
+            continue
+        lines.append(f"{field.encode_name} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
 # --- where things live -------------------------------------------------------
 
 

@@ -25,9 +25,10 @@ from werkzeug.exceptions import HTTPException
 from rbee_common.errors import (
     InternalError,
     InvalidRequest,
-    NotFound,
+    MethodNotAllowed,
     PayloadTooLarge,
     RbeeError,
+    RouteNotFound,
 )
 
 _encoder = msgspec.json.Encoder()
@@ -55,12 +56,6 @@ def _close_even_when_cancelled() -> None:
 
 
 _close_even_when_cancelled()
-
-_HTTP_STATUS_ERRORS: dict[int, tuple[str, str]] = {
-    404: ("ROUTE_NOT_FOUND", "No such endpoint. See the README for the API."),
-    405: ("METHOD_NOT_ALLOWED", "This endpoint does not accept that HTTP method."),
-    413: ("PAYLOAD_TOO_LARGE", "The request body is larger than this server accepts."),
-}
 
 
 KEEP_ALIVE_S = 30.0
@@ -138,19 +133,20 @@ def create_app(name: str, *, component: str, max_body_bytes: int) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        code, message = _HTTP_STATUS_ERRORS.get(status, ("HTTP_ERROR", "The request failed."))
         mapped: RbeeError
         if status == 413:
             mapped = PayloadTooLarge(
-                message,
+                "The request body is larger than this server accepts.",
                 details={"limit_bytes": app.config["MAX_CONTENT_LENGTH"]},
                 hint="Send a smaller body, or raise the server's max_body_bytes.",
             )
         elif status == 404:
-            mapped = NotFound(message, code=code)
-        else:
-            mapped = InvalidRequest(message, code=code)
-            mapped.status = status  # type: ignore[misc]
+            mapped = RouteNotFound("No such endpoint. See the README for the API.")
+        elif status == 405:
+            mapped = MethodNotAllowed("This endpoint does not accept that HTTP method.")
+        else:  # another 4xx the HTTP layer refused: an invalid request, with the layer's status
+            mapped = InvalidRequest("The request failed.")
+            mapped.status = status
         return error_response(mapped, component=component)
 
     @app.errorhandler(Exception)

@@ -54,6 +54,7 @@ from rbee_common.wire import (
     JobInfo,
     JobState,
     Narration,
+    Op,
     Operation,
     Progress,
     Result,
@@ -84,7 +85,7 @@ class Job:
     """One submitted operation, its state and its buffered events."""
 
     def __init__(
-        self, operation: Operation, *, buffer: int, actor: str = "internal", deadline: str | None = None,
+        self, operation: Op[object], *, buffer: int, actor: str = "internal", deadline: str | None = None,
     ) -> None:
         self.id = f"job-{uuid.uuid4()}"
         self.deadline = deadline
@@ -92,7 +93,8 @@ class Job:
         self.operation = operation
         self.actor = actor
         """Who submitted it (a token fingerprint): for the audit log."""
-        self.result: Any = None
+        self.result: object = None
+        """The handler's return value, once checked against the operation's result type."""
         self.state: JobState = "queued"
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -204,13 +206,13 @@ class JobContext:
         self._job.emit(msgspec.structs.replace(event, job_id=self._job.id))
 
 
-def detached_context(operation: Operation, actor: str) -> JobContext:
+def detached_context(operation: Op[object], actor: str) -> JobContext:
     """A context for work that no job follows (an OpenAI request's cold start):
     its events are kept in a buffer of two and then dropped."""
     return JobContext(Job(operation, buffer=2), actor)
 
 
-Handler = Callable[[Operation, JobContext], Awaitable[Any]]
+Handler = Callable[[Op[object], JobContext], Awaitable[object]]
 
 
 class JobServer:
@@ -233,7 +235,7 @@ class JobServer:
     def live_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if not job.finished]
 
-    def submit(self, operation: Operation, *, actor: str = "internal", deadline: str | None = None) -> Job:
+    def submit(self, operation: Op[object], *, actor: str = "internal", deadline: str | None = None) -> Job:
         if self._stopping:
             raise ShuttingDown("This server is shutting down and takes no new jobs.")
         if len(self.live_jobs()) >= self.limits.max_live_jobs:
@@ -304,10 +306,16 @@ class JobServer:
                     failed = f"Operation {job.operation.name} failed unexpectedly; see the server log."
                     self._fail(job, context, InternalError(failed))
             else:
-                job.result = value
-                if value is not None:
-                    job.emit(Result(job_id=job.id, value=value))
-                job.finish("completed", DONE)
+                try:  # the result as the operation declares it (`wire.py`): anything else is our bug
+                    job.result = job.operation.check_result(value)
+                except msgspec.ValidationError as error:
+                    log.error("job %s (%s) returned no %s: %s", job.id, job.operation.name,
+                              job.operation.result_type(), error)
+                    failed = f"Operation {job.operation.name} answered wrongly; see the server log."
+                    self._fail(job, context, InternalError(failed))
+                else:
+                    job.emit(Result(job_id=job.id, value=msgspec.Raw(_encoder.encode(job.result))))
+                    job.finish("completed", DONE)
         if not job.finished and job.deadline is not None and trio.current_time() >= job.cancel_scope.deadline:
             log.warning("job %s (%s): request timeout, its deadline %s passed",
                         job.id, job.operation.name, job.deadline)

@@ -28,7 +28,7 @@ import trio
 
 from rbee_common.config import cache_dir
 from rbee_common.daemon import package_version
-from rbee_common.errors import RemoteFailed
+from rbee_common.errors import WheelhouseBuildFailed, WheelhouseMissing, WheelhousePlatform
 
 MANIFEST = "wheelhouse.json"
 
@@ -112,8 +112,8 @@ async def build(directory: Path, say: Callable[[str], None]) -> Manifest:
         if done.returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
             last = (done.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-            raise RemoteFailed(
-                f"Building the wheelhouse failed: {last[:300]}", code="WHEELHOUSE_BUILD_FAILED",
+            raise WheelhouseBuildFailed(
+                f"Building the wheelhouse failed: {last[:300]}",
                 hint="pip needs the package index or its cache once; or build it where there is internet "
                      "(rbee-keeper hive wheelhouse --dir DIR) and set [queen] wheelhouse = DIR.",
             )
@@ -145,9 +145,9 @@ async def ensure(directory: Path | None, say: Callable[[str], None]) -> tuple[Pa
     if directory is not None:
         manifest = read_manifest(directory)
         if manifest is None:
-            raise RemoteFailed(
+            raise WheelhouseMissing(
                 f"{directory} is not a wheelhouse ({MANIFEST} missing, or wheels missing).",
-                code="WHEELHOUSE_MISSING", hint="Build one there: rbee-keeper hive wheelhouse --dir DIR.",
+                hint="Build one there: rbee-keeper hive wheelhouse --dir DIR.",
             )
         return directory, manifest
     directory = default_dir()
@@ -160,9 +160,9 @@ async def ensure(directory: Path | None, say: Callable[[str], None]) -> tuple[Pa
 def check_platform(manifest: Manifest, remote: dict[str, Any], where: str, alias: str) -> None:
     python = f"{remote['version'][0]}.{remote['version'][1]}"
     if manifest.python != python or manifest.platform != remote["platform"]:
-        raise RemoteFailed(
+        raise WheelhousePlatform(
             f"The wheelhouse is for CPython {manifest.python} on {manifest.platform}; {where} has "
-            f"CPython {python} on {remote['platform']}.", code="WHEELHOUSE_PLATFORM",
+            f"CPython {python} on {remote['platform']}.",
             details={"hive_id": alias, "wheelhouse": f"{manifest.python} {manifest.platform}",
                      "host": f"{python} {remote['platform']}"},
             hint=f"Build one on a machine like it (rbee-keeper hive wheelhouse --dir DIR) and set "

@@ -5,14 +5,26 @@ tagged by ``"operation"`` (snake_case). A *job event* is one ``data:`` line of
 a job's SSE stream, tagged by ``"type"``. A stream ends with exactly one
 terminator line: ``[DONE]``, ``[ERROR] <message>`` or ``[CANCELLED]``.
 
+Every operation declares the type of its result beside it, as its generic
+parameter (`WorkerGet(HiveOp[WorkerRecord])`): `result_type()` reads it, the
+job server encodes a handler's return value as that type, and `JobClient.call`
+and the hive transports decode into it. Nothing crosses a program boundary as
+`Any`.
+
 New fields always get defaults, and unknown fields are ignored, so peers of
 different versions keep talking (msgspec "schema evolution").
+
+Past 500 lines on purpose: this is the whole protocol between the four
+programs, read top to bottom: records first (operations name them as their
+results), then operations, jobs and their events, then the worker's API.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Annotated, Any, Final, Literal
+import typing
+from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -33,63 +45,297 @@ DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3
 Backend = Literal["auto", "llama-cpp", "mlx", "synthetic"]
 
 
-class _Op(msgspec.Struct, tag_field="operation", frozen=True, kw_only=True):
-    """Base of all operations."""
+# --- records: what operations answer -------------------------------------------
+
+WorkerState = Literal["loading", "ready", "busy", "draining"]
+"""One vocabulary for the worker, its hive, the queen and the keeper: `loading` until the model
+is in memory, `ready` with a free slot, `busy` with none, `draining` once it is stopping."""
+
+
+class WorkerRecord(msgspec.Struct, kw_only=True):
+    """A worker, as its hive, the queen and the keeper see it (`worker_get`, `worker_list`,
+    `worker_spawn`, `worker_stop`, `worker_list_active`, `status`)."""
+
+    worker_id: str
+    hive_id: str
+    model: str
+    backend: str
+    device: str
+    url: str
+    pid: int
+    state: WorkerState
+    slots_total: int = 1
+    slots_busy: int = 0
+    threads: int | None = None
+    """CPU threads its hive gave it (None where the queen only heard its heartbeat)."""
+    port: int | None = None
+    started_at: float | None = None
+    idle_s: float = 0.0
+    """Seconds since its last request, as its hive last saw it."""
+    token_sha256: str | None = None
+    """SHA-256 of the worker's own API token: the queen checks a heartbeat's token against it."""
+    last_seen_s: float | None = None
+    """Seconds since the queen last heard its heartbeat (None on a hive's answer)."""
+    confirmed: bool | None = None
+    """The queen's: its hive confirmed it (`worker_get`), so requests may go to it (None on a hive's
+    answer)."""
+
+
+Provider = Literal["hf", "file", "builtin"]
+ModelFormat = Literal["gguf", "mlx"]
+
+
+class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A model in a hive's catalog (`model_download`, `model_list`, `model_get`, `model_delete`)."""
+
+    id: str
+    reference: str
+    """What was asked for (`hf:org/repo`, …); `id` is what to use afterwards."""
+    provider: Provider
+    format: ModelFormat
+    path: str
+    """The GGUF file, or the MLX model directory."""
+    size_bytes: int
+    files: list[str]
+    added_at: float
+    source: str | None = None
+    """`hf:org/repo:file` with the exact file, and the revision it came from."""
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    """`CPU-0`, `GPU-<n>` or `METAL-0`: the names `worker_spawn --device` takes."""
+    kind: str
+    name: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    cores: int | None = None
+    """Physical cores (CPU only)."""
+    logical_cores: int | None = None
+    compute_capability: str | None = None
+
+
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    """What a hive's machine has (`hive_refresh_capabilities`, and the hive's GET /v1/capabilities)."""
+
+    hive_id: str
+    devices: list[Device]
+    backends: list[str]
+    disk_free_bytes: int
+    models: int
+    workers: int
+
+
+class HiveHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    hive_id: str
+    url: str
+    reachable: bool
+    problem: str | None = None
+    installed: bool | None = None
+    """Installed by this queen over SSH (absent for the in-process hive)."""
+    attached: bool = False
+    """Started by this queen, which holds its SSH session."""
+    version: str | None = None
+
+
+class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
+    version: str
+    hives: list[HiveHealth]
+    workers: list[WorkerRecord]
+
+
+class HiveListing(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of `hive_list`."""
+
+    hive_id: str
+    url: str
+    local: bool
+    """Runs inside the queen (--local-hive)."""
+    installed: bool | None = None
+
+
+class HiveDetails(msgspec.Struct, frozen=True, kw_only=True):
+    """`hive_get`: a configured hive, without what is private to the queen's machine (its key,
+    token and wheelhouse paths)."""
+
+    hive_id: str
+    url: str
+    local: bool
+    host: str
+    ssh_port: int
+    ssh_user: str | None
+    hive_port: int
+    install_dir: str
+    python: str
+    host_key_policy: str
+    connect_timeout_s: float
+    ssh_attempts: int
+    worker_port_min: int
+    worker_port_max: int
+
+
+class SshChecked(msgspec.Struct, frozen=True, kw_only=True):
+    """`ssh_test`: SSH to the hive's machine works, and how fast."""
+
+    hive_id: str
+    ok: bool
+    echo: str
+    latency_ms: float
+    network_ms: float
+    rbee_hive: str | None
+    """Where `rbee-hive` is on the host, or None when it is not installed."""
+
+
+class InstallRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """`hive_install`: what was installed where (also the queen's record of it on disk)."""
+
+    hive_id: str
+    host: str
+    install_dir: str
+    """Absolute, on the host."""
+    version: str
+    python: str
+    platform: str
+    installed_at: float
+    created_dir: bool = True
+    """Whether the install made `install_dir` (then uninstall removes all of it)."""
+
+
+class HiveUninstalled(msgspec.Struct, frozen=True, kw_only=True):
+    hive_id: str
+    uninstalled: bool
+    purged: bool
+
+
+class HiveStarted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    hive_id: str
+    url: str
+    attached: bool
+    """This queen holds the hive's SSH session (its lifeline)."""
+    already_running: bool = False
+    pid: int | None = None
+
+
+class HiveStopped(msgspec.Struct, frozen=True, kw_only=True):
+    hive_id: str
+    stopped: bool
+    was_running: bool
+
+
+class InferResult(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+    model: str
+    worker_id: str
+    tokens_in: int
+    tokens_out: int
+    stop_reason: str
+    attempts: int
+    tokens_cached: int = 0
+
+
+class EmbedResult(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[list[float]]
+    """Unit-length vectors, in input order."""
+    tokens: int
+
+
+# --- operations ---------------------------------------------------------------
+
+R = TypeVar("R", covariant=True)
+"""An operation's result type (covariant: a `WorkerGet` is an `Op[object]`)."""
+
+T = TypeVar("T")
+"""A result type, in functions that take an `Op[T]` and return its `T`."""
+
+
+class Op(msgspec.Struct, Generic[R], tag_field="operation", frozen=True, kw_only=True):
+    """Base of all operations; `R` is the type of the result."""
 
     @property
     def name(self) -> str:
         return str(type(self).__struct_config__.tag)
 
+    @classmethod
+    def result_type(cls) -> Any:
+        """The `R` this operation class declared (a Struct, or a `list` of one)."""
+        return _declared_result(cls)
 
-class _HiveOp(_Op, frozen=True, kw_only=True):
+    def decode_result(self, raw: bytes | msgspec.Raw) -> R:
+        """The result of this operation from its JSON."""
+        return typing.cast(R, msgspec.json.decode(raw, type=self.result_type()))
+
+    def check_result(self, value: object) -> R:
+        """`value`, checked to be this operation's result type (a handler's return value)."""
+        return typing.cast(R, msgspec.convert(value, self.result_type(), from_attributes=True))
+
+
+@functools.cache
+def _declared_result(cls: type) -> Any:
+    for klass in cls.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            (argument, *_) = typing.get_args(base) or (None,)
+            if typing.get_origin(base) in (Op, _HiveOp, HiveOp) and not isinstance(argument, TypeVar):
+                return argument
+    raise TypeError(f"{cls.__name__} declares no result type")
+
+
+class _HiveOp(Op[R], frozen=True, kw_only=True):
+    """An operation about one hive."""
+
     hive_id: Ident = "localhost"
+
+
+class HiveOp(_HiveOp[R], frozen=True, kw_only=True):
+    """An operation a hive runs (the queen forwards it to the hive named by `hive_id`)."""
 
 
 # --- operations the queen executes ------------------------------------------
 
 
-class Status(_Op, tag="status", frozen=True, kw_only=True):
+class Status(Op[QueenStatus], tag="status", frozen=True, kw_only=True):
     pass
 
 
-class HiveList(_Op, tag="hive_list", frozen=True, kw_only=True):
+class HiveList(Op[list[HiveListing]], tag="hive_list", frozen=True, kw_only=True):
     pass
 
 
-class HiveGet(_HiveOp, tag="hive_get", frozen=True, kw_only=True):
+class HiveGet(_HiveOp[HiveDetails], tag="hive_get", frozen=True, kw_only=True):
     pass
 
 
-class HiveInstall(_HiveOp, tag="hive_install", frozen=True, kw_only=True):
+class HiveInstall(_HiveOp[InstallRecord], tag="hive_install", frozen=True, kw_only=True):
     force: bool = False
     """Upload every wheel again and reinstall rbee even when the same version is there."""
 
 
-class HiveUninstall(_HiveOp, tag="hive_uninstall", frozen=True, kw_only=True):
+class HiveUninstall(_HiveOp[HiveUninstalled], tag="hive_uninstall", frozen=True, kw_only=True):
     purge: bool = False
 
 
-class HiveStart(_HiveOp, tag="hive_start", frozen=True, kw_only=True):
+class HiveStart(_HiveOp[HiveStarted], tag="hive_start", frozen=True, kw_only=True):
     detached: bool = False
 
 
-class HiveStop(_HiveOp, tag="hive_stop", frozen=True, kw_only=True):
+class HiveStop(_HiveOp[HiveStopped], tag="hive_stop", frozen=True, kw_only=True):
     pass
 
 
-class HiveStatus(_HiveOp, tag="hive_status", frozen=True, kw_only=True):
+class HiveStatus(_HiveOp[HiveHealth], tag="hive_status", frozen=True, kw_only=True):
     pass
 
 
-class HiveRefreshCapabilities(_HiveOp, tag="hive_refresh_capabilities", frozen=True, kw_only=True):
+class HiveRefreshCapabilities(
+    _HiveOp[Capabilities], tag="hive_refresh_capabilities", frozen=True, kw_only=True
+):
     pass
 
 
-class SshTest(_HiveOp, tag="ssh_test", frozen=True, kw_only=True):
+class SshTest(_HiveOp[SshChecked], tag="ssh_test", frozen=True, kw_only=True):
     pass
 
 
-class WorkerListActive(_Op, tag="worker_list_active", frozen=True, kw_only=True):
+class WorkerListActive(Op[list[WorkerRecord]], tag="worker_list_active", frozen=True, kw_only=True):
     model: ModelRef | None = None
     device: DeviceName | None = None
     """Only workers of this model, or on this device."""
@@ -162,12 +408,12 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     """Added to a token's logit before sampling (-100 bans it)."""
 
 
-class Infer(_Op, GenerationParams, tag="infer", frozen=True, kw_only=True):
+class Infer(Op[InferResult], GenerationParams, tag="infer", frozen=True, kw_only=True):
     model: ModelRef
     hive_id: Ident | None = None
 
 
-class Embed(_Op, tag="embed", frozen=True, kw_only=True):
+class Embed(Op[EmbedResult], tag="embed", frozen=True, kw_only=True):
     """Vectors for texts, from a worker of `model` (cold-started like any other)."""
 
     model: ModelRef
@@ -181,7 +427,7 @@ class Embed(_Op, tag="embed", frozen=True, kw_only=True):
 Secret = Annotated[str, msgspec.Meta(min_length=16, max_length=256, pattern=r"^[A-Za-z0-9._~+/=-]+\Z")]
 
 
-class WorkerSpawn(_HiveOp, tag="worker_spawn", frozen=True, kw_only=True):
+class WorkerSpawn(HiveOp[WorkerRecord], tag="worker_spawn", frozen=True, kw_only=True):
     model: ModelRef
     device: DeviceName = "CPU-0"
     backend: Backend = "auto"
@@ -191,32 +437,32 @@ class WorkerSpawn(_HiveOp, tag="worker_spawn", frozen=True, kw_only=True):
     hands it to the worker in its environment; without one, a hive with a token mints one."""
 
 
-class WorkerList(_HiveOp, tag="worker_list", frozen=True, kw_only=True):
+class WorkerList(HiveOp[list[WorkerRecord]], tag="worker_list", frozen=True, kw_only=True):
     pass
 
 
-class WorkerGet(_HiveOp, tag="worker_get", frozen=True, kw_only=True):
+class WorkerGet(HiveOp[WorkerRecord], tag="worker_get", frozen=True, kw_only=True):
     worker_id: Ident
 
 
-class WorkerStop(_HiveOp, tag="worker_stop", frozen=True, kw_only=True):
+class WorkerStop(HiveOp[WorkerRecord], tag="worker_stop", frozen=True, kw_only=True):
     worker_id: Ident
 
 
-class ModelDownload(_HiveOp, tag="model_download", frozen=True, kw_only=True):
+class ModelDownload(HiveOp[CatalogEntry], tag="model_download", frozen=True, kw_only=True):
     model: ModelRef
 
 
-class ModelList(_HiveOp, tag="model_list", frozen=True, kw_only=True):
+class ModelList(HiveOp[list[CatalogEntry]], tag="model_list", frozen=True, kw_only=True):
     provider: Literal["hf", "file", "builtin"] | None = None
     """Only models from this source."""
 
 
-class ModelGet(_HiveOp, tag="model_get", frozen=True, kw_only=True):
+class ModelGet(HiveOp[CatalogEntry], tag="model_get", frozen=True, kw_only=True):
     model: ModelRef
 
 
-class ModelDelete(_HiveOp, tag="model_delete", frozen=True, kw_only=True):
+class ModelDelete(HiveOp[CatalogEntry], tag="model_delete", frozen=True, kw_only=True):
     model: ModelRef
 
 
@@ -254,6 +500,11 @@ HIVE_OPERATIONS: Final = (
 OPERATION_NAMES: Final[tuple[str, ...]] = tuple(
     str(cls.__struct_config__.tag) for cls in (*QUEEN_OPERATIONS, *HIVE_OPERATIONS)
 )
+
+HiveOperation = (
+    WorkerSpawn | WorkerList | WorkerGet | WorkerStop | ModelDownload | ModelList | ModelGet | ModelDelete
+)
+"""The operations a hive runs."""
 
 operation_decoder: Final = msgspec.json.Decoder(Operation)
 
@@ -312,7 +563,8 @@ class Token(_Event, tag="token", frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Result(_Event, tag="result", frozen=True, kw_only=True, omit_defaults=True):
-    value: Any
+    value: msgspec.Raw
+    """The operation's result, as JSON: `operation.decode_result(value)` types it."""
 
 
 JobEvent = Narration | Progress | Token | Result
@@ -326,27 +578,6 @@ CANCELLED: Final = "[CANCELLED]"
 
 def is_terminator(data: str) -> bool:
     return data in (DONE, CANCELLED) or data.startswith(ERROR_PREFIX)
-
-
-# --- results ------------------------------------------------------------------
-
-
-class HiveHealth(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    hive_id: str
-    url: str
-    reachable: bool
-    problem: str | None = None
-    installed: bool | None = None
-    """Installed by this queen over SSH (absent for the in-process hive)."""
-    attached: bool = False
-    """Started by this queen, which holds its SSH session."""
-    version: str | None = None
-
-
-class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
-    version: str
-    hives: list[HiveHealth]
-    workers: list[WorkerInfo]
 
 
 class BuildInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -423,17 +654,8 @@ class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Keep the first `dimensions` values and normalize again (Matryoshka truncation)."""
 
 
-class EmbedResult(msgspec.Struct, frozen=True, kw_only=True):
-    data: list[list[float]]
-    """Unit-length vectors, in input order."""
-    tokens: int
-
-
 InferenceEvent = InferenceStarted | InferenceToken | InferenceEnd | InferenceError
 inference_event_decoder: Final = msgspec.json.Decoder(InferenceEvent)
-
-WorkerState = Literal["loading", "ready", "busy", "draining"]
-
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     """What a worker tells the queen every few seconds (`POST /v1/worker-heartbeat`)."""
@@ -450,9 +672,3 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     pid: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class WorkerInfo(WorkerHeartbeat, frozen=True, kw_only=True):
-    """A worker the queen has heard from, and how long ago."""
-
-    last_seen_s: float
-    confirmed: bool = True
-    """Its hive confirmed it (`worker_get`); the queen routes only to confirmed workers."""

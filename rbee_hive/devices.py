@@ -15,32 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import psutil
 
+from rbee_common.wire import Device
+
 log = logging.getLogger("rbee.hive.devices")
-
-
-class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    id: str
-    """`CPU-0`, `GPU-<n>` or `METAL-0`: the names `worker_spawn --device` takes."""
-    kind: str
-    name: str
-    memory_total_bytes: int
-    memory_free_bytes: int
-    cores: int | None = None
-    """Physical cores (CPU only)."""
-    logical_cores: int | None = None
-    compute_capability: str | None = None
-
-
-class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
-    hive_id: str
-    devices: list[Device]
-    backends: list[str]
-    disk_free_bytes: int
-    models: int
-    workers: int
 
 
 def physical_cores() -> int:

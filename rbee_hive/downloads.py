@@ -27,32 +27,31 @@ import httpx
 import msgspec
 import trio
 
-from rbee_common.errors import Forbidden, NotFound, RbeeError, ServiceUnavailable, Unprocessable
+from rbee_common.client import map_transport_errors
+from rbee_common.errors import (
+    AccessDenied,
+    DownloadCorrupt,
+    DownloadFailed,
+    DownloadStalled,
+    InsufficientDisk,
+    ModelNotFound,
+    NotFound,
+    RbeeError,
+    RequestTimedOut,
+    TransportError,
+    UnsafeFileName,
+)
 from rbee_common.jobs import JobContext
-from rbee_hive.catalog import Catalog, CatalogEntry, HfRef, catalog_id, new_entry, parse_hf
+from rbee_common.wire import CatalogEntry
+from rbee_hive.catalog import Catalog, HfRef, catalog_id, new_entry, parse_hf
 
 log = logging.getLogger("rbee.hive.downloads")
 _MLX_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
 
 
-class DownloadFailed(ServiceUnavailable):
-    code = "DOWNLOAD_FAILED"
 
 
-class DownloadStalled(DownloadFailed):
-    code = "DOWNLOAD_STALLED"
 
-
-class AccessDenied(Forbidden):
-    code = "ACCESS_DENIED"
-
-
-class InsufficientDisk(Unprocessable):
-    code = "INSUFFICIENT_DISK"
-
-
-class UnsafeFileName(DownloadFailed):
-    code = "UNSAFE_FILE_NAME"
 
 
 def check_file_name(name: str) -> None:
@@ -103,8 +102,8 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _not_found(message: str, **details: Any) -> NotFound:
-    return NotFound(
-        message, code="MODEL_NOT_FOUND", details=details,
+    return ModelNotFound(
+        message, details=details,
         hint="Check the name on the Hub; a private repo also needs HF_TOKEN in the hive's environment.",
     )
 
@@ -309,9 +308,9 @@ class Downloader:
                     await trio.to_thread.run_sync(_remove, dest)
                     transfer.done -= file.size
                     if check:
-                        raise DownloadFailed(
+                        raise DownloadCorrupt(
                             "The file did not match its checksum twice and was deleted.",
-                            code="DOWNLOAD_CORRUPT", hint="Check the mirror (HF_ENDPOINT) or try later.",
+                            hint="Check the mirror (HF_ENDPOINT) or try later.",
                         )
                     transfer.say(f"{file.name} did not match its checksum; deleted, downloading it again")
         transfer.say("Checksums verified")
@@ -347,41 +346,42 @@ class Downloader:
                 return
             request_headers = {**headers, **({"Range": f"bytes={have}-"} if have else {})}
             try:
-                async with http.stream("GET", url, headers=request_headers) as response:
-                    if response.status_code in (401, 403):
-                        raise _access_denied()
-                    if response.status_code == 404:
-                        raise _not_found("That file is not in the repository.")
-                    if response.status_code not in (200, 206):
-                        problem = DownloadFailed(f"The Hub answered HTTP {response.status_code}.")
-                        continue
-                    if response.status_code == 200 and have:  # the server ignored Range: start over
-                        transfer.done -= have
-                        have = 0
-                    async with await trio.open_file(dest, "ab" if have else "wb") as out:
-                        pending = bytearray()
-                        received = have
-                        try:
-                            async for chunk in response.aiter_bytes():
-                                if received + len(chunk) > file.size:  # never more than the Hub announced
-                                    chunk = chunk[: file.size - received]
-                                    log.warning("the Hub sent more of %r than its %d announced bytes: "
-                                                "cut off", file.name, file.size)
-                                pending += chunk
-                                received += len(chunk)
-                                transfer.done += len(chunk)
-                                if received >= file.size:
-                                    break
-                                if len(pending) >= 1 << 20:
+                with map_transport_errors("the Hub"):
+                    async with http.stream("GET", url, headers=request_headers) as response:
+                        if response.status_code in (401, 403):
+                            raise _access_denied()
+                        if response.status_code == 404:
+                            raise _not_found("That file is not in the repository.")
+                        if response.status_code not in (200, 206):
+                            problem = DownloadFailed(f"The Hub answered HTTP {response.status_code}.")
+                            continue
+                        if response.status_code == 200 and have:  # the server ignored Range: start over
+                            transfer.done -= have
+                            have = 0
+                        async with await trio.open_file(dest, "ab" if have else "wb") as out:
+                            pending = bytearray()
+                            received = have
+                            try:
+                                async for chunk in response.aiter_bytes():
+                                    if received + len(chunk) > file.size:  # never more than the Hub announced
+                                        chunk = chunk[: file.size - received]
+                                        log.warning("the Hub sent more of %r than its %d announced bytes: "
+                                                    "cut off", file.name, file.size)
+                                    pending += chunk
+                                    received += len(chunk)
+                                    transfer.done += len(chunk)
+                                    if received >= file.size:
+                                        break
+                                    if len(pending) >= 1 << 20:
+                                        await out.write(bytes(pending))
+                                        pending.clear()
+                            finally:  # a cut connection keeps every byte that arrived
+                                with trio.CancelScope(shield=True), trio.move_on_after(10.0):
                                     await out.write(bytes(pending))
-                                    pending.clear()
-                        finally:  # a cut connection keeps every byte that arrived
-                            with trio.CancelScope(shield=True), trio.move_on_after(10.0):
-                                await out.write(bytes(pending))
-                if _size(dest) == file.size:
-                    return
-                problem = DownloadFailed("The connection ended before the file was complete.")
-            except httpx.ReadTimeout:
+                    if _size(dest) == file.size:
+                        return
+                    problem = DownloadFailed("The connection ended before the file was complete.")
+            except RequestTimedOut:
                 problem = DownloadStalled(
                     f"The download stalled: no data for {self.stall_s:g} s.",
                     hint="Check the network; the next try resumes where this one stopped.",
@@ -393,7 +393,7 @@ class Downloader:
                     "The disk filled up during the download.",
                     hint="Free space on the hive's data disk; the next try resumes where this one stopped.",
                 ) from None
-            except httpx.TransportError:
+            except TransportError:
                 problem = DownloadFailed(
                     "The connection to the Hub broke.", hint="Run it again; it resumes where it stopped."
                 )

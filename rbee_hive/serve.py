@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -25,6 +26,30 @@ async def _stop_workers_on(stop: trio.Event, service: HiveService) -> None:
     await service.workers.stop_all()
 
 
+@contextlib.asynccontextmanager
+async def open_hive_service(
+    settings: HiveSettings, *, token: str | None, stop: trio.Event
+) -> AsyncIterator[HiveService]:
+    """A hive, open for operations: its workers and downloads run in its own nursery.
+
+    When `stop` is set its workers start stopping (while HTTP drains); when the
+    block ends every worker is stopped (graceful, then SIGKILL after the grace
+    period) and the nursery closes. The hive daemon and the queen's
+    `--local-hive` both open a hive this way, so a hive's shutdown is written once.
+    """
+    async with trio.open_nursery() as children:
+        service = HiveService(settings, children, token=token)
+        children.start_soon(service.workers.monitor_forever)
+        children.start_soon(_stop_workers_on, stop, service)
+        try:
+            yield service
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(settings.worker_stop_grace_s + 3):
+                await service.workers.stop_all()
+            service.workers.kill_all()  # anything that outlived the deadline
+            children.cancel_scope.cancel()
+
+
 async def serve(
     settings: HiveSettings,
     *,
@@ -38,41 +63,30 @@ async def serve(
 ) -> None:
     """Serve until `stop`; `reloads` gets the function SIGHUP calls to apply a changed config."""
     limits = JobLimits(max_live_jobs=settings.max_live_jobs, retention_s=settings.job_retention_s)
-    # Workers and downloads live in their own nursery (`children`), outside the
-    # job server's (which it cancels when HTTP is down): after the server has
-    # stopped, every worker is stopped (graceful, then SIGKILL), then the hive exits.
+    # The job server's nursery is inside the hive's: after the server has stopped,
+    # every worker is stopped, then the hive exits.
     tokens = token if isinstance(token, TokenSource) else TokenSource.fixed(token)
-    async with trio.open_nursery() as children:
-        service = HiveService(settings, children, token=tokens.current)
-        children.start_soon(service.workers.monitor_forever)
-        children.start_soon(_stop_workers_on, stop, service)
-        try:
-            async with trio.open_nursery() as nursery:
-                jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
-                jobs.on_finish = functools.partial(record_job, service.audit)
-                app = build_app(service, jobs, stop=stop, token=tokens)
+    async with open_hive_service(settings, token=tokens.current, stop=stop) as service, \
+            trio.open_nursery() as nursery:
+        jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
+        jobs.on_finish = functools.partial(record_job, service.audit)
+        app = build_app(service, jobs, stop=stop, token=tokens)
 
-                def apply_config() -> None:  # SIGHUP (area 360)
-                    reloaded = reload_hive_settings(service.settings, config_path, **(overrides or {}))
-                    if reloaded is None:
-                        return
-                    fresh = reloaded[0]
-                    service.settings = service.workers.settings = fresh
-                    service.audit.max_bytes = fresh.audit_max_bytes
-                    jobs.limits = msgspec.structs.replace(
-                        jobs.limits, max_live_jobs=fresh.max_live_jobs, retention_s=fresh.job_retention_s)
-                    app.config["MAX_CONTENT_LENGTH"] = fresh.max_body_bytes
+        def apply_config() -> None:  # SIGHUP (area 360)
+            reloaded = reload_hive_settings(service.settings, config_path, **(overrides or {}))
+            if reloaded is None:
+                return
+            fresh = reloaded[0]
+            service.apply_settings(fresh)
+            jobs.limits = msgspec.structs.replace(
+                jobs.limits, max_live_jobs=fresh.max_live_jobs, retention_s=fresh.job_retention_s)
+            app.config["MAX_CONTENT_LENGTH"] = fresh.max_body_bytes
 
-                if reloads is not None:
-                    reloads.append(apply_config)
-                if lifeline_stdin:
-                    nursery.start_soon(watch_stdin_lifeline, stop)
-                urls = await nursery.start(
-                    functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
-                )
-                task_status.started(urls)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(settings.worker_stop_grace_s + 3):
-                await service.workers.stop_all()
-            service.workers.kill_all()  # anything that outlived the deadline
-            children.cancel_scope.cancel()
+        if reloads is not None:
+            reloads.append(apply_config)
+        if lifeline_stdin:
+            nursery.start_soon(watch_stdin_lifeline, stop)
+        urls = await nursery.start(
+            functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
+        )
+        task_status.started(urls)

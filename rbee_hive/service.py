@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import trio
 
 from rbee_common.audit import AuditLog
 from rbee_common.config import HiveSettings, data_dir, state_dir
-from rbee_common.errors import InvalidRequest, NotImplementedYet
+from rbee_common.errors import WrongDaemon
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
+    Capabilities,
+    CatalogEntry,
     Infer,
     ModelDelete,
     ModelDownload,
     ModelGet,
     ModelList,
-    Operation,
+    Op,
     WorkerGet,
     WorkerList,
     WorkerSpawn,
     WorkerStop,
 )
-from rbee_hive.catalog import Catalog, CatalogEntry
-from rbee_hive.devices import Capabilities, available_backends, detect_devices, disk_free
+from rbee_hive.catalog import Catalog
+from rbee_hive.devices import available_backends, detect_devices, disk_free
 from rbee_hive.downloads import Downloader
 from rbee_hive.workers import Workers
 
@@ -45,13 +47,12 @@ class HiveService:
             "worker.stop", actor="hive (idle timeout)", outcome="stopping", worker_id=worker.worker_id,
             model=worker.model)
 
-    async def handle(self, operation: Operation, context: JobContext) -> Any:
+    async def handle(self, operation: Op[object], context: JobContext) -> object:
         match operation:
             case Infer():
-                raise InvalidRequest(
+                raise WrongDaemon(
                     "A hive does not run inference: `infer` reached a hive, which is a "
                     "routing bug in the caller.",
-                    code="WRONG_DAEMON",
                     hint="Send inference to the queen; it talks to workers directly.",
                 )
             case WorkerSpawn():
@@ -77,11 +78,21 @@ class HiveService:
             case ModelDelete(model=model):
                 return self.model_delete(model, context)
             case _:
-                raise NotImplementedYet(
+                raise WrongDaemon(
                     f"Operation `{operation.name}` is a queen operation, not a hive one.",
-                    code="WRONG_DAEMON", details={"operation": operation.name},
+                    details={"operation": operation.name},
                     hint="Send it to the queen.",
                 )
+
+    def apply_settings(self, settings: HiveSettings) -> None:
+        """A changed config (SIGHUP), for what a running hive can change."""
+        self.settings = self.workers.settings = settings
+        self.audit.max_bytes = settings.audit_max_bytes
+
+    def heartbeat_to(self, queen_url: str) -> None:
+        """The queen the workers it starts from now on heartbeat to (the in-process hive learns its
+        queen's address once the queen has bound its port)."""
+        self.apply_settings(msgspec.structs.replace(self.settings, queen_url=queen_url))
 
     def model_delete(self, ref: str, context: JobContext) -> CatalogEntry:
         entry = self.catalog.get(ref)

@@ -9,80 +9,45 @@ exits, whoever stopped it.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import json
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import httpx
-import msgspec
-import psutil
 import trio
 
 from rbee_common.auth import TOKEN_ENV, bearer, new_token, token_sha256
-from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.child import Child, spawn_child
+from rbee_common.client import map_transport_errors
 from rbee_common.config import HiveSettings
-from rbee_common.errors import Forbidden, NotFound, RbeeError, ServiceUnavailable, Unprocessable
+from rbee_common.errors import (
+    NoFreePort,
+    NotFound,
+    RbeeError,
+    TransportError,
+    WorkerNotFound,
+    WorkerReadyTimeout,
+    WorkerStartFailed,
+)
 from rbee_common.jobs import JobContext
-from rbee_common.sizing import GgufError, auto_slots, gguf_metadata, kv_bytes_per_token, worker_bytes
-from rbee_common.wire import WorkerSpawn
-from rbee_hive.catalog import Catalog, CatalogEntry, check_reference
-from rbee_hive.devices import available_backends, detect_devices, physical_cores
+from rbee_common.wire import CatalogEntry, WorkerRecord, WorkerSpawn
+from rbee_hive.catalog import Catalog
+from rbee_hive.devices import physical_cores
+from rbee_hive.preflight import Preflight, preflight, worker_command
 
 log = logging.getLogger("rbee.hive.workers")
-WorkerPhase = Literal["starting", "ready", "busy", "stopping"]
-
-
-class HiveWorker(msgspec.Struct, kw_only=True):
-    worker_id: str
-    model: str
-    device: str
-    backend: str
-    threads: int
-    pid: int
-    port: int
-    url: str
-    state: WorkerPhase
-    slots_total: int = 1
-    slots_busy: int = 0
-    idle_s: float = 0.0
-    started_at: float
-    token_sha256: str | None = None
-    """SHA-256 of the worker's own API token: the queen checks a heartbeat's token against it."""
-
-
-class Preflight(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    model_arg: str
-    backend: str
-    threads: int
-    required_bytes: int
-    available_bytes: int
-    memory: str
-    slots: int = 1
-
-
-class InsufficientResources(Unprocessable):
-    code = "INSUFFICIENT_RESOURCES"
-
-
-class WorkerStartFailed(ServiceUnavailable):
-    code = "WORKER_START_FAILED"
 
 
 class _Running:
     def __init__(
-        self, info: HiveWorker, process: Child, lifeline: int, model_path: str, token: str | None
+        self, info: WorkerRecord, process: Child, lifeline: int, model_path: str, token: str | None
     ) -> None:
         self.info = info
         self.token = token
@@ -101,13 +66,6 @@ def tail(path: Path, lines: int = 10) -> list[str]:
         return []
 
 
-def worker_command(settings: HiveSettings) -> list[str]:
-    if settings.worker_binary:
-        return [settings.worker_binary]
-    beside = Path(sys.executable).parent / "llm-worker-rbee"
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "rbee_worker"]
-
-
 class Workers:
     def __init__(
         self, settings: HiveSettings, catalog: Catalog, nursery: trio.Nursery, *, log_dir: Path,
@@ -121,7 +79,7 @@ class Workers:
         self.log_dir = log_dir
         self.running: dict[str, _Running] = {}
         self._reserved_ports: set[int] = set()
-        self.on_idle_stop: Callable[[HiveWorker], None] = lambda worker: None
+        self.on_idle_stop: Callable[[WorkerRecord], None] = lambda worker: None
         """A worker the hive stops by itself (idle timeout): the audit log."""
 
     def http(self, timeout: float = 5.0) -> httpx.AsyncClient:
@@ -133,14 +91,13 @@ class Workers:
 
     # --- queries --------------------------------------------------------------
 
-    def list(self) -> list[HiveWorker]:
-        return [r.info for r in sorted(self.running.values(), key=lambda r: r.info.started_at)]
+    def list(self) -> list[WorkerRecord]:
+        return [r.info for r in sorted(self.running.values(), key=lambda r: r.info.started_at or 0.0)]
 
-    def get(self, worker_id: str) -> HiveWorker:
+    def get(self, worker_id: str) -> WorkerRecord:
         running = self.running.get(worker_id)
         if running is None:
-            raise NotFound("No worker with that id on this hive.", code="WORKER_NOT_FOUND",
-                           hint="List them with `worker_list`.")
+            raise WorkerNotFound("No worker with that id on this hive.", hint="List them with `worker_list`.")
         return running.info
 
     def uses_model(self, entry: CatalogEntry) -> bool:
@@ -149,7 +106,7 @@ class Workers:
     def cpu_budget(self) -> tuple[int, int]:
         """(threads all CPU workers may use, threads they use now)."""
         total = self.settings.cpu_threads or physical_cores()
-        used = sum(r.info.threads for r in self.running.values()
+        used = sum(r.info.threads or 0 for r in self.running.values()
                    if r.info.device == "CPU-0" and r.info.backend != "synthetic")
         return total, used
 
@@ -162,130 +119,10 @@ class Workers:
 
     # --- spawn ----------------------------------------------------------------
 
-    def _model(self, ref: str) -> tuple[str, str, str, int]:
-        """(name reported by the worker, path or built-in name, format, size in bytes)."""
-        check_reference(ref)
-        entry = self.catalog.find(ref)
-        if entry is not None:
-            model_arg = entry.id if entry.provider == "builtin" else entry.path
-            return entry.id, model_arg, entry.format, entry.size_bytes
-        if ref.startswith("file://"):
-            path = self.confined(Path(ref.removeprefix("file://")))
-            if path.is_file() and path.suffix == ".gguf":
-                return ref, str(path), "gguf", path.stat().st_size
-            if path.is_dir() and (path / "config.json").is_file():
-                size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-                return ref, str(path), "mlx", size
-        raise NotFound(
-            "That model is not on this hive.", code="MODEL_NOT_FOUND",
-            hint="Download it first (`model_download`), or give file:///abs/path.gguf.",
-        )
-
-    def model_roots(self) -> builtins.list[Path]:
-        roots = [self.catalog.root, *(Path(root).expanduser() for root in self.settings.model_roots)]
-        builtin = builtin_model_path("smollm2-135m")
-        return roots + ([builtin.parent] if builtin is not None else [])
-
-    def confined(self, path: Path) -> Path:
-        """A `file://` path, once it resolves (symlinks followed) inside a model root.
-
-        Checked before the path is opened, and answered the same whether it
-        exists or not: a client cannot use a hive to open or probe other files.
-        """
-        resolved = path.resolve() if path.is_absolute() else None
-        roots = [root.resolve() for root in self.model_roots()]
-        if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
-            raise Forbidden(
-                "file:// models must be inside this hive's model folders.", code="MODEL_PATH_NOT_ALLOWED",
-                hint="Put the file in the hive's catalog folder, or add its folder to [hive] model_roots "
-                     "on the hive.",
-            )
-        return resolved
-
     def preflight(self, op: WorkerSpawn) -> Preflight:
-        """Check the model, device, backend, memory and threads."""
-        command = worker_command(self.settings)
-        if not Path(command[0]).exists():
-            raise WorkerStartFailed(
-                f"The worker program was not found at {command[0]}.", code="WORKER_BINARY_NOT_FOUND",
-                hint="Install rbee on this machine, or fix [hive] worker_binary.",
-            )
+        """Blocking (NVML, disk): call it in a thread."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if op.backend == "synthetic" or (op.backend == "auto" and self.settings.synthetic_backend):
-            return self._synthetic(op)
-        name, model_arg, fmt, size = self._model(op.model)
-        devices = {d.id: d for d in detect_devices()}
-        device = devices.get(op.device)
-        if device is None:
-            raise NotFound(
-                "This hive has no such device.", code="DEVICE_NOT_FOUND",
-                details={"devices": sorted(devices)}, hint=f"Use one of: {', '.join(sorted(devices))}.",
-            )
-        backends = available_backends()
-        backend = op.backend if op.backend != "auto" else ("mlx" if fmt == "mlx" else "llama-cpp")
-        problem = None
-        if backend not in backends:
-            problem = f"The {backend} backend is not installed on this hive."
-        elif backend == "mlx" and op.device.startswith("GPU-"):
-            problem = "MLX runs on METAL-0 or CPU-0, not on CUDA GPUs."
-        elif (backend == "mlx") != (fmt == "mlx"):
-            problem = f"The {backend} backend cannot serve a {fmt.upper()} model."
-        if problem:
-            raise ServiceUnavailable(
-                problem, code="BACKEND_UNAVAILABLE", details={"available_backends": backends},
-                hint=f"Available here: {', '.join(backends) or 'none'}.",
-            )
-        ctx = self.settings.worker_ctx
-        slots = self.settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
-        kv_per_token = 0
-        if fmt == "gguf":
-            try:
-                path = builtin_model_path(model_arg) if model_arg in BUILTIN_MODELS else Path(model_arg)
-                kv_per_token = kv_bytes_per_token(gguf_metadata(path or model_arg))
-            except (OSError, GgufError):
-                kv_per_token = 0  # llama.cpp will say what is wrong with the file
-        needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
-        kind = "VRAM" if device.kind == "cuda" else "RAM"
-        free = device.memory_free_bytes if device.kind == "cuda" else psutil.virtual_memory().available
-        if needed > free:
-            cache = f" and a cache of {slots} x {ctx} tokens" if kv_per_token else ""
-            raise InsufficientResources(
-                f"Not enough {kind} on {op.device}: the model needs {needed / 1e6:.0f} MB "
-                f"(its {size / 1e6:.0f} MB once{cache}) and {free / 1e6:.0f} MB are available.",
-                code=f"INSUFFICIENT_{kind}",
-                details={"required_bytes": needed, "available_bytes": free, "device": op.device,
-                         "model": name},
-                hint="Stop a worker, pick a smaller quantization, use another device, or lower "
-                     "[hive] worker_slots or worker_ctx.",
-            )
-        threads = op.threads or 1
-        if op.device == "CPU-0":
-            total, used = self.cpu_budget()
-            free_threads = total - used
-            threads = op.threads or free_threads
-            if threads < 1 or threads > free_threads:
-                raise InsufficientResources(
-                    f"CPU workers may use {total} threads together; {used} are taken, "
-                    f"{max(free_threads, 0)} are free.",
-                    code="INSUFFICIENT_CPU",
-                    details={"threads_total": total, "threads_used": used, "threads_requested": threads},
-                    hint="Stop a CPU worker, or ask for fewer threads.",
-                )
-        return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
-                         required_bytes=needed, available_bytes=free, memory=kind, slots=slots)
-
-    def _synthetic(self, op: WorkerSpawn) -> Preflight:
-        """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
-        if not self.settings.synthetic_backend:
-            raise ServiceUnavailable(
-                "The synthetic backend is for benchmarks and tests, and is off on this hive.",
-                code="BACKEND_UNAVAILABLE", details={"available_backends": available_backends()},
-                hint="Set [hive] synthetic_backend = true on a test hive.",
-            )
-        check_reference(op.model)
-        return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
-                         required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM",
-                         slots=self.settings.synthetic_slots)
+        return preflight(self.settings, self.catalog, op, cpu_budget=self.cpu_budget())
 
     def _free_port(self, skip: set[int]) -> int:
         used = {r.info.port for r in self.running.values()} | self._reserved_ports | skip
@@ -298,13 +135,13 @@ class Workers:
                 except OSError:
                     continue
             return port
-        raise InsufficientResources(
-            "No free port in the worker port range.", code="NO_FREE_PORT",
+        raise NoFreePort(
+            "No free port in the worker port range.",
             details={"port_min": self.settings.worker_port_min, "port_max": self.settings.worker_port_max},
             hint="Stop a worker or widen [hive] worker_port_min/worker_port_max.",
         )
 
-    async def spawn(self, op: WorkerSpawn, context: JobContext) -> HiveWorker:
+    async def spawn(self, op: WorkerSpawn, context: JobContext) -> WorkerRecord:
         checked = await trio.to_thread.run_sync(self.preflight, op)
         name, backend, threads = checked.name, checked.backend, checked.threads
         context.narrate(
@@ -335,7 +172,7 @@ class Workers:
 
     async def _start(
         self, op: WorkerSpawn, context: JobContext, worker_id: str, checked: Preflight, port: int,
-    ) -> HiveWorker | None:
+    ) -> WorkerRecord | None:
         name, model_arg, backend, threads = checked.name, checked.model_arg, checked.backend, checked.threads
         command = worker_command(self.settings)
         log_path = self.log_dir / f"{worker_id}.log"
@@ -372,11 +209,10 @@ class Workers:
             "worker_spawn", f"Started {worker_id} (pid {process.pid}) on port {port}; loading the model",
             worker_id=worker_id, pid=process.pid, port=port,
         )
-        info = HiveWorker(
-            worker_id=worker_id, model=name, device=op.device, backend=backend, threads=threads,
-            pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}", state="starting",
-            slots_total=checked.slots,
-            started_at=time.time(),
+        info = WorkerRecord(
+            worker_id=worker_id, hive_id=self.settings.hive_id, model=name, device=op.device, backend=backend,
+            threads=threads, pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}",
+            state="loading", slots_total=checked.slots, started_at=time.time(),
             token_sha256=token_sha256(token) if token else None,
         )
         running = _Running(info, process, write_end, model_arg, token)
@@ -416,9 +252,8 @@ class Workers:
                 log.warning("  correlation_id=%s %r", cid, line)
             plain = isinstance(said, str) and said.isprintable() and len(said) <= 300
             one_line = f" ({said})" if plain else ""
-            raise WorkerStartFailed(
+            raise (WorkerStartFailed if exited else WorkerReadyTimeout)(
                 f"The worker {reason}{one_line}.",
-                code="WORKER_START_FAILED" if exited else "WORKER_READY_TIMEOUT",
                 correlation_id=cid,
                 hint="The hive's log has the worker's last lines under this correlation id.",
             )
@@ -467,13 +302,13 @@ class Workers:
                 os.close(running.lifeline)
             self.running.pop(info.worker_id, None)
             running.exited.set()
-        if info.state != "stopping":
+        if info.state != "draining":
             log.warning("worker %s (pid %d) died with exit code %s; removed", info.worker_id, info.pid, code)
         else:
             log.info("worker %s (pid %d) stopped with exit code %s", info.worker_id, info.pid, code)
 
     async def _kill(self, running: _Running, why: str) -> None:
-        running.info.state = "stopping"
+        running.info.state = "draining"
         if running.process.returncode is None:
             info = running.info
             log.warning("killing worker %s (pid %d, SIGKILL): %s", info.worker_id, info.pid, why)
@@ -494,9 +329,11 @@ class Workers:
             # Connecting must be quick; answering may be slow (10 s at the default period) on a
             # worker busy with thousands of streams: that worker is alive, not to be killed.
             patience = httpx.Timeout(2 * self.settings.worker_check_s, connect=2.0)
-            response = await http.get(f"{info.url}/v1/ready", timeout=patience, headers=bearer(running.token))
+            with map_transport_errors(f"worker {info.worker_id}"):
+                response = await http.get(f"{info.url}/v1/ready", timeout=patience,
+                                          headers=bearer(running.token))
             ready = response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+        except (TransportError, ValueError):
             ready = None
         if info.state not in ("ready", "busy"):
             return  # it was stopped meanwhile
@@ -515,7 +352,7 @@ class Workers:
         if timeout and info.slots_busy == 0 and info.idle_s >= timeout:
             log.info("worker %s idle for %.0f s (limit %g s): stopping it",
                      info.worker_id, info.idle_s, timeout)
-            info.state = "stopping"
+            info.state = "draining"
             self.on_idle_stop(info)
             self.nursery.start_soon(self.stop, info.worker_id)
 
@@ -532,13 +369,13 @@ class Workers:
 
     # --- stop -----------------------------------------------------------------
 
-    async def stop(self, worker_id: str, context: JobContext | None = None) -> HiveWorker:
+    async def stop(self, worker_id: str, context: JobContext | None = None) -> WorkerRecord:
         running = self.running.get(worker_id)
         if running is None:
             self.get(worker_id)  # raises WORKER_NOT_FOUND
             raise NotFound("No such worker.")
         info = running.info
-        info.state = "stopping"
+        info.state = "draining"
 
         def say(text: str) -> None:
             log.info("%s: %s", info.worker_id, text)
@@ -550,8 +387,9 @@ class Workers:
         try:
             async with self.http(timeout=1.0) as http:
                 log.info("%s: POST %s/v1/admin/shutdown", info.worker_id, info.url)
-                await http.post(f"{info.url}/v1/admin/shutdown", headers=bearer(running.token))
-        except httpx.HTTPError:
+                with map_transport_errors(f"worker {info.worker_id}"):
+                    await http.post(f"{info.url}/v1/admin/shutdown", headers=bearer(running.token))
+        except TransportError:
             say("It did not answer over HTTP; sending SIGTERM")
             running.process.send_signal(signal.SIGTERM)
         with trio.move_on_after(grace):

@@ -23,8 +23,9 @@ import httpx
 import psutil
 
 from rbee_common.auth import TOKEN_ENV, bearer
+from rbee_common.client import map_transport_errors
 from rbee_common.config import state_dir
-from rbee_common.errors import ConfigError, ServiceUnavailable
+from rbee_common.errors import ConfigError, ServiceUnavailable, TransportError
 
 HEALTH_TIMEOUT_S = 0.5
 Say = Callable[[str], None]
@@ -56,8 +57,9 @@ def client_token() -> str | None:
 def is_healthy(url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
     """True when a queen answers `/health` with ok within `timeout`."""
     try:
-        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
-    except httpx.HTTPError:
+        with map_transport_errors(url):
+            response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except TransportError:
         return False
     return response.status_code == 200 and b'"ok"' in response.content
 
@@ -152,9 +154,11 @@ def stop_queen(url: str, *, say: Say, timeout: float = 10.0) -> bool:
     """Stop the queen at `url`; False when none was running."""
     pid = _queen_pid(url)
     try:
-        response = httpx.post(f"{url.rstrip('/')}/v1/shutdown", timeout=2.0, headers=bearer(client_token()))
+        with map_transport_errors(url):
+            response = httpx.post(f"{url.rstrip('/')}/v1/shutdown", timeout=2.0,
+                                  headers=bearer(client_token()))
         asked = response.status_code < 400
-    except httpx.HTTPError:
+    except TransportError:
         asked = False
     if asked:
         say("Queen shutdown via HTTP")

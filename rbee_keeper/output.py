@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
-
-import msgspec
 
 from rbee_common.errors import RbeeError
-from rbee_common.wire import JobEvent, Narration, Progress, QueenStatus, Result, Token
+from rbee_common.wire import JobEvent, Narration, Progress, QueenStatus, Token
 
 _LEVEL_MARK = {"debug": "  ", "info": "  ", "warn": "! ", "error": "✗ "}
 
@@ -49,8 +46,8 @@ def show_progress(event: Progress) -> None:
     _last_progress[event.what] = (now, event.done)
 
 
-def show_event(event: JobEvent, *, tokens: bool = True) -> Any:
-    """Render one event; return the result value when it is the result."""
+def show_event(event: JobEvent, *, tokens: bool = True) -> None:
+    """Render one event: narration and progress on stderr, tokens on stdout."""
     match event:
         case Narration(level="debug"):
             return None
@@ -61,8 +58,6 @@ def show_event(event: JobEvent, *, tokens: bool = True) -> Any:
         case Token() if tokens:
             sys.stdout.write(event.t)
             sys.stdout.flush()
-        case Result():
-            return event.value
     return None
 
 
@@ -72,8 +67,7 @@ def show_error(error: RbeeError) -> None:
         say(f"hint: {error.hint}")
 
 
-def show_status(url: str, value: Any) -> None:
-    status = msgspec.convert(value, QueenStatus)
+def show_status(url: str, status: QueenStatus) -> None:
     print(f"queen    {url}  healthy (rbee {status.version})")
     print("hives")
     for hive in status.hives:

@@ -8,13 +8,14 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from rbee_common.auth import AuthFailed, install_auth, presented_token
+from rbee_common.auth import install_auth, presented_token
 from rbee_common.daemon import build_timestamp, package_version
+from rbee_common.errors import AuthFailed
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.wire import BuildInfo
 from rbee_queen.anthropic_api import add_anthropic_routes
-from rbee_queen.ollama_api import add_ollama_routes
+from rbee_queen.ollama_api import OllamaApi
 from rbee_queen.openai_api import add_openai_routes
 from rbee_queen.service import QueenService
 
@@ -36,7 +37,7 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
             BuildInfo(
                 program="queen-rbee",
                 version=package_version(),
-                features=["local-hive"] if service.local_hive is not None else [],
+                features=["local-hive"] if service.in_process_hive else [],
                 build_timestamp=build_timestamp(),
                 python=platform.python_version(),
             )
@@ -61,9 +62,9 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
                       default_deadline_s=default_deadline_s, streams=service.streams)
     add_anthropic_routes(app, generate=service.generate, default_deadline_s=default_deadline_s,
                          streams=service.streams)
-    add_ollama_routes(app, generate=service.generate, embed=service.embed, catalogs=service.catalogs,
-                      workers=service.workers.active, jobs=jobs, default_deadline_s=default_deadline_s,
-                      streams=service.streams)
+    OllamaApi(generate=service.generate, embed=service.embed, catalogs=service.catalogs,
+              workers=service.workers.active, jobs=jobs, default_deadline_s=default_deadline_s,
+              streams=service.streams).install(app)
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

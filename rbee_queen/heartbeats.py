@@ -17,16 +17,15 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 import trio
 
 from rbee_common.auth import is_loopback, matches, refuse_token, token_sha256
-from rbee_common.errors import Forbidden, InvalidRequest, NotFound, RbeeError
+from rbee_common.errors import InvalidRequest, NotFound, RbeeError, WorkerNotAllowed
 from rbee_common.validation import decode_body
-from rbee_common.wire import WorkerGet, WorkerHeartbeat
+from rbee_common.wire import WorkerGet, WorkerHeartbeat, WorkerRecord
 from rbee_queen.registry import WorkerRegistry
 
 log = logging.getLogger("rbee.queen.heartbeats")
@@ -34,9 +33,6 @@ _decoder = msgspec.json.Decoder(WorkerHeartbeat)
 CONFIRM_TIMEOUT_S = 5.0
 RETRY_REFUSED_S = 30.0
 
-
-class WorkerNotAllowed(Forbidden):
-    code = "WORKER_NOT_ALLOWED"
 
 
 class Placement(msgspec.Struct, frozen=True):
@@ -75,7 +71,7 @@ class Heartbeats:
         self, registry: WorkerRegistry, *, nursery: trio.Nursery,
         queen_token: Callable[[], str | None], hive_token: Callable[[str], str | None],
         hive_ids: Callable[[], list[str]], placement: Callable[[str], Placement],
-        ask_hive: Callable[[WorkerGet], Awaitable[Any]],
+        ask_hive: Callable[[WorkerGet], Awaitable[WorkerRecord]],
     ) -> None:
         self.registry = registry
         self.nursery = nursery
@@ -152,16 +148,16 @@ class Heartbeats:
         if time.monotonic() - self._refused.get(key, -RETRY_REFUSED_S) < RETRY_REFUSED_S:
             return "its hive refused it a moment ago"
         why: str | None = None
+        known: WorkerRecord | None = None
         try:
             with trio.fail_after(CONFIRM_TIMEOUT_S):
                 known = await self.ask_hive(WorkerGet(worker_id=beat.worker_id, hive_id=beat.hive_id))
-        except (RbeeError, trio.TooSlowError, OSError) as error:
-            why, known = f"its hive did not confirm it ({type(error).__name__})", None
-        if why is None:
-            claimed = (beat.url, beat.model)
-            if not isinstance(known, dict) or (known.get("url"), known.get("model")) != claimed:
+        except (RbeeError, trio.TooSlowError) as error:
+            why = f"its hive did not confirm it ({type(error).__name__})"
+        if known is not None:
+            if (known.url, known.model) != (beat.url, beat.model):
                 why = "its hive knows no such worker at that url"
-            elif candidate is not None and known.get("token_sha256") != token_sha256(candidate):
+            elif candidate is not None and known.token_sha256 != token_sha256(candidate):
                 why = "its token is not the one its hive gave it"
         if why is not None:
             self._refused[key] = time.monotonic()

@@ -18,7 +18,17 @@ import msgspec
 import trio
 
 from rbee_common import deadlines
-from rbee_common.errors import RbeeError, ServiceUnavailable, error_from_response
+from rbee_common.client import map_transport_errors
+from rbee_common.errors import (
+    DeadlineExceeded,
+    InternalError,
+    PoolTimedOut,
+    RbeeError,
+    TransportError,
+    WorkerDied,
+    WorkerFailed,
+    error_from_response,
+)
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     DONE,
@@ -27,7 +37,7 @@ from rbee_common.wire import (
     InferenceError,
     InferenceRequest,
     InferenceToken,
-    WorkerInfo,
+    WorkerRecord,
     inference_event_decoder,
 )
 from rbee_queen.registry import WorkerRegistry
@@ -36,9 +46,6 @@ from rbee_queen.scheduler import Scheduler
 log = logging.getLogger("rbee.queen.inference")
 _encode = msgspec.json.Encoder().encode
 
-
-class WorkerFailed(ServiceUnavailable):
-    code = "WORKER_FAILED"
 
 
 class _Retry(Exception):
@@ -116,7 +123,7 @@ WORKER_TIMEOUT = httpx.Timeout(10.0, read=120.0)
 
 
 async def _cancel_on_worker(
-    lanes: WorkerLanes, worker: WorkerInfo, request_id: str, headers: dict[str, str],
+    lanes: WorkerLanes, worker: WorkerRecord, request_id: str, headers: dict[str, str],
 ) -> None:
     """Tell the worker to stop a request we no longer read. Closing an HTTP/2 stream early does
     not reach the worker (httpx sends no RST_STREAM), so the queen says it: DELETE, at most 2 s,
@@ -124,27 +131,17 @@ async def _cancel_on_worker(
     with trio.CancelScope(shield=True), trio.move_on_after(2.0), \
             lanes.lane(worker.url, worker.slots_total) as http:
         try:
-            await http.delete(f"{worker.url}/v1/inference/{request_id}", headers=headers, timeout=2.0)
-        except httpx.HTTPError as error:
-            log.info("could not cancel request %s on worker %s: %s", request_id, worker.worker_id,
-                     type(error).__name__)
-
-
-def _broken(error: httpx.TransportError) -> str:
-    """The one place httpx's errors become ours: what happened, in words."""
-    name = type(error).__name__
-    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
-        return f"connection failed ({name})"
-    if isinstance(error, httpx.PoolTimeout):  # cannot happen with an unbounded pool; never a 500
-        return "no connection to it was free"
-    return f"its stream broke ({name})"
+            with map_transport_errors(f"worker {worker.worker_id}"):
+                await http.delete(f"{worker.url}/v1/inference/{request_id}", headers=headers, timeout=2.0)
+        except TransportError as error:
+            log.info("could not cancel request %s: %s", request_id, error.message)
 
 
 async def generate(
     scheduler: Scheduler, registry: WorkerRegistry, lanes: WorkerLanes, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None = None,
     served: Served | None = None, hive_id: str | None = None,
-    headers: Callable[[WorkerInfo], dict[str, str]] = lambda worker: {},
+    headers: Callable[[WorkerRecord], dict[str, str]] = lambda worker: {},
     deadline: str | None = None,
 ) -> AsyncGenerator[InferenceToken, None]:
     """Text pieces (with their logprobs, when asked) as the worker streams them; `served` is
@@ -171,7 +168,7 @@ async def generate(
 async def _attempts(
     scheduler: Scheduler, registry: WorkerRegistry, lanes: WorkerLanes, model: str,
     params: GenerationParams, *, attempts: int, context: JobContext | None, served: Served,
-    hive_id: str | None, headers: Callable[[WorkerInfo], dict[str, str]], deadline: str | None,
+    hive_id: str | None, headers: Callable[[WorkerRecord], dict[str, str]], deadline: str | None,
 ) -> AsyncGenerator[InferenceToken, None]:
     request = InferenceRequest(**{f: getattr(params, f) for f in GenerationParams.__struct_fields__})
     hop = {"Content-Type": "application/json", **({deadlines.HEADER: deadline} if deadline else {})}
@@ -200,7 +197,8 @@ async def _attempts(
         """The worker is generating for us and has not said it stopped."""
         alive_at = 0.0
         try:
-            with lanes.lane(worker.url, worker.slots_total) as http:
+            with lanes.lane(worker.url, worker.slots_total) as http, \
+                    map_transport_errors(f"worker {worker.worker_id}"):
                 async with http.stream(
                     "POST", f"{worker.url}/v1/inference", content=body, headers={**hop, **headers(worker)},
                     timeout=WORKER_TIMEOUT,
@@ -236,29 +234,29 @@ async def _attempts(
                             served.stop_sequence = event.stop_sequence
                         elif isinstance(event, InferenceError):
                             running = False
-                            if event.code == "REQUEST_TIMEOUT" and deadline is not None:
+                            if event.code == DeadlineExceeded.code and deadline is not None:
                                 raise deadlines.exceeded(deadline)
-                            if event.code in ("INTERNAL_ERROR",) and not sent_any:
+                            if event.code == InternalError.code and not sent_any:
                                 raise _Retry(event.message)
                             raise WorkerFailed(event.message, details={"worker_code": event.code})
                     running = False  # the worker ended the stream itself
                     if not ended:
                         registry.forget(worker.worker_id, "its stream ended without an end event")
                         if sent_any:
-                            raise WorkerFailed(
-                                "The worker stopped in the middle of the answer.", code="WORKER_DIED",
+                            raise WorkerDied(
+                                "The worker stopped in the middle of the answer.",
                                 hint="Retry the request; the queen routes around the failed worker.",
                             )
                         raise _Retry("stream ended before any token")
                     return
-        except httpx.TransportError as error:
-            failure = _broken(error)
-            if not isinstance(error, httpx.PoolTimeout):
+        except TransportError as error:
+            failure = error.message
+            if not isinstance(error, PoolTimedOut):  # (cannot happen with an unbounded pool)
                 # Out of routing until its next heartbeat says it lives.
                 registry.forget(worker.worker_id, failure)
             if sent_any:
-                raise WorkerFailed(
-                    "The worker stopped in the middle of the answer.", code="WORKER_DIED",
+                raise WorkerDied(
+                    "The worker stopped in the middle of the answer.",
                     hint="Retry the request; the queen routes around the failed worker.",
                 ) from error
         except _Retry as retry:

@@ -23,7 +23,7 @@ from quart_trio import QuartTrio
 
 from rbee_common import deadlines
 from rbee_common.daemon import package_version
-from rbee_common.errors import NotFound, RbeeError, ValidationFailed, error_from_body
+from rbee_common.errors import ModelNotFound, RbeeError, ValidationFailed, error_from_body
 from rbee_common.http import OpenStreams, read_body
 from rbee_common.jobs import JobServer
 from rbee_common.sizing import gguf_metadata
@@ -31,12 +31,13 @@ from rbee_common.validation import decode_body
 from rbee_common.wire import (
     DONE,
     ERROR_PREFIX,
+    CatalogEntry,
     EmbedRequest,
     GenerationParams,
     InferenceToken,
     Progress,
     ToolCall,
-    WorkerInfo,
+    WorkerRecord,
     event_decoder,
 )
 from rbee_queen import toolcalls
@@ -92,28 +93,50 @@ def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> Response:
     return response
 
 
-def add_ollama_routes(
-    app: QuartTrio,
-    *,
-    generate: Generate,
-    embed: Embed,
-    catalogs: Callable[[], Awaitable[list[dict[str, Any]]]],
-    workers: Callable[[], list[WorkerInfo]],
-    jobs: JobServer,
-    default_deadline_s: Callable[[], float],
-    streams: OpenStreams,
-) -> None:
-    def deadline() -> str | None:
-        return deadlines.from_headers(http_request.headers, default_s=default_deadline_s() or None)
+class OllamaApi:
+    """Ollama's API on the queen: each route a method, registered by `install`."""
 
-    async def entries() -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        for entry in await catalogs():
-            found.setdefault(str(entry["id"]), entry)
+    def __init__(
+        self,
+        *,
+        generate: Generate,
+        embed: Embed,
+        catalogs: Callable[[], Awaitable[list[tuple[str, CatalogEntry]]]],
+        workers: Callable[[], list[WorkerRecord]],
+        jobs: JobServer,
+        default_deadline_s: Callable[[], float],
+        streams: OpenStreams,
+    ) -> None:
+        self.generate = generate
+        self.embed = embed
+        self.catalogs = catalogs
+        self.workers = workers
+        self.jobs = jobs
+        self.default_deadline_s = default_deadline_s
+        self.streams = streams
+
+    def install(self, app: QuartTrio) -> None:
+        app.add_url_rule("/api/version", "ollama_version", self.ollama_version, methods=["GET"])
+        app.add_url_rule("/api/tags", "ollama_tags", self.ollama_tags, methods=["GET"])
+        app.add_url_rule("/api/ps", "ollama_ps", self.ollama_ps, methods=["GET"])
+        app.add_url_rule("/api/show", "ollama_show", self.ollama_show, methods=["POST"])
+        app.add_url_rule("/api/chat", "ollama_chat", self.ollama_chat, methods=["POST"])
+        app.add_url_rule("/api/generate", "ollama_generate", self.ollama_generate, methods=["POST"])
+        app.add_url_rule("/api/embed", "ollama_embed", self.ollama_embed, methods=["POST"])
+        app.add_url_rule("/api/embeddings", "ollama_embeddings", self.ollama_embeddings, methods=["POST"])
+        app.add_url_rule("/api/pull", "ollama_pull", self.ollama_pull, methods=["POST"])
+
+    def deadline(self) -> str | None:
+        return deadlines.from_headers(http_request.headers, default_s=self.default_deadline_s() or None)
+
+    async def entries(self) -> dict[str, CatalogEntry]:
+        found: dict[str, CatalogEntry] = {}
+        for _, entry in await self.catalogs():
+            found.setdefault(entry.id, entry)
         return found
 
-    def details(entry: dict[str, Any] | None) -> dict[str, Any]:
-        fmt = (entry or {}).get("format", "gguf")
+    def details(self, entry: CatalogEntry | None) -> dict[str, Any]:
+        fmt = entry.format if entry is not None else "gguf"
         meta = _metadata(entry)
         return {
             "parent_model": "",
@@ -124,53 +147,49 @@ def add_ollama_routes(
             "quantization_level": _quant(entry),
         }
 
-    @app.get("/api/version")
-    async def ollama_version() -> Response:
+    async def ollama_version(self) -> Response:
         return Response(_encode({"version": package_version()}), content_type="application/json")
 
-    @app.get("/api/tags")
-    async def ollama_tags() -> Response:
+    async def ollama_tags(self) -> Response:
         models = [
             {
                 "name": ollama_name(i),
                 "model": ollama_name(i),
-                "modified_at": _iso(e.get("added_at", 0)),
-                "size": e.get("size_bytes", 0),
+                "modified_at": _iso(e.added_at),
+                "size": e.size_bytes,
                 "digest": _digest(e),
-                "details": details(e),
+                "details": self.details(e),
             }
-            for i, e in sorted((await entries()).items())
+            for i, e in sorted((await self.entries()).items())
         ]
         return Response(_encode({"models": models}), content_type="application/json")
 
-    @app.get("/api/ps")
-    async def ollama_ps() -> Response:
-        known = await entries()
+    async def ollama_ps(self) -> Response:
+        known = await self.entries()
         models = []
-        for w in workers():
+        for w in self.workers():
             entry = known.get(w.model)
-            size = entry.get("size_bytes", 0) if entry else 0
+            size = entry.size_bytes if entry is not None else 0
             models.append(
                 {
                     "name": ollama_name(w.model),
                     "model": ollama_name(w.model),
                     "size": size,
                     "digest": _digest(entry),
-                    "details": details(entry),
+                    "details": self.details(entry),
                     "expires_at": _iso(time.time() + 3600),
                     "size_vram": size if w.device.startswith(("GPU", "METAL")) else 0,
                 }
             )
         return Response(_encode({"models": models}), content_type="application/json")
 
-    @app.post("/api/show")
-    async def ollama_show() -> Response:
+    async def ollama_show(self) -> Response:
         try:
             name = decode_body(await read_body(), msgspec.json.Decoder(NameBody)).which
-            entry = (await entries()).get(model_id(name))
+            entry = (await self.entries()).get(model_id(name))
             if entry is None:
-                raise NotFound("That model is in no hive's catalog.", code="MODEL_NOT_FOUND",
-                               hint="See /api/tags; pull hf.co/<org>/<repo>:<quant> to add one.")
+                raise ModelNotFound("That model is in no hive's catalog.",
+                                    hint="See /api/tags; pull hf.co/<org>/<repo>:<quant> to add one.")
         except RbeeError as error:
             return ollama_error(error)
         meta = _metadata(entry)
@@ -180,25 +199,27 @@ def add_ollama_routes(
             if not k.startswith("tokenizer.") and isinstance(v, int | float | str)
         }
         body = {
-            "modelfile": f"FROM {entry.get('reference', name)}\n",
+            "modelfile": f"FROM {entry.reference}\n",
             "parameters": "",
             "template": str(meta.get("tokenizer.chat_template", "")),
-            "details": details(entry),
+            "details": self.details(entry),
             "model_info": info,
             "capabilities": ["completion", "tools", "embedding"]
-            if entry.get("format") == "gguf"
+            if entry.format == "gguf"
             else ["completion"],
-            "modified_at": _iso(entry.get("added_at", 0)),
+            "modified_at": _iso(entry.added_at),
         }
         return Response(_encode(body), content_type="application/json")
 
     async def run(
+        self,
         request: Base,
         params: GenerationParams,
         shape: Callable[[str, bool], dict[str, Any]],
         names: list[str],
     ) -> Response:
-        answer = Answer(generate, model_id(request.model), params, deadline=deadline(), streams=streams)
+        answer = Answer(self.generate, model_id(request.model), params, deadline=self.deadline(),
+                        streams=self.streams)
         started = time.monotonic()
 
         def last(usage: Usage, calls: list[ToolCall], text: str) -> dict[str, Any]:
@@ -239,8 +260,7 @@ def add_ollama_routes(
 
         return _ndjson(lines())
 
-    @app.post("/api/chat")
-    async def ollama_chat() -> Response:
+    async def ollama_chat(self) -> Response:
         try:
             request = decode_body(await read_body(), msgspec.json.Decoder(ChatRequest))
             params, names = chat_params(request)
@@ -255,10 +275,9 @@ def add_ollama_routes(
                 "done": done,
             }
 
-        return await run(request, params, shape, names)
+        return await self.run(request, params, shape, names)
 
-    @app.post("/api/generate")
-    async def ollama_generate() -> Response:
+    async def ollama_generate(self) -> Response:
         try:
             request = decode_body(await read_body(), msgspec.json.Decoder(GenerateRequest))
             params = generate_params(request)
@@ -272,9 +291,9 @@ def add_ollama_routes(
             return Response(
                 _encode({**shape("", True), "done_reason": "load"}), content_type="application/json"
             )
-        return await run(request, params, shape, [])
+        return await self.run(request, params, shape, [])
 
-    async def embed_body() -> tuple[EmbedBody, list[list[float]], int, float]:
+    async def embed_body(self) -> tuple[EmbedBody, list[list[float]], int, float]:
         started = time.monotonic()
         body = decode_body(await read_body(), msgspec.json.Decoder(EmbedBody))
         inputs = (
@@ -286,15 +305,14 @@ def add_ollama_routes(
             raise ValidationFailed(
                 "`input` must be a non-empty string or list of them.", details={"field": "input"}
             )
-        result = await embed(
+        result = await self.embed(
             model_id(body.model), EmbedRequest(input=list(inputs), dimensions=body.dimensions)
         )
         return body, result.data, result.tokens, started
 
-    @app.post("/api/embed")
-    async def ollama_embed() -> Response:
+    async def ollama_embed(self) -> Response:
         try:
-            body, vectors, tokens, started = await embed_body()
+            body, vectors, tokens, started = await self.embed_body()
         except RbeeError as error:
             return ollama_error(error)
         took = int((time.monotonic() - started) * 1e9)
@@ -311,21 +329,19 @@ def add_ollama_routes(
             content_type="application/json",
         )
 
-    @app.post("/api/embeddings")
-    async def ollama_embeddings() -> Response:
+    async def ollama_embeddings(self) -> Response:
         try:
-            _, vectors, _, _ = await embed_body()
+            _, vectors, _, _ = await self.embed_body()
         except RbeeError as error:
             return ollama_error(error)
         return Response(_encode({"embedding": vectors[0]}), content_type="application/json")
 
-    @app.post("/api/pull")
-    async def ollama_pull() -> Response:
+    async def ollama_pull(self) -> Response:
         try:
             body = decode_body(await read_body(), msgspec.json.Decoder(NameBody))
             operation = pull_operation(body.which)
             reference = operation.model
-            job = jobs.submit(operation, actor="ollama-api", deadline=deadline())
+            job = self.jobs.submit(operation, actor="ollama-api", deadline=self.deadline())
         except RbeeError as error:
             return ollama_error(error)
 
@@ -368,24 +384,23 @@ def add_ollama_routes(
         return Response(_encode(last), content_type="application/json")
 
 
-def _digest(entry: dict[str, Any] | None) -> str:
-    source = str((entry or {}).get("source") or (entry or {}).get("id") or "")
+def _digest(entry: CatalogEntry | None) -> str:
+    source = (entry.source or entry.id) if entry is not None else ""
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-def _metadata(entry: dict[str, Any] | None) -> dict[str, Any]:
+def _metadata(entry: CatalogEntry | None) -> dict[str, Any]:
     """The GGUF header, when the file is on this machine (the queen's own hive)."""
-    path = Path(str((entry or {}).get("path", "")))
-    if not entry or entry.get("format") != "gguf" or not path.is_file():
+    if entry is None or entry.format != "gguf" or not Path(entry.path).is_file():
         return {}
+    path = Path(entry.path)
     try:
         return gguf_metadata(path)
     except (OSError, ValueError):
         return {}
 
 
-def _quant(entry: dict[str, Any] | None) -> str:
-    match = re.search(
-        r"(Q\d_K(?:_[SML])?|Q\d_\d|F16|BF16|F32|IQ\d_\w+)", str((entry or {}).get("path", "")), re.I
-    )
+def _quant(entry: CatalogEntry | None) -> str:
+    path = entry.path if entry is not None else ""
+    match = re.search(r"(Q\d_K(?:_[SML])?|Q\d_\d|F16|BF16|F32|IQ\d_\w+)", path, re.I)
     return match[1].upper() if match else ""

@@ -166,14 +166,39 @@ def add_openai_routes(
 async def _respond(
     request: CommonRequest, params: GenerationParams, answer: Answer, *, chat: bool
 ) -> Response:
-    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    usage = answer.usage
-    tools = [tool.name for tool in params.tools] if params.tool_choice != "none" else []
-    echo = params.prompt if isinstance(request, CompletionRequest) and request.echo and params.prompt else ""
-    wants_logprobs = params.logprobs is not None
+    return await _Reply(request, params, answer, chat=chat).respond()
 
-    def usage_body() -> dict[str, Any]:
+
+class _Reply:
+    """One OpenAI answer, chat or legacy completion, whole or streamed (SSE chunks)."""
+
+    def __init__(
+        self, request: CommonRequest, params: GenerationParams, answer: Answer, *, chat: bool
+    ) -> None:
+        self.request = request
+        self.answer = answer
+        self.chat = chat
+        self.ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.usage = answer.usage
+        self.tools = [tool.name for tool in params.tools] if params.tool_choice != "none" else []
+        echoed = isinstance(request, CompletionRequest) and request.echo
+        self.echo = (params.prompt or "") if echoed else ""
+        self.wants_logprobs = params.logprobs is not None
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+    async def respond(self) -> Response:
+        if not self.request.stream:
+            return await self.whole()
+        try:
+            first = await self.answer.first()
+        except RbeeError as error:
+            return openai_error(error)
+        return sse_response(self.frames(first))
+
+    def usage_body(self) -> dict[str, Any]:
+        usage = self.usage
         return {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
@@ -181,29 +206,29 @@ async def _respond(
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         }
 
-    def finish(calls: list[ToolCall]) -> str:
+    def finish(self, calls: list[ToolCall]) -> str:
         if calls:
             return "tool_calls"
-        return "length" if usage.finish_reason == "length" else "stop"
+        return "length" if self.usage.finish_reason == "length" else "stop"
 
-    def logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
-        if not wants_logprobs:
+    def logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
+        if not self.wants_logprobs:
             return None
-        return _chat_logprobs(entries) if chat else _completion_logprobs(entries, offset)
+        return _chat_logprobs(entries) if self.chat else _completion_logprobs(entries, offset)
 
-    if not request.stream:
+    async def whole(self) -> Response:
         try:
-            content, calls, pieces = await answer.parsed(tools)
+            content, calls, pieces = await self.answer.parsed(self.tools)
         except RbeeError as error:
             return openai_error(error)
         text = "".join(piece.t for piece in pieces)
         entries = [entry for piece in pieces for entry in piece.lp or []]
         choice: dict[str, Any] = {
             "index": 0,
-            "finish_reason": finish(calls),
-            "logprobs": logprobs(entries, len(echo)),
+            "finish_reason": self.finish(calls),
+            "logprobs": self.logprobs(entries, len(self.echo)),
         }
-        if chat:
+        if self.chat:
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": content if content or not calls else None,
@@ -212,25 +237,19 @@ async def _respond(
                 message["tool_calls"] = _wire_calls(calls)
             choice["message"] = message
         else:
-            choice["text"] = echo + text
+            choice["text"] = self.echo + text
         body = {
-            "id": ident,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": created,
-            "model": request.model,
+            "id": self.ident,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.request.model,
             "choices": [choice],
-            "usage": usage_body(),
+            "usage": self.usage_body(),
         }
         return Response(_encode(body), content_type="application/json")
 
-    try:
-        first = await answer.first()
-    except RbeeError as error:
-        return openai_error(error)
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
     def chunk(
+        self,
         delta: dict[str, Any] | str,
         finish_reason: str | None,
         entries: list[TokenLogprob] | None = None,
@@ -239,39 +258,51 @@ async def _respond(
         choice: dict[str, Any] = {
             "index": 0,
             "finish_reason": finish_reason,
-            "logprobs": logprobs(entries or [], offset) if entries else None,
+            "logprobs": self.logprobs(entries or [], offset) if entries else None,
         }
-        if chat:
+        if self.chat:
             choice["delta"] = delta
         else:
             choice["text"] = delta
         body: dict[str, Any] = {
-            "id": ident,
-            "object": kind,
-            "created": created,
-            "model": request.model,
+            "id": self.ident,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.request.model,
             "choices": [choice],
         }
-        if include_usage:
+        if self.include_usage:
             body["usage"] = None
         return b"data: " + _encode(body) + b"\n\n"
 
-    def call_chunk(delta: toolcalls.CallDelta) -> bytes:
+    def call_chunk(self, delta: toolcalls.CallDelta) -> bytes:
         part: dict[str, Any] = {"index": delta.number, "function": {"arguments": delta.arguments}}
         if delta.id is not None:  # a call's first delta: its id and name
             part.update(id=delta.id, type="function")
             part["function"]["name"] = delta.name
-        return chunk({"tool_calls": [part]}, None)
+        return self.chunk({"tool_calls": [part]}, None)
 
-    async def frames() -> AsyncIterator[bytes]:
-        held = toolcalls.ToolStream(tools) if tools else None
+    def usage_chunk(self) -> bytes:
+        body = {
+            "id": self.ident,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.request.model,
+            "choices": [],
+            "usage": self.usage_body(),
+        }
+        return b"data: " + _encode(body) + b"\n\n"
+
+    async def frames(self, first: InferenceToken | None) -> AsyncIterator[bytes]:
+        chat, chunk = self.chat, self.chunk
+        held = toolcalls.ToolStream(self.tools) if self.tools else None
         pending: list[TokenLogprob] = []
-        offset = len(echo)
+        offset = len(self.echo)
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""}, None)
-            elif echo:
-                yield chunk(echo, None)
+            elif self.echo:
+                yield chunk(self.echo, None)
             piece: InferenceToken | None = first
             while piece is not None:
                 pending.extend(piece.lp or [])
@@ -281,25 +312,17 @@ async def _respond(
                     offset += len(shown)
                     pending = []
                 for delta in held.deltas() if held is not None else []:
-                    yield call_chunk(delta)
-                piece = await answer.next()
+                    yield self.call_chunk(delta)
+                piece = await self.answer.next()
             rest, calls, last = held.finish() if held is not None else ("", [], [])
             if rest:
                 yield chunk({"content": rest}, None, pending)
                 pending = []
             for delta in last:
-                yield call_chunk(delta)
-            yield chunk({} if chat else "", finish(calls), pending or None, offset)
-            if include_usage:
-                body = {
-                    "id": ident,
-                    "object": kind,
-                    "created": created,
-                    "model": request.model,
-                    "choices": [],
-                    "usage": usage_body(),
-                }
-                yield b"data: " + _encode(body) + b"\n\n"
+                yield self.call_chunk(delta)
+            yield chunk({} if chat else "", self.finish(calls), pending or None, offset)
+            if self.include_usage:
+                yield self.usage_chunk()
             yield b"data: [DONE]\n\n"
         except RbeeError as error:
             body = {
@@ -313,6 +336,4 @@ async def _respond(
             yield b"data: " + _encode(body) + b"\n\n"
             yield b"data: [DONE]\n\n"  # the stream's terminator, after an error too
         finally:
-            await answer.aclose()
-
-    return sse_response(frames())
+            await self.answer.aclose()

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from rbee_common.errors import Conflict
-from rbee_common.wire import WorkerHeartbeat, WorkerInfo
+from rbee_common.errors import WorkerAlreadyRegistered
+from rbee_common.wire import WorkerHeartbeat, WorkerRecord
 
 log = logging.getLogger("rbee.queen.workers")
 
@@ -31,7 +31,7 @@ class WorkerRegistry:
         self._confirmed: set[str] = set()
         self._tokens: dict[str, str] = {}
         """worker_id -> the worker's own API token, once bound (minted at spawn or confirmed)."""
-        self._routable: list[WorkerInfo] | None = None
+        self._routable: list[WorkerRecord] | None = None
         """Built when the set of routable workers changes, not per request."""
         self.on_change: Callable[[], None] = lambda: None
 
@@ -52,9 +52,8 @@ class WorkerRegistry:
         where = (heartbeat.hive_id, heartbeat.url, heartbeat.pid)
         moved = old is None or (old.hive_id, old.url, old.pid) != where
         if fresh and moved:
-            raise Conflict(
+            raise WorkerAlreadyRegistered(
                 "Another live worker is registered under that worker_id.",
-                code="WORKER_ALREADY_REGISTERED",
                 hint="Worker ids must be unique in the fleet; the hive makes them so.",
             )
         if moved:
@@ -118,16 +117,16 @@ class WorkerRegistry:
             await trio.sleep(min(1.0, self.stale_after_s / 3))
             self.expire()
 
-    def active(self) -> list[WorkerInfo]:
+    def active(self) -> list[WorkerRecord]:
         self.expire()
         now = time.monotonic()
         return [
-            WorkerInfo(**msgspec.structs.asdict(beat), confirmed=worker_id in self._confirmed,
+            WorkerRecord(**msgspec.structs.asdict(beat), confirmed=worker_id in self._confirmed,
                        last_seen_s=round(now - self._last(worker_id, seen), 2))
             for worker_id, (seen, beat) in sorted(self._seen.items())
         ]
 
-    def routable(self) -> list[WorkerInfo]:
+    def routable(self) -> list[WorkerRecord]:
         """Live workers their hives have confirmed: the only ones a request may go to.
 
         Cached until a worker comes, goes, changes state or is confirmed; `expire_forever` drops

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
-import httpx
 import trio
 
 from rbee_common.auth import new_token
-from rbee_common.errors import RbeeError, ServiceUnavailable, TooManyRequests
+from rbee_common.errors import NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
 from rbee_common.jobs import JobContext
-from rbee_common.wire import WorkerHeartbeat, WorkerInfo, WorkerSpawn
+from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
 from rbee_queen.hives import HiveRouter
 from rbee_queen.registry import WorkerRegistry
 
@@ -29,14 +27,14 @@ log = logging.getLogger("rbee.queen.scheduler")
 ROUTABLE = ("ready", "busy")
 
 
-def serves(worker: WorkerInfo, model: str, aliases: Mapping[str, str]) -> bool:
+def serves(worker: WorkerRecord, model: str, aliases: Mapping[str, str]) -> bool:
     return worker.model == model or worker.model == aliases.get(model)
 
 
 def pick_worker(
-    workers: Sequence[WorkerInfo], model: str, *, load: Mapping[str, int],
+    workers: Sequence[WorkerRecord], model: str, *, load: Mapping[str, int],
     aliases: Mapping[str, str] | None = None, exclude: frozenset[str] = frozenset(),
-) -> WorkerInfo | None:
+) -> WorkerRecord | None:
     """The least loaded worker of `model` with a free slot, or None."""
     free = [
         w for w in workers
@@ -46,15 +44,12 @@ def pick_worker(
     if not free:
         return None
 
-    def busy(worker: WorkerInfo) -> tuple[float, int, str]:
+    def busy(worker: WorkerRecord) -> tuple[float, int, str]:
         used = load.get(worker.worker_id, 0)
         return used / worker.slots_total, used, worker.worker_id
 
     return min(free, key=busy)
 
-
-class QueueFull(TooManyRequests):
-    code = "QUEUE_FULL"
 
 
 class Scheduler:
@@ -69,7 +64,8 @@ class Scheduler:
         self.cold_start_enabled = cold_start
         self.mint_tokens = False
         """Give each worker we start a token of its own (when the queen runs with a token)."""
-        self.on_cold_start: Callable[[str, str, Any, str | None, str | None], None] = lambda *_: None
+        self.on_cold_start: Callable[[str, str, WorkerRecord | None, str | None, str | None], None] = (
+            lambda *_: None)
         """(model, hive_id, the spawn's result or None, error code or None, job id): the audit log."""
         self.load: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
@@ -83,13 +79,13 @@ class Scheduler:
         self._changed.set()
         self._changed = trio.Event()
 
-    def candidates(self, model: str, exclude: frozenset[str]) -> list[WorkerInfo]:
+    def candidates(self, model: str, exclude: frozenset[str]) -> list[WorkerRecord]:
         return [w for w in self.registry.routable() if serves(w, model, self.aliases)
                 and w.worker_id not in exclude and w.state != "draining"]
 
     async def acquire(
         self, model: str, context: JobContext | None, exclude: frozenset[str], hive_id: str | None = None,
-    ) -> WorkerInfo:
+    ) -> WorkerRecord:
         """A worker slot for one request (on `hive_id` if given); call `release` when it ends."""
         deadline = trio.current_time() + self.queue_timeout_s
         queued = False
@@ -120,9 +116,9 @@ class Scheduler:
                 with trio.move_on_at(deadline) as scope:
                     await changed.wait()
                 if scope.cancelled_caught:
-                    raise ServiceUnavailable(
+                    raise QueueTimeout(
                         f"No worker slot became free within {self.queue_timeout_s:g} s.",
-                        code="QUEUE_TIMEOUT", details={"retry_after_s": 2},
+                        details={"retry_after_s": 2},
                         hint="Retry later, or start more workers of this model.",
                     )
         finally:
@@ -135,8 +131,8 @@ class Scheduler:
 
     async def cold_start(self, model: str, context: JobContext | None, hive_id: str | None = None) -> None:
         if not self.cold_start_enabled:
-            raise ServiceUnavailable(
-                "No worker serves this model, and cold starts are off.", code="NO_WORKER",
+            raise NoWorker(
+                "No worker serves this model, and cold starts are off.",
                 hint="Spawn one with `worker_spawn`, or set [queen] cold_start = true.",
             )
         running = self._cold.get(model)
@@ -156,7 +152,7 @@ class Scheduler:
             token = new_token() if self.mint_tokens else None
             try:
                 spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token)
-                spawned = await self.router.run(spawn, hive_id, context)
+                spawned = await self.router.get(hive_id).run(spawn, context)
             except RbeeError as error:
                 self.on_cold_start(model, hive_id, None, error.code, context.job_id if context else None)
                 raise
@@ -167,20 +163,18 @@ class Scheduler:
             done.set()
             self.notify()
 
-    def register_spawned(self, model: str, hive_id: str, spawned: Any, token: str | None) -> None:
+    def register_spawned(self, model: str, hive_id: str, spawned: WorkerRecord, token: str | None) -> None:
         """Route to a worker we started at once, without waiting for its first heartbeat.
 
         Its hive just answered for it, so it is confirmed; `token` is the one we minted for it.
         """
-        if not isinstance(spawned, dict):
-            return
-        self.aliases[model] = str(spawned["model"])
+        self.aliases[model] = spawned.model
         self.registry.record(WorkerHeartbeat(
-            worker_id=spawned["worker_id"], hive_id=hive_id, url=spawned["url"], model=spawned["model"],
-            backend=spawned["backend"], device=spawned["device"], state="ready",
-            slots_total=int(spawned.get("slots_total", 1)), slots_busy=0, pid=int(spawned["pid"]),
+            worker_id=spawned.worker_id, hive_id=hive_id, url=spawned.url, model=spawned.model,
+            backend=spawned.backend, device=spawned.device, state="ready",
+            slots_total=spawned.slots_total, slots_busy=0, pid=spawned.pid,
         ))
-        self.registry.confirm(spawned["worker_id"], token)
+        self.registry.confirm(spawned.worker_id, token)
 
     async def best_hive(self, model: str, only: str | None = None) -> tuple[str, str]:
         """A hive with the model in its catalog first, then the most free memory; its best device."""
@@ -188,23 +182,23 @@ class Scheduler:
 
         async def consider(hive_id: str) -> None:
             try:
-                caps = await self.router.capabilities(hive_id)
-                has = await self.router.has_model(hive_id, model)
-            except (RbeeError, httpx.HTTPError, OSError, ValueError) as error:
-                log.info("hive %s cannot take a cold start: %s", hive_id, type(error).__name__)
+                hive = self.router.get(hive_id)
+                caps = await hive.capabilities()
+                has = await hive.has_model(model)
+            except RbeeError as error:
+                log.info("hive %s cannot take a cold start: %s", hive_id, error.code)
                 return
-            devices = caps.get("devices", [])
-            gpus = [d for d in devices if d.get("kind") in ("cuda", "metal")]
-            best = max(gpus or devices, key=lambda d: int(d.get("memory_free_bytes", 0)), default=None)
+            gpus = [d for d in caps.devices if d.kind in ("cuda", "metal")]
+            best = max(gpus or caps.devices, key=lambda d: d.memory_free_bytes, default=None)
             if best is not None:
-                options.append((has, int(best.get("memory_free_bytes", 0)), hive_id, str(best["id"])))
+                options.append((has, best.memory_free_bytes, hive_id, best.id))
 
         async with trio.open_nursery() as nursery:
             for hive_id in [only] if only else self.router.ids():
                 nursery.start_soon(consider, hive_id)
         if not options:
-            raise ServiceUnavailable(
-                "No hive is reachable to start a worker on.", code="NO_HIVE",
+            raise NoHive(
+                "No hive is reachable to start a worker on.",
                 hint="Start a hive (`rbee-keeper hive start`), or run the queen with --local-hive.",
             )
         _, _, hive_id, device = max(options)

@@ -8,6 +8,7 @@ killed outright their lifelines close and they exit by themselves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from quart_trio import QuartTrio
 from rbee_common.audit import record_job
 from rbee_common.auth import TokenSource
 from rbee_common.jobs import JobLimits, JobServer
+from rbee_hive.serve import open_hive_service
 from rbee_hive.service import HiveService
 from rbee_queen import ssh
 from rbee_queen.app import build_app
@@ -28,16 +30,16 @@ from rbee_queen.remote import Remote
 from rbee_queen.service import QueenService
 
 
-async def _on_stop(stop: trio.Event, service: QueenService, local: HiveService | None) -> None:
-    """On SIGTERM: end the open OpenAI streams with their terminator, and stop the local workers
-    while HTTP drains, not after (they drain their own requests)."""
+async def _end_streams_on(stop: trio.Event, service: QueenService) -> None:
+    """On SIGTERM: end the open OpenAI streams with their terminator (an in-process hive stops its
+    workers by itself, while HTTP drains)."""
     await stop.wait()
     service.streams.end_all()
-    if local is not None:
-        await local.workers.stop_all()
 
 
-def apply_config(config: QueenConfig, service: QueenService, jobs: JobServer, app: QuartTrio) -> None:
+def apply_config(
+    config: QueenConfig, service: QueenService, jobs: JobServer, app: QuartTrio, local: list[HiveService],
+) -> None:
     """SIGHUP: read the config file again and put what changed to work (area 360)."""
     if config.reload() is None:
         return  # a broken file: logged, nothing changed
@@ -50,13 +52,9 @@ def apply_config(config: QueenConfig, service: QueenService, jobs: JobServer, ap
     jobs.limits = _job_limits(config)
     jobs.default_deadline_s = settings.default_deadline_s or None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    if service.remote is not None:
-        service.remote.settings = settings
-    local = service.local_hive
-    if local is not None:  # its address and queen_url stay: they are fixed while it runs
-        local.settings = local.workers.settings = msgspec.structs.replace(
-            config.hive, queen_url=local.settings.queen_url)
-        local.audit.max_bytes = config.hive.audit_max_bytes
+    service.remote.settings = settings
+    for hive in local:  # its address and queen_url stay: they are fixed while it runs
+        hive.apply_settings(msgspec.structs.replace(config.hive, queen_url=hive.settings.queen_url))
 
 
 def _job_limits(config: QueenConfig) -> JobLimits:
@@ -77,11 +75,18 @@ async def serve(
     settings = config.settings
     limits = _job_limits(config)
     limits_http = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    async with ssh.open_loop(), httpx.AsyncClient(limits=limits_http) as http, \
-            WorkerLanes() as lanes, trio.open_nursery() as children:
-        local = HiveService(config.hive, children, token=config.api_token) if settings.local_hive else None
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(ssh.open_loop())
+        http = await stack.enter_async_context(httpx.AsyncClient(limits=limits_http))
+        lanes = await stack.enter_async_context(WorkerLanes())
+        # Under --local-hive, the localhost hive lives in this process: opened before the queen's own
+        # nursery, so it closes after it (its workers stopped, graceful then SIGKILL).
+        local = [await stack.enter_async_context(open_hive_service(config.hive, token=config.api_token,
+                                                                   stop=stop))
+                 for _ in range(1 if settings.local_hive else 0)]
+        children = await stack.enter_async_context(trio.open_nursery())
         remote = Remote(settings, config.hives, nursery=children, http=http)
-        service = QueenService(config, http=http, nursery=children, local_hive=local, remote=remote,
+        service = QueenService(config, http=http, nursery=children, remote=remote, local_hives=local,
                                tokens=tokens, lanes=lanes)
         children.start_soon(service.workers.expire_forever)
         try:
@@ -91,24 +96,16 @@ async def serve(
                 jobs.default_deadline_s = settings.default_deadline_s or None
                 app = build_app(service, jobs, stop=stop)
                 if reloads is not None:
-                    reloads.append(functools.partial(apply_config, config, service, jobs, app))
+                    reloads.append(functools.partial(apply_config, config, service, jobs, app, local))
                 urls = await nursery.start(
                     functools.partial(jobs.serve, app, host=settings.host, port=settings.port, stop=stop)
                 )
-                if local is not None:
-                    # The in-process hive's workers heartbeat to this queen.
-                    local.settings = local.workers.settings = msgspec.structs.replace(
-                        local.settings, queen_url=urls[0]
-                    )
-                    children.start_soon(local.workers.monitor_forever)
-                children.start_soon(_on_stop, stop, service, local)
+                for hive in local:
+                    hive.heartbeat_to(urls[0])
+                children.start_soon(_end_streams_on, stop, service)
                 remote.queen_url = urls[0]
                 task_status.started(urls)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(20):
                 await remote.stop_all()  # hives started over SSH, and their workers
-            if local is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(config.hive.worker_stop_grace_s + 3):
-                    await local.workers.stop_all()
-                local.workers.kill_all()
             children.cancel_scope.cancel()

@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import os
+import shlex
 import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +31,22 @@ import msgspec
 import trio
 import trio_asyncio
 
-from rbee_common.errors import RemoteFailed
+from rbee_common.errors import (
+    RemoteDiskFull,
+    RemoteFailed,
+    SshAuthFailed,
+    SshCommandFailed,
+    SshCommandTimeout,
+    SshConnectionLost,
+    SshCopyFailed,
+    SshFailed,
+    SshHostKeyChanged,
+    SshHostKeyUnknown,
+    SshKeyNotFound,
+    SshKeyPermissions,
+    SshTimeout,
+    SshUnreachable,
+)
 
 log = logging.getLogger("rbee.queen.ssh")
 T = TypeVar("T")
@@ -69,22 +85,32 @@ async def _aio(function: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any)
     return result
 
 
+def quote(value: str) -> str:
+    """A value for the remote shell, quoted."""
+    return shlex.quote(value)
+
+
+def program(path: str) -> str:
+    """A program path for the remote shell: quoted, with a leading `~/` left for the shell to expand."""
+    return "~/" + quote(path[2:]) if path.startswith("~/") else quote(path)
+
+
 def _key_path(target: Target) -> Path | None:
     """The identity file, checked here first: a missing or open key gets a clear error."""
     if target.identity_file is None:
         return None
     path = Path(target.identity_file).expanduser()
     if not path.is_file():
-        raise RemoteFailed(
-            f"SSH key not found for {target.alias}: {path}.", code="SSH_KEY_NOT_FOUND",
+        raise SshKeyNotFound(
+            f"SSH key not found for {target.alias}: {path}.",
             details={"hive_id": target.alias, "identity_file": str(path)},
             hint=f"Fix identity_file in [hives.{target.alias}], or create the key (ssh-keygen -f {path}).",
         )
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise RemoteFailed(
+        raise SshKeyPermissions(
             f"SSH key {path} for {target.alias} is readable by others (mode {mode:04o}); "
-            "OpenSSH and rbee refuse such keys.", code="SSH_KEY_PERMISSIONS",
+            "OpenSSH and rbee refuse such keys.",
             details={"hive_id": target.alias, "identity_file": str(path)}, hint=f"chmod 600 {path}",
         )
     return path
@@ -178,9 +204,9 @@ class Session:
         try:
             result = await _aio(self.connection.run, command, check=False, timeout=limit_s)
         except asyncssh.TimeoutError:
-            raise RemoteFailed(
+            raise SshCommandTimeout(
                 f"A command on {self.target.where} did not finish within {limit_s:g} s.",
-                code="SSH_COMMAND_TIMEOUT", details={"hive_id": self.target.alias},
+                details={"hive_id": self.target.alias},
             ) from None
         except (asyncssh.Error, OSError) as error:
             raise _lost(self.target, error) from None
@@ -189,9 +215,9 @@ class Session:
             stdout=str(result.stdout or ""), stderr=str(result.stderr or ""),
         )
         if check and done.code != 0:
-            raise RemoteFailed(
+            raise SshCommandFailed(
                 f"A command failed on {self.target.where} (exit {done.code}): {last_line(done.stderr)}",
-                code="SSH_COMMAND_FAILED", details={"hive_id": self.target.alias, "exit_code": done.code},
+                details={"hive_id": self.target.alias, "exit_code": done.code},
             )
         return done
 
@@ -271,8 +297,8 @@ def last_line(text: str) -> str:
 
 
 def _lost(target: Target, error: BaseException) -> RemoteFailed:
-    return RemoteFailed(
-        f"The SSH connection to {target.where} failed: {type(error).__name__}.", code="SSH_CONNECTION_LOST",
+    return SshConnectionLost(
+        f"The SSH connection to {target.where} failed: {type(error).__name__}.",
         details={"hive_id": target.alias}, hint="Check that the host is up and try again.",
     )
 
@@ -280,12 +306,12 @@ def _lost(target: Target, error: BaseException) -> RemoteFailed:
 def _sftp_failed(target: Target, error: asyncssh.SFTPError) -> RemoteFailed:
     reason = str(error.reason or "")
     if "space" in reason.lower() or "quota" in reason.lower():
-        return RemoteFailed(
-            f"The disk is full on {target.where}: {reason}.", code="REMOTE_DISK_FULL",
+        return RemoteDiskFull(
+            f"The disk is full on {target.where}: {reason}.",
             details={"hive_id": target.alias}, hint="Free space there, or set install_dir to a bigger disk.",
         )
-    return RemoteFailed(f"Copying a file to {target.where} failed: {reason}.", code="SSH_COPY_FAILED",
-                        details={"hive_id": target.alias})
+    return SshCopyFailed(f"Copying a file to {target.where} failed: {reason}.",
+                         details={"hive_id": target.alias})
 
 
 def _options(target: Target, key: Path | None) -> dict[str, Any]:
@@ -328,10 +354,10 @@ async def connect(target: Target, say: Callable[[str], None]) -> AsyncIterator[S
             connection = await _aio(asyncssh.connect, **options)
             break
         except asyncssh.PermissionDenied:
-            raise RemoteFailed(
+            raise SshAuthFailed(
                 f"SSH authentication failed on {target.where}: the host refused "
                 + (f"the key {key}." if key else "every key this queen offered (its default keys)."),
-                code="SSH_AUTH_FAILED", details={"hive_id": target.alias, "identity_file": str(key or "")},
+                details={"hive_id": target.alias, "identity_file": str(key or "")},
                 hint=(f"Add {key}.pub to ~/.ssh/authorized_keys of {target.user or 'the user'} there "
                       f"(ssh-copy-id -i {key} -p {target.port} {target.host}), check that the key file "
                       f"is mode 600 (chmod 600 {key}), or fix identity_file in [hives.{target.alias}]."
@@ -345,9 +371,8 @@ async def connect(target: Target, say: Callable[[str], None]) -> AsyncIterator[S
             what = (os.strerror(error.errno) if unreachable and isinstance(error, OSError) and error.errno
                     else f"no answer within {target.connect_timeout_s:g} s")
             if attempt == target.attempts:
-                raise RemoteFailed(
+                raise (SshUnreachable if unreachable else SshTimeout)(
                     f"Cannot reach {target.where} over SSH: {what} (tried {attempt} times).",
-                    code="SSH_TIMEOUT" if not unreachable else "SSH_UNREACHABLE",
                     details={"hive_id": target.alias, "attempts": attempt,
                              "timeout_s": target.connect_timeout_s},
                     hint=f"Check that {target.host} is up, that sshd listens on port {target.port}, "
@@ -358,12 +383,11 @@ async def connect(target: Target, say: Callable[[str], None]) -> AsyncIterator[S
             await trio.sleep(delay)
             delay *= 2
         except asyncssh.Error as error:
-            raise RemoteFailed(
-                f"SSH to {target.where} failed: {error.reason}.", code="SSH_FAILED",
-                details={"hive_id": target.alias},
+            raise SshFailed(
+                f"SSH to {target.where} failed: {error.reason}.", details={"hive_id": target.alias},
             ) from None
     if connection is None:  # attempts >= 1: the loop either connected or raised
-        raise RemoteFailed(f"SSH to {target.where} was not attempted.", code="SSH_FAILED")
+        raise SshFailed(f"SSH to {target.where} was not attempted.")
     try:
         yield Session(target, connection)
     finally:
@@ -376,14 +400,13 @@ async def connect(target: Target, say: Callable[[str], None]) -> AsyncIterator[S
 def _host_key_error(target: Target) -> RemoteFailed:
     known = Path(target.known_hosts).expanduser()
     if _known_keys(target):
-        return RemoteFailed(
+        return SshHostKeyChanged(
             f"The host key of {target.where} does not match the one in {known}: it changed, or "
-            "someone is in the middle.", code="SSH_HOST_KEY_CHANGED", details={"hive_id": target.alias},
+            "someone is in the middle.", details={"hive_id": target.alias},
             hint=f"If it was reinstalled, remove its old line: ssh-keygen -R {target.host} -f {known}",
         )
-    return RemoteFailed(
-        f"The host key of {target.where} is not in {known}.", code="SSH_HOST_KEY_UNKNOWN",
-        details={"hive_id": target.alias},
+    return SshHostKeyUnknown(
+        f"The host key of {target.where} is not in {known}.", details={"hive_id": target.alias},
         hint=f"Check its fingerprint and add it (ssh-keyscan -p {target.port} {target.host} >> {known}), "
              f'or set host_key_policy = "accept-new" in [hives.{target.alias}].',
     )

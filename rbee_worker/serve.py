@@ -11,6 +11,8 @@ import msgspec
 import trio
 
 from rbee_common.auth import bearer
+from rbee_common.client import map_transport_errors
+from rbee_common.errors import TransportError
 from rbee_common.http import serve_app
 from rbee_worker.app import build_app
 from rbee_worker.backends import load_backend
@@ -30,12 +32,13 @@ async def heartbeat_forever(service: WorkerService, http: httpx.AsyncClient, que
         ok = False
         for _attempt in range(2):  # a kept-alive connection the queen closed meanwhile: once more, anew
             try:
-                response = await http.post(
-                    f"{queen_url.rstrip('/')}/v1/worker-heartbeat", content=_encode(service.heartbeat()),
-                    headers={"Content-Type": "application/json", **bearer(service.config.api_token)},
-                    timeout=2.0,
-                )
-            except httpx.TransportError:
+                with map_transport_errors(queen_url):
+                    response = await http.post(
+                        f"{queen_url.rstrip('/')}/v1/worker-heartbeat", content=_encode(service.heartbeat()),
+                        headers={"Content-Type": "application/json", **bearer(service.config.api_token)},
+                        timeout=2.0,
+                    )
+            except TransportError:
                 continue
             ok = response.status_code < 400
             break

@@ -23,7 +23,16 @@ import msgspec
 import trio
 
 from rbee_common import deadlines
-from rbee_common.errors import RbeeError, ServiceUnavailable, ValidationFailed
+from rbee_common.errors import (
+    AllSlotsBusy,
+    DeadlineExceeded,
+    InternalError,
+    RbeeError,
+    ServiceUnavailable,
+    ValidationFailed,
+    WorkerDraining,
+    WorkerLoading,
+)
 from rbee_common.wire import (
     EmbedRequest,
     EmbedResult,
@@ -43,9 +52,6 @@ from rbee_worker.synthetic import SyntheticBackend
 
 log = logging.getLogger("rbee.worker")
 
-
-class AllSlotsBusy(ServiceUnavailable):
-    code = "ALL_SLOTS_BUSY"
 
 
 class ActiveRequest:
@@ -165,11 +171,11 @@ class WorkerService:
     def begin(self, request: InferenceRequest) -> ActiveRequest:
         """Take a slot for `request` (validated) or refuse it."""
         if self.backend is None:
-            raise ServiceUnavailable(
-                "The model is still loading.", code="LOADING", details={"retry_after_s": 1}
+            raise WorkerLoading(
+                "The model is still loading.", details={"retry_after_s": 1}
             )
         if self.draining:
-            raise ServiceUnavailable("This worker is shutting down.", code="DRAINING")
+            raise WorkerDraining("This worker is shutting down.")
         validate(request, self.config.ctx)
         for feature in asked_features(request):
             if feature not in self.backend.features:
@@ -286,10 +292,10 @@ class WorkerService:
                     return
                 except Exception as error:
                     log.error("generation failed request_id=%s", active.request_id, exc_info=error)
-                    await send.send(InferenceError(code="INTERNAL_ERROR", message="Generation failed."))
+                    await send.send(InferenceError(code=InternalError.code, message="Generation failed."))
                     return
                 if timed_out:
-                    timeout = InferenceError(code="REQUEST_TIMEOUT", message="Request exceeded deadline")
+                    timeout = InferenceError(code=DeadlineExceeded.code, message="Request exceeded deadline")
                     await send.send(timeout)
                     return
                 decode_ms = 0.0 if first_token_at is None else (time.monotonic() - first_token_at) * 1000
@@ -312,10 +318,9 @@ class WorkerService:
         """Vectors for the inputs: a second context on the same weights, one request at a time."""
         backend = self.backend
         if backend is None:
-            raise ServiceUnavailable("The model is still loading.", code="LOADING",
-                                     details={"retry_after_s": 1})
+            raise WorkerLoading("The model is still loading.", details={"retry_after_s": 1})
         if self.draining:
-            raise ServiceUnavailable("This worker is shutting down.", code="DRAINING")
+            raise WorkerDraining("This worker is shutting down.")
         if "embeddings" not in backend.features or isinstance(backend, SyntheticBackend):
             raise ValidationFailed(f"The {backend.name} backend does not compute embeddings.",
                                    details={"field": "input"},

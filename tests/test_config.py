@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_common.config import load_config
+from rbee_common.config import HiveEntry, HiveSettings, load_config, toml_section
 from rbee_common.errors import ConfigError
 
 
@@ -108,3 +108,18 @@ def test_bad_hive_alias_is_rejected(isolated_dirs: Path) -> None:
     path = write(isolated_dirs / "c.toml", '[hives."bad alias"]\nhost = "h"\n')
     with pytest.raises(ConfigError):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize("section", [
+    HiveSettings(host="10.231.0.5", port=9100, hive_id="gpu-1", data_dir="/srv/rbee data", model_roots=["/m", "/n"]),
+    HiveSettings(),
+    HiveEntry(host="gpu-1", ssh_user="bee", install_dir='/opt/"rbee"\\hive', host_key_policy="accept-new"),
+])
+def test_a_section_written_from_its_schema_loads_back_the_same(isolated_dirs: Path, section: object) -> None:
+    """What `hive add` and `hive install` write: every field off its default, read back unchanged."""
+    assert isinstance(section, HiveSettings | HiveEntry)
+    name = "hive" if isinstance(section, HiveSettings) else "hives.gpu-1"
+    path = isolated_dirs / "written.toml"
+    path.write_text(toml_section(name, section))
+    loaded = load_config(str(path))
+    assert (loaded.hive if isinstance(section, HiveSettings) else loaded.hives["gpu-1"]) == section

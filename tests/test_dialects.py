@@ -18,6 +18,26 @@ import pytest
 from openai import OpenAI
 
 from rbee_common.builtin import builtin_model_path
+from rbee_common.client import JobClient
+from rbee_common.errors import HiveInProcess
+from rbee_common.wire import (
+    Capabilities,
+    Embed,
+    EmbedResult,
+    HiveDetails,
+    HiveGet,
+    HiveHealth,
+    HiveList,
+    HiveRefreshCapabilities,
+    HiveStatus,
+    Infer,
+    InferResult,
+    QueenStatus,
+    SshTest,
+    Status,
+    WorkerListActive,
+    WorkerRecord,
+)
 from tests.fake_hf import FakeHub
 from tests.helpers import BIN, Daemon, daemon
 
@@ -432,3 +452,28 @@ def test_every_embeddings_field_is_honoured_or_refused_by_name(
     assert response.status_code == (200 if honoured else 400), response.text
     if not honoured:
         assert response.json()["error"]["param"] == field
+
+
+async def test_queen_operations_answer_their_declared_types(queen: Daemon) -> None:
+    """The queen's own operations, through `JobClient.call`: each result decoded as its operation declares
+    (the hive operations have theirs in tests/test_results.py, for both hive transports)."""
+    async with httpx.AsyncClient() as http:
+        client = JobClient(queen.url, http=http)
+        answer = await client.call(Infer(model=MODEL, prompt="Say hi", max_tokens=4, temperature=0.0))
+        assert isinstance(answer, InferResult) and answer.tokens_out >= 1 and answer.worker_id
+        vectors = await client.call(Embed(model=MODEL, input=["a", "b"]))
+        assert isinstance(vectors, EmbedResult) and len(vectors.data) == 2
+        status = await client.call(Status())
+        assert isinstance(status, QueenStatus) and all(isinstance(w, WorkerRecord) for w in status.workers)
+        active = await client.call(WorkerListActive(model=MODEL))
+        assert [w.worker_id for w in active] == [answer.worker_id] and active[0].state in ("ready", "busy")
+        listing = await client.call(HiveList())
+        assert [(h.hive_id, h.local) for h in listing] == [("localhost", True)]
+        details = await client.call(HiveGet(hive_id="localhost"))
+        assert isinstance(details, HiveDetails) and details.local and details.url == "in-process"
+        health = await client.call(HiveStatus(hive_id="localhost"))
+        assert isinstance(health, HiveHealth) and health.reachable
+        capabilities = await client.call(HiveRefreshCapabilities(hive_id="localhost"))
+        assert isinstance(capabilities, Capabilities) and capabilities.devices
+        with pytest.raises(HiveInProcess):  # no SSH lifecycle for the hive inside the queen
+            await client.call(SshTest(hive_id="localhost"))

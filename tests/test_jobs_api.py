@@ -13,7 +13,7 @@ import trio
 
 from rbee_common.client import JobClient
 from rbee_common.errors import JobCancelled, NotFound
-from rbee_common.wire import Narration, Result, SshTest, Status
+from rbee_common.wire import Narration, QueenStatus, Result, SshTest, Status
 from tests.conftest import QueenHandle
 
 JOB_ID = re.compile(r"^job-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -174,7 +174,14 @@ async def test_client_yields_typed_events(queen: QueenHandle) -> None:
             seen.append(event)
     assert isinstance(seen[0], Narration)
     assert isinstance(seen[-1], Result)
-    assert seen[-1].value["hives"][0]["hive_id"] == "localhost"
+    assert Status().decode_result(seen[-1].value).hives[0].hive_id == "localhost"
+
+
+async def test_call_returns_the_declared_result_type(queen: QueenHandle) -> None:
+    narrated: list[object] = []
+    status = await JobClient(queen.url, http=queen.http).call(Status(), on_event=narrated.append)
+    assert isinstance(status, QueenStatus) and status.hives[0].hive_id == "localhost"
+    assert narrated and all(isinstance(event, Narration) for event in narrated)
 
 
 async def test_delete_cancels_a_running_job(start_queen: Any, stuck_hive: Any) -> None:

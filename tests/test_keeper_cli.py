@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from rbee_common.config import load_config
 from rbee_keeper.__main__ import cli
 from tests.helpers import BIN, free_port, job_result, wait_for
 
@@ -164,6 +166,28 @@ def test_hive_add_remove_and_import_ssh_edit_the_config_and_keep_the_rest(isolat
     text = config.read_text()
     assert text.startswith("# my fleet\n[queen]\nport = 8600\n") and "gpu-2" not in text and "[hives.gpu-1]" in text
     assert runner.invoke(cli, ["hive", "remove", "gpu-2"]).exit_code == 1
+
+
+def test_hive_add_host_key_policy_then_hive_get_shows_it(isolated_dirs: Path) -> None:
+    added = runner.invoke(cli, ["hive", "add", "lab-3", "--host", "10.231.0.3", "--host-key-policy", "accept-new"])
+    assert added.exit_code == 0, added.output
+    shown = runner.invoke(cli, ["hive", "get", "lab-3"])
+    assert shown.exit_code == 0
+    assert re.search(r"^host_key_policy\s+accept-new$", shown.output, re.M), shown.output
+
+
+def test_hive_add_writes_every_option_it_takes(isolated_dirs: Path) -> None:
+    key = isolated_dirs / "id_test"
+    key.write_text("not a real key, only a file that exists\n")
+    added = runner.invoke(cli, [
+        "hive", "add", "lab-4", "--host", "10.231.0.4", "--user", "bee", "--ssh-port", "2200",
+        "--identity-file", str(key), "--hive-port", "9100", "--install-dir", "/opt/rbee hive",
+        "--python", "/usr/bin/python3.11", "--host-key-policy", "accept-new"])
+    assert added.exit_code == 0, added.output
+    entry = load_config(None).hives["lab-4"]
+    assert (entry.host, entry.ssh_user, entry.ssh_port, entry.identity_file, entry.hive_port, entry.install_dir,
+            entry.python, entry.host_key_policy) == (
+        "10.231.0.4", "bee", 2200, str(key.resolve()), 9100, "/opt/rbee hive", "/usr/bin/python3.11", "accept-new")
 
 
 def test_hive_install_localhost_explains_local_hive_and_says_no_without_a_terminal(isolated_dirs: Path) -> None:

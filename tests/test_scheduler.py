@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from rbee_common.wire import WorkerInfo
+from rbee_common.wire import WorkerRecord
 from rbee_queen.scheduler import pick_worker
 
 
-def worker(worker_id: str, *, model: str = "smollm2-135m", slots: int = 1, state: str = "ready") -> WorkerInfo:
-    return WorkerInfo(
+def worker(worker_id: str, *, model: str = "smollm2-135m", slots: int = 1, state: str = "ready") -> WorkerRecord:
+    return WorkerRecord(
         worker_id=worker_id, hive_id="localhost", url=f"http://127.0.0.1:9300/{worker_id}", model=model,
         backend="llama-cpp", device="CPU-0", state=state, slots_total=slots, slots_busy=0, pid=1,  # type: ignore[arg-type]
         last_seen_s=0.1,

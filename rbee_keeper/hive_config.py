@@ -1,6 +1,7 @@
 """The `[hives.<alias>]` sections of the config file, edited as text.
 
-Adding appends a section; removing cuts one out. Everything else in the file
+Adding appends a section, written from the `HiveEntry` schema (every field
+that differs from its default); removing cuts one out. Everything else in the file
 (comments, order, other sections) stays as the operator wrote it, and the
 file is replaced atomically. `import_ssh` reads `~/.ssh/config` Host blocks.
 """
@@ -13,35 +14,15 @@ from pathlib import Path
 
 import msgspec
 
-from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config
-from rbee_common.errors import ConfigError, Conflict, NotFound, ValidationFailed
+from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config, toml_section
+from rbee_common.errors import ConfigError, Conflict, HiveNotFound, ValidationFailed
 
 ALIAS = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
-_SAFE_VALUE = re.compile(r"^[^\"\\\n\r\t]{1,512}\Z")
 
 
 def config_path(explicit: str | None) -> Path:
     """The file to edit: the one in use, else the user's XDG config file."""
     return find_config_file(explicit) or config_dir() / "config.toml"
-
-
-def _quote(value: str) -> str:
-    if not _SAFE_VALUE.match(value):
-        raise ValidationFailed("A value holds quotes, backslashes or control characters.",
-                               hint="Use plain host names, user names and paths.")
-    return f'"{value}"'
-
-
-def _section_lines(entry: HiveEntry) -> list[str]:
-    lines = [f"host = {_quote(entry.host)}"]
-    defaults = HiveEntry(host=entry.host)
-    for field in ("ssh_port", "ssh_user", "identity_file", "hive_port", "install_dir", "python",
-                  "host_key_policy"):
-        value = getattr(entry, field)
-        if value is None or value == getattr(defaults, field):
-            continue
-        lines.append(f"{field} = {value if isinstance(value, int) else _quote(str(value))}")
-    return lines
 
 
 def _write(path: Path, text: str) -> None:
@@ -62,7 +43,7 @@ def add_hive(explicit: str | None, alias: str, entry: HiveEntry) -> Path:
         raise Conflict(f"The hive {alias} is already configured in {path}.",
                        hint=f"Remove it first: rbee-keeper hive remove {alias}")
     text = path.read_text() if path.is_file() else ""
-    block = "\n".join([f"[hives.{alias}]", *_section_lines(entry)]) + "\n"
+    block = toml_section(f"hives.{alias}", entry)
     _write(path, text + ("\n" if text and not text.endswith("\n\n") else "") + block)
     try:
         load_config(str(path))  # what we wrote must load: a broken file is never left behind
@@ -75,8 +56,8 @@ def add_hive(explicit: str | None, alias: str, entry: HiveEntry) -> Path:
 def remove_hive(explicit: str | None, alias: str) -> Path:
     path = config_path(explicit)
     if alias not in load_config(explicit).hives:
-        raise NotFound(f"No hive {alias} in {path}.", code="HIVE_NOT_FOUND",
-                       hint="See the configured hives with `rbee-keeper hive list`.")
+        raise HiveNotFound(f"No hive {alias} in {path}.",
+                           hint="See the configured hives with `rbee-keeper hive list`.")
     kept: list[str] = []
     skipping = False
     for line in path.read_text().splitlines(keepends=True):

@@ -1,0 +1,176 @@
+"""Before a worker starts: is the model there, the device, the backend, the memory, the threads?
+
+Pure but for what it reads of the machine (devices, free memory, the model's
+GGUF header): each refusal names the problem and the fix (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import msgspec
+import psutil
+
+from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
+from rbee_common.config import HiveSettings
+from rbee_common.errors import (
+    BackendUnavailable,
+    DeviceNotFound,
+    InsufficientCpu,
+    InsufficientRam,
+    InsufficientVram,
+    ModelNotFound,
+    ModelPathNotAllowed,
+    WorkerBinaryNotFound,
+)
+from rbee_common.sizing import GgufError, auto_slots, gguf_metadata, kv_bytes_per_token, worker_bytes
+from rbee_common.wire import WorkerSpawn
+from rbee_hive.catalog import Catalog, check_reference
+from rbee_hive.devices import available_backends, detect_devices
+
+
+class Preflight(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    model_arg: str
+    backend: str
+    threads: int
+    required_bytes: int
+    available_bytes: int
+    memory: str
+    slots: int = 1
+
+
+
+
+def worker_command(settings: HiveSettings) -> list[str]:
+    if settings.worker_binary:
+        return [settings.worker_binary]
+    beside = Path(sys.executable).parent / "llm-worker-rbee"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "rbee_worker"]
+
+
+def resolve_model(settings: HiveSettings, catalog: Catalog, ref: str) -> tuple[str, str, str, int]:
+    """(name reported by the worker, path or built-in name, format, size in bytes)."""
+    check_reference(ref)
+    entry = catalog.find(ref)
+    if entry is not None:
+        model_arg = entry.id if entry.provider == "builtin" else entry.path
+        return entry.id, model_arg, entry.format, entry.size_bytes
+    if ref.startswith("file://"):
+        path = confined(settings, catalog, Path(ref.removeprefix("file://")))
+        if path.is_file() and path.suffix == ".gguf":
+            return ref, str(path), "gguf", path.stat().st_size
+        if path.is_dir() and (path / "config.json").is_file():
+            size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+            return ref, str(path), "mlx", size
+    raise ModelNotFound(
+        "That model is not on this hive.",
+        hint="Download it first (`model_download`), or give file:///abs/path.gguf.",
+    )
+
+def model_roots(settings: HiveSettings, catalog: Catalog) -> list[Path]:
+    roots = [catalog.root, *(Path(root).expanduser() for root in settings.model_roots)]
+    builtin = builtin_model_path("smollm2-135m")
+    return roots + ([builtin.parent] if builtin is not None else [])
+
+def confined(settings: HiveSettings, catalog: Catalog, path: Path) -> Path:
+    """A `file://` path, once it resolves (symlinks followed) inside a model root.
+
+    Checked before the path is opened, and answered the same whether it
+    exists or not: a client cannot use a hive to open or probe other files.
+    """
+    resolved = path.resolve() if path.is_absolute() else None
+    roots = [root.resolve() for root in model_roots(settings, catalog)]
+    if resolved is None or not any(resolved.is_relative_to(root) for root in roots):
+        raise ModelPathNotAllowed(
+            "file:// models must be inside this hive's model folders.",
+            hint="Put the file in the hive's catalog folder, or add its folder to [hive] model_roots "
+                 "on the hive.",
+        )
+    return resolved
+
+def preflight(
+    settings: HiveSettings, catalog: Catalog, op: WorkerSpawn, *, cpu_budget: tuple[int, int]
+) -> Preflight:
+    """Check the model, device, backend, memory and threads (`cpu_budget`: the threads CPU workers may
+    use together, and those they use now). Blocking (NVML, disk): call it in a thread."""
+    command = worker_command(settings)
+    if not Path(command[0]).exists():
+        raise WorkerBinaryNotFound(
+            f"The worker program was not found at {command[0]}.",
+            hint="Install rbee on this machine, or fix [hive] worker_binary.",
+        )
+    if op.backend == "synthetic" or (op.backend == "auto" and settings.synthetic_backend):
+        return _synthetic(settings, op)
+    name, model_arg, fmt, size = resolve_model(settings, catalog, op.model)
+    devices = {d.id: d for d in detect_devices()}
+    device = devices.get(op.device)
+    if device is None:
+        raise DeviceNotFound(
+            "This hive has no such device.",
+            details={"devices": sorted(devices)}, hint=f"Use one of: {', '.join(sorted(devices))}.",
+        )
+    backends = available_backends()
+    backend = op.backend if op.backend != "auto" else ("mlx" if fmt == "mlx" else "llama-cpp")
+    problem = None
+    if backend not in backends:
+        problem = f"The {backend} backend is not installed on this hive."
+    elif backend == "mlx" and op.device.startswith("GPU-"):
+        problem = "MLX runs on METAL-0 or CPU-0, not on CUDA GPUs."
+    elif (backend == "mlx") != (fmt == "mlx"):
+        problem = f"The {backend} backend cannot serve a {fmt.upper()} model."
+    if problem:
+        raise BackendUnavailable(
+            problem, details={"available_backends": backends},
+            hint=f"Available here: {', '.join(backends) or 'none'}.",
+        )
+    ctx = settings.worker_ctx
+    slots = settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
+    kv_per_token = 0
+    if fmt == "gguf":
+        try:
+            path = builtin_model_path(model_arg) if model_arg in BUILTIN_MODELS else Path(model_arg)
+            kv_per_token = kv_bytes_per_token(gguf_metadata(path or model_arg))
+        except (OSError, GgufError):
+            kv_per_token = 0  # llama.cpp will say what is wrong with the file
+    needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
+    kind = "VRAM" if device.kind == "cuda" else "RAM"
+    free = device.memory_free_bytes if device.kind == "cuda" else psutil.virtual_memory().available
+    if needed > free:
+        cache = f" and a cache of {slots} x {ctx} tokens" if kv_per_token else ""
+        raise (InsufficientVram if kind == "VRAM" else InsufficientRam)(
+            f"Not enough {kind} on {op.device}: the model needs {needed / 1e6:.0f} MB "
+            f"(its {size / 1e6:.0f} MB once{cache}) and {free / 1e6:.0f} MB are available.",
+            details={"required_bytes": needed, "available_bytes": free, "device": op.device,
+                     "model": name},
+            hint="Stop a worker, pick a smaller quantization, use another device, or lower "
+                 "[hive] worker_slots or worker_ctx.",
+        )
+    threads = op.threads or 1
+    if op.device == "CPU-0":
+        total, used = cpu_budget
+        free_threads = total - used
+        threads = op.threads or free_threads
+        if threads < 1 or threads > free_threads:
+            raise InsufficientCpu(
+                f"CPU workers may use {total} threads together; {used} are taken, "
+                f"{max(free_threads, 0)} are free.",
+                details={"threads_total": total, "threads_used": used, "threads_requested": threads},
+                hint="Stop a CPU worker, or ask for fewer threads.",
+            )
+    return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
+                     required_bytes=needed, available_bytes=free, memory=kind, slots=slots)
+
+def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
+    """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
+    if not settings.synthetic_backend:
+        raise BackendUnavailable(
+            "The synthetic backend is for benchmarks and tests, and is off on this hive.",
+            details={"available_backends": available_backends()},
+            hint="Set [hive] synthetic_backend = true on a test hive.",
+        )
+    check_reference(op.model)
+    return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
+                     required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM",
+                     slots=settings.synthetic_slots)

@@ -1,0 +1,50 @@
+"""`rbee-keeper model …`: download, list and delete models on the hives."""
+
+from __future__ import annotations
+
+import typer
+
+from rbee_common.wire import ModelDelete, ModelDownload, ModelGet, ModelList
+from rbee_keeper.common import (
+    HiveOption,
+    build,
+    handles_errors,
+    keeper_context,
+    print_fields,
+    print_table,
+    run_with_queen,
+)
+
+model_cli = typer.Typer(no_args_is_help=True, help="Download, list and delete models on the hives.")
+
+
+@model_cli.command("download")
+@handles_errors
+def model_download(ctx: typer.Context, model: str, hive: HiveOption = "localhost") -> None:
+    """Download hf:<org>/<repo>[:<file or quant>] into a hive's catalog, with progress."""
+    entry = run_with_queen(keeper_context(ctx), build(ModelDownload, model=model, hive_id=hive))
+    print(f"{entry.id}  {entry.size_bytes / 1e6:.0f} MB  {entry.path}")
+
+
+@model_cli.command("list")
+@handles_errors
+def model_list(ctx: typer.Context, hive: HiveOption = "localhost") -> None:
+    """The models in a hive's catalog."""
+    models = run_with_queen(keeper_context(ctx), build(ModelList, hive_id=hive))
+    rows = [[m.id, m.format, f"{m.size_bytes / 1e6:.0f} MB", m.provider, m.source or ""] for m in models]
+    print_table(rows, ["MODEL", "FORMAT", "SIZE", "FROM", "SOURCE"])
+
+
+@model_cli.command("get")
+@handles_errors
+def model_get(ctx: typer.Context, model: str, hive: HiveOption = "localhost") -> None:
+    """One model of a hive's catalog."""
+    print_fields(run_with_queen(keeper_context(ctx), build(ModelGet, model=model, hive_id=hive)))
+
+
+@model_cli.command("delete")
+@handles_errors
+def model_delete(ctx: typer.Context, model: str, hive: HiveOption = "localhost") -> None:
+    """Delete a model from a hive (refused while a worker uses it)."""
+    entry = run_with_queen(keeper_context(ctx), build(ModelDelete, model=model, hive_id=hive))
+    print(f"{entry.id} deleted")
