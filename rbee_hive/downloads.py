@@ -42,7 +42,10 @@ from rbee_common.errors import (
     UnsafeFileName,
 )
 from rbee_common.jobs import JobContext
-from rbee_common.wire import CatalogEntry
+from rbee_common.wire import (
+    CatalogEntry,
+    ModelFormat,
+)
 from rbee_hive.catalog import Catalog, HfRef, catalog_id, new_entry, parse_hf
 
 log = logging.getLogger("rbee.hive.downloads")
@@ -94,7 +97,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     repo: str
     revision: str
     files: list[RemoteFile]
-    format: str
+    format: ModelFormat
 
     @property
     def total(self) -> int:
@@ -155,7 +158,7 @@ def resolve_plan(ref: str, hf: HfRef) -> Plan:
         chosen = [f for f in ggufs if "Q4_K_M" in f.name.upper()][:1]
     else:
         chosen = ggufs
-    fmt = "gguf"
+    fmt: ModelFormat = "gguf"
     if not ggufs and not hf.select and any(f.name == "config.json" for f in files) and any(
         f.name.endswith(".safetensors") for f in files
     ):
@@ -323,7 +326,7 @@ class Downloader:
         path = final / plan.files[0].name if plan.format == "gguf" else final
         source = f"hf:{plan.repo}:{plan.files[0].name}" if plan.format == "gguf" else f"hf:{plan.repo}"
         return self.catalog.register(new_entry(
-            model_id=plan.model_id, reference=plan.reference, provider="hf", fmt=plan.format,  # type: ignore[arg-type]
+            model_id=plan.model_id, reference=plan.reference, provider="hf", fmt=plan.format,
             path=path, files=[f.name for f in plan.files], size=plan.total, source=source,
         ))
 
