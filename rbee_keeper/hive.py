@@ -215,8 +215,8 @@ LOCAL_HIVE_PROMPT = """\
 This queen runs without --local-hive, so a hive on localhost would be a second
 process that the queen reaches over HTTP. With --local-hive the queen runs the
 hive in-process instead: measured with bench/hive_ops.py, a hive operation
-takes about 2.1 ms in-process against 5.4 ms over HTTP (median, model_list,
-one machine), and there is one process less to install and keep running.
+takes about 9 ms in-process against 20 ms over HTTP (median, model_list, a
+2-core machine), and there is one process less to install and keep running.
 To use it: rbee-keeper queen restart --local-hive"""
 
 
