@@ -220,18 +220,19 @@ class Unprocessable(RbeeError):
     status = 422
 
 
-class TooManyRequests(RbeeError):
+class _RetryLater(RbeeError):
+    """The base of errors a client should retry: `retry_after_s` in the details (and Retry-After)."""
+
+    default_retry_after_s = 1
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.details.setdefault("retry_after_s", retry_after_s or self.default_retry_after_s)
+
+
+class TooManyRequests(_RetryLater):
     code = "TOO_MANY_REQUESTS"
     status = 429
-
-    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.details.setdefault("retry_after_s", retry_after_s)
-
-    @property
-    def retry_after_s(self) -> int:
-        value = self.details.get("retry_after_s", 1)
-        return value if isinstance(value, int) else 1
 
 
 class InternalError(RbeeError):
@@ -290,16 +291,6 @@ class JobCancelled(RbeeError):
 class ConfigError(RbeeError):
     code = "CONFIG_ERROR"
     status = 500
-
-
-class _RetryLater(RbeeError):
-    """Mixed into errors a client should retry: `retry_after_s` in the details (and Retry-After)."""
-
-    default_retry_after_s = 1
-
-    def __init__(self, message: str, *, retry_after_s: int | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.details.setdefault("retry_after_s", retry_after_s or self.default_retry_after_s)
 
 
 # --- 400 -------------------------------------------------------------------------------

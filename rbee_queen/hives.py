@@ -236,6 +236,11 @@ class HiveRouter:
         self._build()
         return list(self.hives)
 
+    def all(self) -> list[Hive]:
+        """Every hive, in the config's order."""
+        self._build()
+        return list(self.hives.values())
+
     def get(self, hive_id: str) -> Hive:
         self._build()
         hive = self.hives.get(hive_id)

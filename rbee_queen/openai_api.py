@@ -123,7 +123,7 @@ def add_openai_routes(
             answer = Answer(generate, request.model, params, deadline=deadline(), streams=streams)
         except RbeeError as error:
             return openai_error(error)
-        return await _respond(request, params, answer, chat=chat)
+        return await _Reply(request, params, answer, chat=chat).respond()
 
     @app.post("/v1/chat/completions")
     async def chat() -> Response:
@@ -161,12 +161,6 @@ def add_openai_routes(
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
         }
         return Response(_encode(body), content_type="application/json")
-
-
-async def _respond(
-    request: CommonRequest, params: GenerationParams, answer: Answer, *, chat: bool
-) -> Response:
-    return await _Reply(request, params, answer, chat=chat).respond()
 
 
 class _Reply:

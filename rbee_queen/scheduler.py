@@ -118,7 +118,6 @@ class Scheduler:
                 if scope.cancelled_caught:
                     raise QueueTimeout(
                         f"No worker slot became free within {self.queue_timeout_s:g} s.",
-                        details={"retry_after_s": 2},
                         hint="Retry later, or start more workers of this model.",
                     )
         finally:

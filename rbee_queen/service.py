@@ -149,9 +149,9 @@ class QueenService:
                 return self.worker_list_active(context, model=model, device=device)
             case HiveList():
                 self.config.reload_hives()
-                return [HiveListing(hive_id=hive_id, url=hive.url, local=hive.in_process,
+                return [HiveListing(hive_id=hive.hive_id, url=hive.url, local=hive.in_process,
                                     installed=hive.installed())
-                        for hive_id in self.router.ids() for hive in [self.router.get(hive_id)]]
+                        for hive in self.router.all()]
             case Infer():
                 return await self.infer(operation, context)
             case Embed(model=model, input=texts, dimensions=dimensions):

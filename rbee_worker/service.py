@@ -171,9 +171,7 @@ class WorkerService:
     def begin(self, request: InferenceRequest) -> ActiveRequest:
         """Take a slot for `request` (validated) or refuse it."""
         if self.backend is None:
-            raise WorkerLoading(
-                "The model is still loading.", details={"retry_after_s": 1}
-            )
+            raise WorkerLoading("The model is still loading.")
         if self.draining:
             raise WorkerDraining("This worker is shutting down.")
         validate(request, self.config.ctx)
@@ -318,7 +316,7 @@ class WorkerService:
         """Vectors for the inputs: a second context on the same weights, one request at a time."""
         backend = self.backend
         if backend is None:
-            raise WorkerLoading("The model is still loading.", details={"retry_after_s": 1})
+            raise WorkerLoading("The model is still loading.")
         if self.draining:
             raise WorkerDraining("This worker is shutting down.")
         if "embeddings" not in backend.features or isinstance(backend, SyntheticBackend):
