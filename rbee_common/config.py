@@ -74,6 +74,9 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """A hive started over SSH that is not ready this long after is stopped, with its last log lines."""
     audit_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 10 * 1024 * 1024
     """The audit log is archived (and its chain continued in a new file) at this size."""
+    metrics_public: bool = False
+    """Serve /metrics without the token (a Prometheus scraper on a trusted network); every other
+    endpoint still wants it."""
 
 
 class HiveSettings(_Section, frozen=True, kw_only=True):
@@ -121,6 +124,8 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """The audit log is archived (and its chain continued in a new file) at this size."""
     model_roots: list[str] = msgspec.field(default_factory=list)
     """Folders a `file://` model may be in, besides the catalog and the built-in model's package."""
+    metrics_public: bool = False
+    """Serve /metrics without the token (a scraper on a trusted network); its workers' too."""
     synthetic_backend: bool = False
     """Benchmarks and tests only: every spawn (backend "auto" or "synthetic", a cold start's too)
     starts a synthetic worker: filler tokens at a fixed rate, no model, any model name."""

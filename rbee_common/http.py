@@ -103,6 +103,7 @@ def error_response(error: RbeeError, *, component: str) -> Response:
         component, cid, error.code, error.status, request.method, request.path,
     )
     headers = {"X-Correlation-Id": cid}
+    g.error_code = error.code  # counted by the metrics (rbee_common.metrics)
     retry_after = error.details.get("retry_after_s")
     if error.status in (429, 503) and isinstance(retry_after, int):
         headers["Retry-After"] = str(retry_after)

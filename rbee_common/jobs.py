@@ -42,6 +42,7 @@ from rbee_common.errors import (
     first_leaf,
 )
 from rbee_common.http import json_response, read_body, serve_app, sse_frame, sse_response
+from rbee_common.metrics import Metrics
 from rbee_common.validation import decode_body
 from rbee_common.wire import (
     CANCELLED,
@@ -231,9 +232,15 @@ class JobServer:
         """The deadline an `infer` job gets when its client gave none (the queen's setting)."""
         self.on_finish: Callable[[Job], None] | None = None
         """Called when a job ends (the audit log)."""
+        self.metrics: Metrics | None = None
+        """Counts finished jobs by operation and outcome."""
 
     def live_jobs(self) -> list[Job]:
         return [job for job in self._jobs.values() if not job.finished]
+
+    def recent(self, limit: int = 50) -> list[Job]:
+        """The jobs it holds, newest first (running and finished ones still kept)."""
+        return sorted(self._jobs.values(), key=lambda job: job.created_at, reverse=True)[:limit]
 
     def submit(self, operation: Op[object], *, actor: str = "internal", deadline: str | None = None) -> Job:
         if self._stopping:
@@ -324,6 +331,8 @@ class JobServer:
             job.finish("cancelled", CANCELLED)
         if self.on_finish is not None:
             self.on_finish(job)
+        if self.metrics is not None:
+            self.metrics.job_finished(job.operation.name, job.state)
         job.result = None  # the result event has it; the job is kept a while, its value need not be
         log.info(
             "job %s operation=%s state=%s took_ms=%.1f",
@@ -449,6 +458,11 @@ def add_job_routes(app: QuartTrio, jobs: JobServer) -> None:
         job = jobs.submit(operation, actor=request_identity(), deadline=deadline)
         created = JobCreated(job_id=job.id, sse_url=f"/v1/jobs/{job.id}/stream")
         return json_response(created, status=201)
+
+    @app.get("/v1/jobs")
+    async def job_list() -> Response:
+        """The 50 newest jobs (the web UI's live jobs): states only, never their results."""
+        return json_response([job.info() for job in jobs.recent()])
 
     @app.get("/v1/jobs/<job_id>")
     async def job_status(job_id: str) -> Response:

@@ -79,6 +79,9 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     confirmed: bool | None = None
     """The queen's: its hive confirmed it (`worker_get`), so requests may go to it (None on a hive's
     answer)."""
+    tokens_per_s: float | None = None
+    """The queen's (`status`): generation speed of its recent requests, a moving average (None
+    before its first request through this queen)."""
 
 
 Provider = Literal["hf", "file", "builtin"]
@@ -142,6 +145,9 @@ class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     hives: list[HiveHealth]
     workers: list[WorkerRecord]
+    """Their `slots_busy` is what the queen has sent them and not seen finish (heartbeats lag)."""
+    queues: dict[str, int] = msgspec.field(default_factory=dict)
+    """Model -> requests waiting for a free slot of it (models with none waiting are left out)."""
 
 
 class HiveListing(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,6 +10,7 @@ from rbee_common.auth import TokenSource, install_auth
 from rbee_common.daemon import package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
+from rbee_common.ui import add_ui_routes
 from rbee_hive.service import HiveService
 
 
@@ -17,11 +18,18 @@ def build_app(
     service: HiveService, jobs: JobServer, *, stop: trio.Event, token: str | TokenSource | None = None
 ) -> QuartTrio:
     app = create_app("rbee-hive", component="hive", max_body_bytes=service.settings.max_body_bytes)
+    metrics = service.metrics.install(app, public=service.settings.metrics_public)
+    pages = add_ui_routes(app, "rbee_hive")
+
+    def refused(reason: str, identity: str | None, path: str) -> None:
+        service.metrics.auth_failed(reason)
+        service.audit.record("auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason,
+                             path=path)
+
     install_auth(
-        app, token,
+        app, token, public=("/health", *pages, *metrics),
         on_success=lambda identity: service.audit.record("auth.success", actor=identity, outcome="ok"),
-        on_failure=lambda reason, identity, path: service.audit.record(
-            "auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason, path=path),
+        on_failure=refused,
     )
 
     @app.get("/health")

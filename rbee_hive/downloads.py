@@ -47,6 +47,7 @@ from rbee_common.wire import (
     ModelFormat,
 )
 from rbee_hive.catalog import Catalog, HfRef, catalog_id, new_entry, parse_hf
+from rbee_hive.metrics import HiveMetrics
 
 log = logging.getLogger("rbee.hive.downloads")
 _MLX_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
@@ -217,6 +218,7 @@ class Downloader:
         self.attempts = attempts
         self.reserve_bytes = reserve_bytes
         self.transfers: dict[str, Transfer] = {}
+        self.metrics: HiveMetrics | None = None
 
     async def download(self, ref: str, context: JobContext) -> CatalogEntry:
         hf = parse_hf(ref)
@@ -272,6 +274,10 @@ class Downloader:
         finally:
             if transfer.entry is None and transfer.error is None:
                 transfer.error = DownloadFailed("The download was cancelled.")
+            if self.metrics is not None:
+                self.metrics.downloads.labels("failed" if transfer.error else "completed").inc()
+                if transfer.error is not None:
+                    self.metrics.download_failures.labels(transfer.error.code).inc()
             del self.transfers[key]
             transfer.finish()
 
@@ -373,6 +379,8 @@ class Downloader:
                                     pending += chunk
                                     received += len(chunk)
                                     transfer.done += len(chunk)
+                                    if self.metrics is not None:
+                                        self.metrics.download_bytes.inc(len(chunk))
                                     if received >= file.size:
                                         break
                                     if len(pending) >= 1 << 20:

@@ -70,6 +70,7 @@ async def serve(
             trio.open_nursery() as nursery:
         jobs = JobServer(nursery, service.handle, actor="hive", limits=limits)
         jobs.on_finish = functools.partial(record_job, service.audit)
+        jobs.metrics = service.metrics
         app = build_app(service, jobs, stop=stop, token=tokens)
 
         def apply_config() -> None:  # SIGHUP (area 360)

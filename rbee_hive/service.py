@@ -28,6 +28,7 @@ from rbee_common.wire import (
 from rbee_hive.catalog import Catalog
 from rbee_hive.devices import available_backends, detect_devices, disk_free
 from rbee_hive.downloads import Downloader
+from rbee_hive.metrics import HiveMetrics
 from rbee_hive.workers import Workers
 
 
@@ -43,6 +44,10 @@ class HiveService:
         self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers", token=token)
         self.audit = AuditLog(state_dir() / "audit" / f"hive-{settings.hive_id}.jsonl", component="hive",
                               max_bytes=settings.audit_max_bytes)
+        self.metrics = HiveMetrics()
+        self.downloads.metrics = self.workers.metrics = self.metrics
+        self.metrics.watch(detect_devices, self.workers.list, lambda: {
+            model: (transfer.done, transfer.total) for model, transfer in self.downloads.transfers.items()})
         self.workers.on_idle_stop = lambda worker: self.audit.record(
             "worker.stop", actor="hive (idle timeout)", outcome="stopping", worker_id=worker.worker_id,
             model=worker.model)

@@ -40,6 +40,7 @@ from rbee_common.jobs import JobContext
 from rbee_common.wire import CatalogEntry, WorkerRecord, WorkerSpawn
 from rbee_hive.catalog import Catalog
 from rbee_hive.devices import physical_cores
+from rbee_hive.metrics import HiveMetrics
 from rbee_hive.preflight import Preflight, preflight, worker_command
 
 log = logging.getLogger("rbee.hive.workers")
@@ -81,6 +82,7 @@ class Workers:
         self._reserved_ports: set[int] = set()
         self.on_idle_stop: Callable[[WorkerRecord], None] = lambda worker: None
         """A worker the hive stops by itself (idle timeout): the audit log."""
+        self.metrics: HiveMetrics | None = None
 
     def http(self, timeout: float = 5.0) -> httpx.AsyncClient:
         """A client for talking to our workers (each request carries that worker's token).
@@ -159,11 +161,19 @@ class Workers:
             port = self._free_port(tried)
             tried.add(port)
             self._reserved_ports.add(port)
+            began = time.monotonic()
             try:
                 result = await self._start(op, context, worker_id, checked, port)
+            except RbeeError:
+                if self.metrics is not None:
+                    self.metrics.spawns.labels(backend, "failed").inc()
+                raise
             finally:
                 self._reserved_ports.discard(port)
             if result is not None:
+                if self.metrics is not None:
+                    self.metrics.spawns.labels(backend, "completed").inc()
+                    self.metrics.start_duration.labels(backend).observe(time.monotonic() - began)
                 return result
             context.narrate("worker_spawn", f"Port {port} was taken; trying another", level="warn")
         raise WorkerStartFailed(
@@ -188,6 +198,7 @@ class Workers:
             # drain a little less than we wait, so a busy worker finishes before our SIGKILL
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
             *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),
+            *(["--metrics-public"] if self.settings.metrics_public else []),
         ]
         if backend == "synthetic":
             argv += ["--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}"]
@@ -304,6 +315,8 @@ class Workers:
             running.exited.set()
         if info.state != "draining":
             log.warning("worker %s (pid %d) died with exit code %s; removed", info.worker_id, info.pid, code)
+            if self.metrics is not None and info.state != "loading":  # (a failed start is counted there)
+                self.metrics.crashes.labels(info.model).inc()
         else:
             log.info("worker %s (pid %d) stopped with exit code %s", info.worker_id, info.pid, code)
 
@@ -337,6 +350,8 @@ class Workers:
             ready = None
         if info.state not in ("ready", "busy"):
             return  # it was stopped meanwhile
+        if self.metrics is not None:
+            self.metrics.health_checks.labels("success" if isinstance(ready, dict) else "failure").inc()
         if not isinstance(ready, dict):
             running.failed_checks += 1
             log.warning("worker %s (pid %d) failed health check %d of 3",

@@ -10,9 +10,10 @@ from quart_trio import QuartTrio
 
 from rbee_common.auth import install_auth, presented_token
 from rbee_common.daemon import build_timestamp, package_version
-from rbee_common.errors import AuthFailed
+from rbee_common.errors import AuthFailed, RbeeError
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
 from rbee_common.jobs import JobServer, add_job_routes
+from rbee_common.ui import add_ui_routes
 from rbee_common.wire import BuildInfo
 from rbee_queen.anthropic_api import add_anthropic_routes
 from rbee_queen.ollama_api import OllamaApi
@@ -24,7 +25,11 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
     app = create_app(
         "queen-rbee", component="queen", max_body_bytes=service.config.settings.max_body_bytes
     )
+    metrics = service.metrics.install(app, public=service.config.settings.metrics_public,
+                                      also=lambda: [hive.metrics for hive in service.local_hives])
+    pages = add_ui_routes(app, "rbee_queen")
     install_auth(app, service.tokens, own_check=("/v1/worker-heartbeat",),
+                 public=("/health", *pages, *metrics),
                  on_success=service.audit_auth_success, on_failure=service.audit_auth_failure)
 
     @app.get("/health")
@@ -51,8 +56,13 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
         try:
             await service.heartbeats.accept(await read_body(), token)
         except AuthFailed as error:
+            service.metrics.heartbeats.labels("refused").inc()
             service.audit_auth_failure(error.reason, error.identity, request.path)
             raise
+        except RbeeError:
+            service.metrics.heartbeats.labels("refused").inc()
+            raise
+        service.metrics.heartbeats.labels("accepted").inc()
         return no_content()
 
     def default_deadline_s() -> float:

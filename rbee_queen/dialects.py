@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 import trio
-from quart import Response
+from quart import Response, g
 
 from rbee_common import deadlines
 from rbee_common.errors import RbeeError, ShuttingDown, ValidationFailed
@@ -51,6 +51,7 @@ ERROR_TYPES = {
 def error_response(body: dict[str, Any], error: RbeeError) -> Response:
     """A dialect's error body with the error's status, and `Retry-After` when it has one (429, 503)."""
     response = Response(msgspec.json.encode(body), status=error.status, content_type="application/json")
+    g.error_code = error.code  # counted by the metrics (rbee_common.metrics)
     retry = error.details.get("retry_after_s")
     if isinstance(retry, int):
         response.headers["Retry-After"] = str(retry)

@@ -22,6 +22,7 @@ import trio
 from rbee_common.auth import bearer
 from rbee_common.client import JobClient, map_transport_errors
 from rbee_common.config import HiveEntry
+from rbee_common.daemon import package_version
 from rbee_common.errors import (
     ConnectFailed,
     HiveInProcess,
@@ -178,7 +179,7 @@ class InProcessHive:
         return await trio.to_thread.run_sync(self.service.capabilities)
 
     async def health(self, timeout_s: float) -> HiveHealth:
-        return HiveHealth(hive_id=self.hive_id, url=self.url, reachable=True)
+        return HiveHealth(hive_id=self.hive_id, url=self.url, reachable=True, version=package_version())
 
     async def has_model(self, model: str) -> bool:
         return self.service.catalog.find(model) is not None

@@ -40,6 +40,7 @@ from rbee_common.wire import (
     WorkerRecord,
     inference_event_decoder,
 )
+from rbee_queen.metrics import QueenMetrics
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.scheduler import Scheduler
 
@@ -142,7 +143,7 @@ async def generate(
     params: GenerationParams, *, attempts: int, context: JobContext | None = None,
     served: Served | None = None, hive_id: str | None = None,
     headers: Callable[[WorkerRecord], dict[str, str]] = lambda worker: {},
-    deadline: str | None = None,
+    deadline: str | None = None, metrics: QueenMetrics | None = None,
 ) -> AsyncGenerator[InferenceToken, None]:
     """Text pieces (with their logprobs, when asked) as the worker streams them; `served` is
     filled in at the end.
@@ -154,15 +155,32 @@ async def generate(
     """
     served = served if served is not None else Served()
     token = deadlines.current.set(deadline)  # a cold start's spawn job on the hive inherits it
+    started = trio.current_time()
+    first: float | None = None
+    outcome = "failed"
     try:
         async with contextlib.aclosing(_attempts(
             scheduler, registry, lanes, model, params, attempts=attempts, context=context, served=served,
             hive_id=hive_id, headers=headers, deadline=deadline,
         )) as pieces:
             async for piece in pieces:
+                if first is None:
+                    first = trio.current_time()
+                    if metrics is not None:
+                        metrics.ttft.labels(model).observe(first - started)
                 yield piece
+        outcome = "completed"
+    except (GeneratorExit, trio.Cancelled):
+        outcome = "cancelled"  # the client left, or its deadline passed
+        raise
     finally:
         deadlines.current.reset(token)
+        if metrics is not None:
+            if served.attempts > 1:
+                metrics.retries.labels(model).inc(served.attempts - 1)
+            metrics.served(model, served.worker_id, outcome, tokens_in=served.tokens_in,
+                           tokens_out=served.tokens_out,
+                           generating_s=None if first is None else trio.current_time() - first)
 
 
 async def _attempts(

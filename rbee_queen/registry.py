@@ -34,6 +34,8 @@ class WorkerRegistry:
         self._routable: list[WorkerRecord] | None = None
         """Built when the set of routable workers changes, not per request."""
         self.on_change: Callable[[], None] = lambda: None
+        self.on_drop: Callable[[str], None] = lambda reason: None
+        """A worker left routing: `stale`, `unreachable` or `stopped` (the metrics)."""
 
     def _changed(self) -> None:
         self._routable = None
@@ -96,12 +98,14 @@ class WorkerRegistry:
     def is_confirmed(self, worker_id: str) -> bool:
         return worker_id in self._confirmed
 
-    def forget(self, worker_id: str, why: str) -> None:
+    def forget(self, worker_id: str, why: str, reason: str = "unreachable") -> None:
+        """Out of routing until its next heartbeat; `reason` is `why` in one word."""
         self._confirmed.discard(worker_id)
         self._tokens.pop(worker_id, None)
         self._alive.pop(worker_id, None)
         if self._seen.pop(worker_id, None) is not None:
             log.warning("worker %s out of routing: %s", worker_id, why)
+            self.on_drop(reason)
             self._changed()
 
     def expire(self) -> None:
@@ -110,7 +114,7 @@ class WorkerRegistry:
         for worker_id, (seen, _) in list(self._seen.items()):
             silent = now - self._last(worker_id, seen)
             if silent > self.stale_after_s:
-                self.forget(worker_id, f"no heartbeat for {silent:.1f} s (three missed)")
+                self.forget(worker_id, f"no heartbeat for {silent:.1f} s (three missed)", "stale")
 
     async def expire_forever(self) -> None:
         while True:

@@ -12,6 +12,7 @@ lag by up to one period, so they only add and remove workers.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import trio
@@ -21,6 +22,7 @@ from rbee_common.errors import NoHive, NoWorker, QueueFull, QueueTimeout, RbeeEr
 from rbee_common.jobs import JobContext
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
 from rbee_queen.hives import HiveRouter
+from rbee_queen.metrics import QueenMetrics
 from rbee_queen.registry import WorkerRegistry
 
 log = logging.getLogger("rbee.queen.scheduler")
@@ -67,6 +69,7 @@ class Scheduler:
         self.on_cold_start: Callable[[str, str, WorkerRecord | None, str | None, str | None], None] = (
             lambda *_: None)
         """(model, hive_id, the spawn's result or None, error code or None, job id): the audit log."""
+        self.metrics: QueenMetrics | None = None
         self.load: dict[str, int] = {}
         self.waiting: dict[str, int] = {}
         self.aliases: dict[str, str] = {}
@@ -89,6 +92,7 @@ class Scheduler:
         """A worker slot for one request (on `hive_id` if given); call `release` when it ends."""
         deadline = trio.current_time() + self.queue_timeout_s
         queued = False
+        queued_at = 0.0
         given = exclude
         try:
             while True:
@@ -109,7 +113,7 @@ class Scheduler:
                             retry_after_s=2, hint="Retry later, or start more workers of this model.",
                         )
                     self.waiting[model] = self.waiting.get(model, 0) + 1
-                    queued = True
+                    queued, queued_at = True, time.monotonic()
                     if context is not None:
                         context.narrate("queued", "Every worker of this model is busy; waiting for a slot")
                 changed = self._changed
@@ -123,6 +127,8 @@ class Scheduler:
         finally:
             if queued:
                 self.waiting[model] -= 1
+                if self.metrics is not None:
+                    self.metrics.queue_wait.labels(model).observe(time.monotonic() - queued_at)
 
     def release(self, worker_id: str) -> None:
         self.load[worker_id] = max(self.load.get(worker_id, 0) - 1, 0)
@@ -141,6 +147,7 @@ class Scheduler:
             await running.wait()
             return
         done = self._cold[model] = trio.Event()
+        began = time.monotonic()
         try:
             hive_id, device = await self.best_hive(model, only=hive_id)
             if context is not None:
@@ -154,8 +161,13 @@ class Scheduler:
                 spawned = await self.router.get(hive_id).run(spawn, context)
             except RbeeError as error:
                 self.on_cold_start(model, hive_id, None, error.code, context.job_id if context else None)
+                if self.metrics is not None:  # (no model label: a failed one may name no model at all)
+                    self.metrics.cold_starts.labels("failed").inc()
                 raise
             self.on_cold_start(model, hive_id, spawned, None, context.job_id if context else None)
+            if self.metrics is not None:
+                self.metrics.cold_starts.labels("completed").inc()
+                self.metrics.cold_start_duration.labels(model).observe(time.monotonic() - began)
             self.register_spawned(model, hive_id, spawned, token)
         finally:
             del self._cold[model]

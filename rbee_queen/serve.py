@@ -93,6 +93,7 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="queen", limits=limits)
                 jobs.on_finish = functools.partial(record_job, service.audit)
+                jobs.metrics = service.metrics
                 jobs.default_deadline_s = settings.default_deadline_s or None
                 app = build_app(service, jobs, stop=stop)
                 if reloads is not None:

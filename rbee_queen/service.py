@@ -67,6 +67,7 @@ from rbee_queen.dialects import Usage
 from rbee_queen.heartbeats import Heartbeats
 from rbee_queen.hives import HiveRouter, InProcessHive
 from rbee_queen.inference import WORKER_TIMEOUT, Served, WorkerLanes, generate
+from rbee_queen.metrics import QueenMetrics
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.remote import Remote
 from rbee_queen.scheduler import Scheduler
@@ -90,10 +91,14 @@ class QueenService:
         settings = config.settings
         self.tokens = tokens or TokenSource.fixed(config.api_token)
         """The token clients present; SIGHUP reads its file again (`TokenSource.reload`)."""
+        self.metrics = QueenMetrics()
         self.workers = WorkerRegistry(stale_after_s=settings.worker_stale_s)
+        self.workers.on_drop = lambda reason: self.metrics.workers_dropped.labels(reason).inc()
         self.audit = AuditLog(state_dir() / "audit" / "queen.jsonl", component="queen",
                               max_bytes=settings.audit_max_bytes)
         self.remote = remote
+        self.local_hives = list(local_hives)
+        """Hive services running in this process (--local-hive)."""
         in_process = [InProcessHive("localhost", hive, token=lambda: self.token) for hive in local_hives]
         self.router = HiveRouter(config.hives, http=http, token_for=remote.token,
                                  installed_for=remote.installed, in_process=in_process)
@@ -104,6 +109,8 @@ class QueenService:
         )
         self.scheduler.mint_tokens = self.token is not None
         self.scheduler.on_cold_start = self.audit_cold_start
+        self.scheduler.metrics = self.metrics
+        self.metrics.watch(self.workers, lambda: self.scheduler.waiting)
         self.heartbeats = Heartbeats(
             self.workers, nursery=nursery, queen_token=lambda: self.token, hive_token=self.hive_token,
             hive_ids=self.router.ids, placement=lambda hive_id: self.router.get(hive_id).placement(),
@@ -133,6 +140,7 @@ class QueenService:
         self.audit.record("auth.success", actor=identity, outcome="ok")
 
     def audit_auth_failure(self, reason: str, identity: str | None, path: str) -> None:
+        self.metrics.auth_failed(reason)
         self.audit.record("auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason,
                           path=path)
 
@@ -184,7 +192,7 @@ class QueenService:
                 return spawned
             case WorkerStop(worker_id=worker_id, hive_id=hive_id):
                 stopped = await self.router.get(hive_id).run(operation, context)
-                self.workers.forget(worker_id, "stopped through the queen")
+                self.workers.forget(worker_id, "stopped through the queen", "stopped")
                 return stopped
             case WorkerSpawn() | WorkerList() | WorkerGet() | ModelDownload() | ModelList() | ModelGet() \
                     | ModelDelete():
@@ -221,7 +229,7 @@ class QueenService:
                 result = await self.remote.stop(alias, entry, context)
                 for worker in self.workers.active():
                     if worker.hive_id == alias:
-                        self.workers.forget(worker.worker_id, f"hive {alias} stopped")
+                        self.workers.forget(worker.worker_id, f"hive {alias} stopped", "stopped")
                 return result
 
     # --- inference ----------------------------------------------------------------
@@ -233,7 +241,7 @@ class QueenService:
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._lanes, model, params,
             attempts=self.config.settings.infer_attempts, served=served,
-            headers=self.worker_headers, deadline=deadline,
+            headers=self.worker_headers, deadline=deadline, metrics=self.metrics,
         )) as pieces:
             async for piece in pieces:
                 yield piece
@@ -278,7 +286,7 @@ class QueenService:
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._lanes, operation.model, params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
-            hive_id=operation.hive_id, headers=self.worker_headers, deadline=deadline,
+            hive_id=operation.hive_id, headers=self.worker_headers, deadline=deadline, metrics=self.metrics,
         )) as pieces:
             async for piece in pieces:
                 context.token(piece.t, len(text))
@@ -335,7 +343,11 @@ class QueenService:
         return QueenStatus(
             version=package_version(),
             hives=[results[hive_id] for hive_id in hives],
-            workers=self.workers.active(),
+            workers=[msgspec.structs.replace(
+                worker, slots_busy=max(worker.slots_busy, self.scheduler.load.get(worker.worker_id, 0)),
+                tokens_per_s=_round(self.metrics.worker_rate.get(worker.worker_id)))
+                for worker in self.workers.active()],
+            queues={model: count for model, count in sorted(self.scheduler.waiting.items()) if count},
         )
 
     def worker_list_active(
@@ -345,3 +357,7 @@ class QueenService:
                    if (model is None or w.model == model) and (device is None or w.device == device)]
         context.narrate("worker_list_active", f"{len(workers)} worker(s) heard from recently")
         return workers
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -31,7 +31,9 @@ CANCEL_WAIT_S = 2.0
 
 def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event) -> QuartTrio:
     app = create_app("llm-worker-rbee", component="worker", max_body_bytes=service.config.max_body_bytes)
-    install_auth(app, service.config.api_token)
+    metrics = service.metrics.install(app, public=service.config.metrics_public)
+    install_auth(app, service.config.api_token, public=("/health", *metrics),
+                 on_failure=lambda reason, identity, path: service.metrics.auth_failed(reason))
 
     @app.get("/health")
     async def health() -> Response:

@@ -111,12 +111,14 @@ async def _serve(
         if model is None:
             service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx)
         else:
+            began = time.monotonic()
             service.backend = await trio.to_thread.run_sync(
                 functools.partial(
                     load_backend, model, backend=config.backend, device=config.device,
                     threads=config.threads, ctx=config.ctx, slots=config.slots,
                 )
             )
+            service.metrics.load_seconds.labels(config.served_name).set(time.monotonic() - began)
         service.state_changed.set()
         service.last_request_end = time.monotonic()  # idle counts from ready
         log.info("model %r loaded with %s on %s", config.model, service.backend.name, config.device)

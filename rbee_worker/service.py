@@ -46,8 +46,9 @@ from rbee_common.wire import (
     WorkerHeartbeat,
     WorkerState,
 )
-from rbee_worker.backends import Backend
+from rbee_worker.backends import Backend, Generated
 from rbee_worker.config import WorkerConfig
+from rbee_worker.metrics import WorkerMetrics
 from rbee_worker.synthetic import SyntheticBackend
 
 log = logging.getLogger("rbee.worker")
@@ -146,6 +147,8 @@ class WorkerService:
         self._embedder = trio.CapacityLimiter(1)
         self.recent: collections.deque[str] = collections.deque(maxlen=1024)
         """Ids of requests that ended, so a repeated DELETE stays a 204."""
+        self.metrics = WorkerMetrics(config.served_name)
+        self.metrics.watch(lambda: (len(self.active), self.config.slots, self.state))
 
     @property
     def state(self) -> WorkerState:
@@ -234,7 +237,11 @@ class WorkerService:
     ) -> None:
         backend = self.backend
         index = 0
+        began = time.monotonic()
         first_token_at: float | None = None
+        outcome = "cancelled"
+        """Until the end event or an error says otherwise: the client left, or the worker stopped."""
+        generated: Generated | None = None
 
         trio_token = trio.lowlevel.current_trio_token()
 
@@ -286,16 +293,21 @@ class WorkerService:
                             limiter=self._threads,
                         )
                 except RbeeError as error:
+                    outcome = "failed"
                     await send.send(InferenceError(code=error.code, message=error.message))
                     return
                 except Exception as error:
+                    outcome = "failed"
                     log.error("generation failed request_id=%s", active.request_id, exc_info=error)
                     await send.send(InferenceError(code=InternalError.code, message="Generation failed."))
                     return
                 if timed_out:
+                    outcome = "timeout"
                     timeout = InferenceError(code=DeadlineExceeded.code, message="Request exceeded deadline")
                     await send.send(timeout)
                     return
+                if not active.cancelled.is_set():
+                    outcome = "completed"
                 decode_ms = 0.0 if first_token_at is None else (time.monotonic() - first_token_at) * 1000
                 await send.send(InferenceEnd(
                     tokens_in=generated.tokens_in, tokens_out=generated.tokens_out,
@@ -307,6 +319,12 @@ class WorkerService:
         finally:
             self.active.pop(active.request_id, None)
             self.last_request_end = time.monotonic()
+            self.metrics.request_ended(
+                outcome, ttft_s=None if first_token_at is None else first_token_at - began,
+                generating_s=None if first_token_at is None else self.last_request_end - first_token_at,
+                tokens_in=generated.tokens_in if generated else 0,
+                tokens_out=generated.tokens_out if generated else index,
+                tokens_cached=generated.tokens_cached if generated else 0)
             self.recent.append(active.request_id)
             if len(self.active) == self.config.slots - 1:
                 self.state_changed.set()  # ready again

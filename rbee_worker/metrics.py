@@ -1,0 +1,62 @@
+"""The worker's series (`/metrics`): its one model's requests, speed and slots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from rbee_common.metrics import RATE_BUCKETS, Metrics
+
+
+class WorkerMetrics(Metrics):
+    def __init__(self, model: str) -> None:
+        super().__init__("rbee_worker")
+        self.model = model
+        self.inferences = self.counter(
+            "inferences", "Inference requests by outcome (completed, failed, cancelled, timeout).",
+            ["model", "outcome"])
+        self.ttft = self.histogram(
+            "time_to_first_token_seconds", "From taking a slot to the first token (the prompt's prefill).",
+            ["model"])
+        self.tokens_per_second = self.histogram(
+            "tokens_per_second", "Generation speed of each finished request after its first token.",
+            ["model"], buckets=RATE_BUCKETS)
+        self.prompt_tokens = self.counter("prompt_tokens", "Prompt tokens of finished requests.", ["model"])
+        self.cached_tokens = self.counter(
+            "cached_prompt_tokens", "Prompt tokens reused from the cache instead of computed.", ["model"])
+        self.completion_tokens = self.counter("completion_tokens", "Tokens generated.", ["model"])
+        self.load_seconds = self.gauge("model_load_seconds", "How long loading the model took.", ["model"])
+
+    def request_ended(
+        self, outcome: str, *, ttft_s: float | None, generating_s: float | None,
+        tokens_in: int = 0, tokens_out: int = 0, tokens_cached: int = 0,
+    ) -> None:
+        model = self.model
+        self.inferences.labels(model, outcome).inc()
+        if ttft_s is not None:
+            self.ttft.labels(model).observe(ttft_s)
+        self.prompt_tokens.labels(model).inc(tokens_in)
+        self.cached_tokens.labels(model).inc(tokens_cached)
+        self.completion_tokens.labels(model).inc(tokens_out)
+        if generating_s is not None and generating_s > 0 and tokens_out > 1:
+            self.tokens_per_second.labels(model).observe((tokens_out - 1) / generating_s)
+
+    def watch(self, slots: Callable[[], tuple[int, int, str]]) -> None:
+        """Busy and total slots and the state (`loading`, `ready`, …): read at each scrape."""
+
+        def collect() -> Iterable[Metric]:
+            busy, total, state = slots()
+            used = GaugeMetricFamily(self.name("slots_busy"), "Slots generating now.", labels=["model"])
+            used.add_metric([self.model], busy)
+            size = GaugeMetricFamily(self.name("slots"), "Sequences this worker runs at once.",
+                                     labels=["model"])
+            size.add_metric([self.model], total)
+            ready = GaugeMetricFamily(self.name("state"), "1 for the worker's current state.",
+                                      labels=["model", "state"])
+            for name in ("loading", "ready", "busy", "draining"):
+                ready.add_metric([self.model, name], 1 if name == state else 0)
+            return [used, size, ready]
+
+        self.collect_with(collect)
