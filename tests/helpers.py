@@ -133,14 +133,16 @@ def port_open(url_or_port: str | int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def run_job(url: str, operation: dict[str, object], timeout: float = 120.0) -> tuple[list[dict[str, object]], str]:
+def run_job(url: str, operation: dict[str, object], timeout: float = 120.0,
+            headers: dict[str, str] | None = None) -> tuple[list[dict[str, object]], str]:
     """Submit a job over HTTP and read its stream to the end: (events, terminator)."""
     import httpx
 
-    created = httpx.post(f"{url}/v1/jobs", json=operation, timeout=10)
+    created = httpx.post(f"{url}/v1/jobs", json=operation, timeout=10, headers=headers)
     assert created.status_code == 201, created.text
     events: list[dict[str, object]] = []
-    with httpx.stream("GET", url + created.json()["sse_url"], timeout=httpx.Timeout(10, read=timeout)) as stream:
+    with httpx.stream("GET", url + created.json()["sse_url"], timeout=httpx.Timeout(10, read=timeout),
+                      headers=headers) as stream:
         for line in stream.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -152,8 +154,9 @@ def run_job(url: str, operation: dict[str, object], timeout: float = 120.0) -> t
     raise AssertionError("the job stream ended without a terminator")
 
 
-def job_result(url: str, operation: dict[str, object], timeout: float = 120.0) -> object:
-    events, terminator = run_job(url, operation, timeout)
+def job_result(url: str, operation: dict[str, object], timeout: float = 120.0,
+               headers: dict[str, str] | None = None) -> object:
+    events, terminator = run_job(url, operation, timeout, headers)
     assert terminator == "[DONE]", (terminator, events[-3:])
     results = [e["value"] for e in events if e["type"] == "result"]
     assert len(results) == 1, events
