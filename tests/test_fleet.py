@@ -38,6 +38,27 @@ def site(hosts: netns.Fleet, wheelhouse: Path, tmp_path: Path) -> Site:
     return make_site(hosts, tmp_path / "site", wheelhouse)
 
 
+@pytest.fixture(scope="module")
+def installed_site(
+    hosts: netns.Fleet, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Site, dict[str, subprocess.CompletedProcess[str]]]:
+    """A site with h1 and h2 installed, both at once as an operator with a fleet would, and the two
+    installs' outcomes. The install is the slow part (about 40 s): the two tests that need installed
+    hives share it."""
+    site = make_site(hosts, tmp_path_factory.mktemp("installed") / "site", wheelhouse)
+    site.add_hive("h1", site.host("h1"))
+    site.add_hive("h2", site.host("h2"))
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+    with site.queen():
+        threads = [threading.Thread(target=lambda a=alias: results.__setitem__(a, site.keeper("hive", "install", a)))
+                   for alias in ("h1", "h2")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return site, results
+
+
 def rbee_processes(host: netns.Host) -> dict[int, str]:
     """Our programs running inside the host's namespace: pid -> which."""
     found = {}
@@ -65,30 +86,22 @@ def install_fails(site: Site, alias: str) -> str:
     return done.stderr
 
 
-def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(site: Site) -> None:
+def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(
+    installed_site: tuple[Site, dict[str, subprocess.CompletedProcess[str]]],
+) -> None:
+    site, results = installed_site
     h1, h2 = site.host("h1"), site.host("h2")
-    site.add_hive("h1", h1)
-    site.add_hive("h2", h2)
+    for alias in ("h1", "h2"):
+        assert results[alias].returncode == 0, results[alias].stderr
+        assert "Uploading" in results[alias].stderr and "the same as this queen" in results[alias].stderr
+        assert installed(site, alias)
+    record = json.loads(results["h1"].stdout)
+    token = Path(record["install_dir"]) / "hive.token"
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+    queen_side = site.root / "xdg-state" / "rbee" / "hives" / "h1" / "token"
+    assert oct(queen_side.stat().st_mode & 0o777) == "0o600"
+    assert queen_side.read_text() == token.read_text()
     with site.queen() as queen:
-        # both machines at once, as an operator with a fleet would
-        results: dict[str, subprocess.CompletedProcess[str]] = {}
-        threads = [threading.Thread(target=lambda a=alias: results.__setitem__(a, site.keeper("hive", "install", a)))
-                   for alias in ("h1", "h2")]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for alias in ("h1", "h2"):
-            assert results[alias].returncode == 0, results[alias].stderr
-            assert "Uploading" in results[alias].stderr and "the same as this queen" in results[alias].stderr
-            assert installed(site, alias)
-        record = json.loads(results["h1"].stdout)
-        token = Path(record["install_dir"]) / "hive.token"
-        assert oct(token.stat().st_mode & 0o777) == "0o600"
-        queen_side = site.root / "xdg-state" / "rbee" / "hives" / "h1" / "token"
-        assert oct(queen_side.stat().st_mode & 0o777) == "0o600"
-        assert queen_side.read_text() == token.read_text()
-
         for alias in ("h1", "h2"):
             started = site.keeper("hive", "start", alias)
             assert started.returncode == 0, started.stderr
@@ -230,11 +243,13 @@ def test_a_python_older_than_3_11_is_named(site: Site) -> None:
     assert "has Python 3.8.10" in stderr and "rbee needs 3.11 or newer" in stderr, stderr
 
 
-def test_a_detached_hive_outlives_the_queen_and_stops_when_asked(site: Site) -> None:
+def test_a_detached_hive_outlives_the_queen_and_stops_when_asked(
+    installed_site: tuple[Site, dict[str, subprocess.CompletedProcess[str]]],
+) -> None:
+    site, results = installed_site
     h2 = site.host("h2")
-    site.add_hive("h2", h2)
     with site.queen() as queen:
-        assert site.keeper("hive", "install", "h2").returncode == 0
+        assert results["h2"].returncode == 0, results["h2"].stderr
         code = next((site.root / "remote" / "h2" / "rbee" / "venv" / "lib").glob("python*/site-packages/rbee_hive"))
         before = (code / "__init__.py").stat().st_mtime_ns
         again = site.keeper("hive", "install", "h2", "--force")  # the same version: reinstalled anyway
