@@ -145,7 +145,8 @@ class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     hives: list[HiveHealth]
     workers: list[WorkerRecord]
-    """Their `slots_busy` is what the queen has sent them and not seen finish (heartbeats lag)."""
+    """Their `slots_busy` is the larger of what their last heartbeat said and what the queen has sent
+    them and not yet seen finish (a heartbeat lags by up to one period)."""
     queues: dict[str, int] = msgspec.field(default_factory=dict)
     """Model -> requests waiting for a free slot of it (models with none waiting are left out)."""
 

@@ -77,6 +77,10 @@ class QueenMetrics(Metrics):
             previous = self.worker_rate.get(worker_id)
             self.worker_rate[worker_id] = rate if previous is None else 0.7 * previous + 0.3 * rate
 
+    def worker_dropped(self, worker_id: str, reason: str) -> None:
+        self.workers_dropped.labels(reason).inc()
+        self.worker_rate.pop(worker_id, None)
+
     def watch(self, registry: WorkerRegistry, waiting: Callable[[], dict[str, int]]) -> None:
         """Workers by state and their slots, and queue depth per model: read at each scrape."""
 

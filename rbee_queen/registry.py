@@ -34,8 +34,8 @@ class WorkerRegistry:
         self._routable: list[WorkerRecord] | None = None
         """Built when the set of routable workers changes, not per request."""
         self.on_change: Callable[[], None] = lambda: None
-        self.on_drop: Callable[[str], None] = lambda reason: None
-        """A worker left routing: `stale`, `unreachable` or `stopped` (the metrics)."""
+        self.on_drop: Callable[[str, str], None] = lambda worker_id, reason: None
+        """A worker left routing, and why: `stale`, `unreachable` or `stopped` (the metrics)."""
 
     def _changed(self) -> None:
         self._routable = None
@@ -105,7 +105,7 @@ class WorkerRegistry:
         self._alive.pop(worker_id, None)
         if self._seen.pop(worker_id, None) is not None:
             log.warning("worker %s out of routing: %s", worker_id, why)
-            self.on_drop(reason)
+            self.on_drop(worker_id, reason)
             self._changed()
 
     def expire(self) -> None:

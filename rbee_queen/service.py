@@ -93,7 +93,7 @@ class QueenService:
         """The token clients present; SIGHUP reads its file again (`TokenSource.reload`)."""
         self.metrics = QueenMetrics()
         self.workers = WorkerRegistry(stale_after_s=settings.worker_stale_s)
-        self.workers.on_drop = lambda reason: self.metrics.workers_dropped.labels(reason).inc()
+        self.workers.on_drop = self.metrics.worker_dropped
         self.audit = AuditLog(state_dir() / "audit" / "queen.jsonl", component="queen",
                               max_bytes=settings.audit_max_bytes)
         self.remote = remote
