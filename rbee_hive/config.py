@@ -12,7 +12,7 @@ from rbee_common.errors import ConfigError
 
 log = logging.getLogger("rbee.hive.config")
 
-RESTART_ONLY = frozenset({"host", "port", "hive_id", "queen_url", "data_dir"})
+RESTART_ONLY = frozenset({"host", "port", "hive_id", "queen_url", "data_dir", "metrics_public"})
 """Settings a running hive cannot change: SIGHUP logs that they wait for a restart."""
 
 

@@ -123,3 +123,17 @@ def test_a_section_written_from_its_schema_loads_back_the_same(isolated_dirs: Pa
     path.write_text(toml_section(name, section))
     loaded = load_config(str(path))
     assert (loaded.hive if isinstance(section, HiveSettings) else loaded.hives["gpu-1"]) == section
+
+
+def test_metrics_public_waits_for_a_restart(tmp_path: Path) -> None:
+    """A SIGHUP cannot open /metrics to everyone: the routes' auth is set at start, so the setting
+    is kept, and the log says it waits for a restart."""
+    from rbee_hive.config import reload_hive_settings
+
+    config = tmp_path / "config.toml"
+    config.write_text("[hive]\nmetrics_public = true\nworker_ctx = 4096\n")
+    reloaded = reload_hive_settings(HiveSettings(), str(config))
+    assert reloaded is not None
+    kept, applied, restart = reloaded
+    assert restart == ["metrics_public"] and kept.metrics_public is False
+    assert applied == ["worker_ctx"] and kept.worker_ctx == 4096
