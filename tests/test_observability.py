@@ -47,21 +47,25 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
 
 
 @pytest.fixture(scope="module")
-def queen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A queen with a token; its in-process hive gives workers one thread and public /metrics."""
-    root = tmp_path_factory.mktemp("queen")
-    env = {**isolated_env(root), "RBEE_API_TOKEN": TOKEN, "RBEE_HIVE__CPU_THREADS": "1",
-           "RBEE_HIVE__METRICS_PUBLIC": "true", "RBEE_HIVE__WORKER_CHECK_S": "0.5"}
-    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"], env=env) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def hive(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[Daemon]:
     """A hive daemon of its own (no token, loopback), downloading from the fake HF server."""
     root = tmp_path_factory.mktemp("hive")
     env = {**isolated_env(root), "HF_ENDPOINT": hub.url, "RBEE_HIVE__CPU_THREADS": "1"}
     with daemon([str(BIN / "rbee-hive"), "--port", "0", "--hive-id", "ui-hive"], env=env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def queen(tmp_path_factory: pytest.TempPathFactory, hive: Daemon) -> Iterator[Daemon]:
+    """A queen with a token; its in-process hive gives workers one thread and public /metrics, and
+    the hive daemon above is its second hive, over HTTP."""
+    root = tmp_path_factory.mktemp("queen")
+    config = root / "config.toml"
+    config.write_text(f'[hives.ui-hive]\nhost = "127.0.0.1"\nhive_port = {hive.url.rsplit(":", 1)[1]}\n')
+    env = {**isolated_env(root), "RBEE_API_TOKEN": TOKEN, "RBEE_HIVE__CPU_THREADS": "1",
+           "RBEE_HIVE__METRICS_PUBLIC": "true", "RBEE_HIVE__WORKER_CHECK_S": "0.5"}
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)],
+                env=env) as running:
         yield running
 
 
@@ -83,6 +87,20 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
                if sample == name and set(labels.items()) <= set(have))
 
 
+def local_worker(queen: Daemon) -> dict[str, object]:
+    """The queen's worker of the built-in model on its in-process hive, spawned when there is none:
+    with two hives a cold start may land on either, and these tests scrape the local one."""
+    workers = job_result(queen.url, {"operation": "worker_list_active", "model": "smollm2-135m"}, headers=AUTH)
+    assert isinstance(workers, list)
+    local = [worker for worker in workers if worker["hive_id"] == "localhost"]
+    if local:
+        return dict(local[0])
+    spawned = job_result(queen.url, {"operation": "worker_spawn", "model": "smollm2-135m", "hive_id": "localhost"},
+                         headers=AUTH)
+    assert isinstance(spawned, dict)
+    return spawned
+
+
 def chat(queen: Daemon, content: str = "Why is the sky blue?", max_tokens: int = 12) -> dict[str, object]:
     response = httpx.post(f"{queen.url}/v1/chat/completions", headers=AUTH, timeout=120, json={
         "model": "smollm2-135m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
@@ -97,6 +115,7 @@ def chat(queen: Daemon, content: str = "Why is the sky blue?", max_tokens: int =
 
 def test_one_chat_moves_the_queens_request_token_and_ttft_series(queen: Daemon) -> None:
     assert httpx.get(f"{queen.url}/metrics").status_code == 401  # the token, as everywhere
+    local_worker(queen)
     before = scrape(queen.url, AUTH)
     usage = chat(queen, max_tokens=12)["usage"]
     assert isinstance(usage, dict)
@@ -121,8 +140,8 @@ def test_one_chat_moves_the_queens_request_token_and_ttft_series(queen: Daemon) 
 
 
 def test_the_worker_and_the_hive_serve_their_own_metrics(queen: Daemon, hive: Daemon) -> None:
+    worker = local_worker(queen)
     chat(queen, max_tokens=4)
-    (worker,) = job_result(queen.url, {"operation": "worker_list_active"}, headers=AUTH)  # type: ignore[misc]
     # The hive's metrics_public reaches its workers: a scraper needs no worker token.
     samples = scrape(str(worker["url"]))
     assert total(samples, "rbee_worker_inferences_total", outcome="completed") >= 1
@@ -197,10 +216,11 @@ def screenshot(page: object, tmp_path: Path, name: str) -> Path:
 
 
 def test_queen_dashboard_takes_the_token_once_and_chats_in_the_playground(
-        queen: Daemon, page: object, tmp_path: Path) -> None:
+        queen: Daemon, hive: Daemon, page: object, tmp_path: Path) -> None:
     from playwright.sync_api import Page, expect
 
     assert isinstance(page, Page)
+    local_worker(queen)  # where the playground's chat goes
     page.goto(queen.url + "/")
     token_form = page.locator("#token-form")
     expect(token_form).to_have_class(re.compile(r"\bopen\b"))  # the first call got 401: it asks
@@ -208,6 +228,10 @@ def test_queen_dashboard_takes_the_token_once_and_chats_in_the_playground(
     token_form.locator("button[type=submit]").click()
     expect(page.locator("#hives tr[data-hive=localhost]")).to_contain_text("reachable")
     expect(page.locator("#hives tr[data-hive=localhost]")).to_contain_text("CPU-0")
+    remote = page.locator("#hives tr[data-hive=ui-hive]")  # the hive daemon, over HTTP
+    expect(remote).to_contain_text("reachable")
+    expect(remote).to_contain_text("CPU-0")
+    expect(remote).to_contain_text(str(httpx.get(f"{hive.url}/health").json()["version"]))
     assert page.evaluate("sessionStorage.getItem('rbee-token')") == TOKEN
     page.reload()  # kept for the session: no second prompt
     expect(page.locator("#hives tr[data-hive=localhost]")).to_contain_text("reachable")
@@ -236,7 +260,7 @@ def test_queen_dashboard_stops_a_worker_and_shows_the_job(queen: Daemon, page: o
     from playwright.sync_api import Page, expect
 
     assert isinstance(page, Page)
-    chat(queen, max_tokens=2)  # a worker to stop
+    local_worker(queen)  # a worker to stop
     page.goto(queen.url + "/")
     page.evaluate(f"sessionStorage.setItem('rbee-token', {TOKEN!r})")
     page.reload()

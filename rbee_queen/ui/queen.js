@@ -38,13 +38,14 @@ function renderHives() {
       el("td", {}, el("code", {}, hive.url)),
       el("td", {}, badge(hive.reachable ? "reachable" : "unreachable"),
         hive.problem ? el("div", { class: "note" }, hive.problem) : null),
-      el("td", {}, hive.attached ? "attached" : hive.installed === undefined ? "in-process" : "–"),
+      el("td", {}, hive.url === "in-process" ? "in the queen" : hive.attached ? "attached over SSH"
+        : hive.installed ? "installed by this queen" : "–"),
       el("td", {}, hive.version || "–"),
       el("td", {}, devices.map((device) => el("div", {},
         el("code", {}, device.id), ` ${bytes(device.memory_free_bytes)} free of ${bytes(device.memory_total_bytes)}`))),
     );
   });
-  $("#hives .body").replaceChildren(table(["Hive", "URL", "Reachable", "Session", "Version", "Devices"], rows,
+  $("#hives .body").replaceChildren(table(["Hive", "URL", "Reachable", "Runs", "Version", "Devices"], rows,
     "No hives. Add one with `rbee-keeper hive add`, or run the queen with --local-hive."));
 }
 
