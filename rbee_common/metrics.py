@@ -35,6 +35,8 @@ RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 log = logging.getLogger("rbee.metrics")
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods kept as labels; any other token a client sends is `other` (a label must stay bounded)."""
 METRICS_PATH = "/metrics"
 
 
@@ -108,13 +110,14 @@ class Metrics:
         async def _count(response: Response) -> Response:
             rule = request.url_rule
             route = rule.rule if rule is not None else "unmatched"
-            self.requests.labels(route, request.method, str(response.status_code)).inc()
+            method = request.method if request.method in METHODS else "other"
+            self.requests.labels(route, method, str(response.status_code)).inc()
             code = getattr(g, "error_code", None)  # set by the error handlers (rbee_common.http, dialects)
             if isinstance(code, str):
                 self.errors.labels(code).inc()
             started = getattr(g, "metrics_started", None)
             if isinstance(started, float):
-                self.latency.labels(route, request.method).observe(time.perf_counter() - started)
+                self.latency.labels(route, method).observe(time.perf_counter() - started)
             return response
 
         @app.get(METRICS_PATH)

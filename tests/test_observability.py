@@ -160,6 +160,19 @@ def test_the_worker_and_the_hive_serve_their_own_metrics(queen: Daemon, hive: Da
     assert total(after, "rbee_hive_device_memory_free_bytes", device="CPU-0") > 0
 
 
+def test_labels_stay_bounded_whatever_the_client_sends(queen: Daemon) -> None:
+    """Paths and methods are a client's to choose: they reach the labels as the route's rule,
+    `unmatched` or `other`, never as sent."""
+    for index in range(3):
+        httpx.request(f"BREW{index}", f"{queen.url}/v1/jobs", headers=AUTH)
+        httpx.get(f"{queen.url}/no/such/path-{index}", headers=AUTH)
+        httpx.get(f"{queen.url}/v1/jobs/job-{index}", headers=AUTH)
+    labels = {value for (name, have) in scrape(queen.url, AUTH) for key, value in have
+              if name.startswith("rbee_queen_http_") and key in ("route", "method")}
+    assert not [value for value in labels if "BREW" in value or "path-" in value or "job-" in value], labels
+    assert {"unmatched", "other", "/v1/jobs/<job_id>"} <= labels
+
+
 def test_refused_credentials_are_counted_and_never_shown(queen: Daemon) -> None:
     wrong = "wrong-token-but-long-enough-123"
     before = scrape(queen.url, AUTH)
