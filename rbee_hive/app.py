@@ -10,7 +10,7 @@ from rbee_common.auth import TokenSource, install_auth
 from rbee_common.daemon import package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
-from rbee_common.ui import add_ui_routes
+from rbee_common.webui import add_ui_routes
 from rbee_hive.service import HiveService
 
 

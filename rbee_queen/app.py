@@ -13,7 +13,7 @@ from rbee_common.daemon import build_timestamp, package_version
 from rbee_common.errors import AuthFailed, RbeeError
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
 from rbee_common.jobs import JobServer, add_job_routes
-from rbee_common.ui import add_ui_routes
+from rbee_common.webui import add_ui_routes
 from rbee_common.wire import BuildInfo
 from rbee_queen.anthropic_api import add_anthropic_routes
 from rbee_queen.ollama_api import OllamaApi

@@ -109,6 +109,10 @@ def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(
         assert status.returncode == 0, status.stderr
         health = json.loads(status.stdout)
         assert health["reachable"] and health["installed"] and health["attached"], health
+        import httpx
+
+        page = httpx.get(f"{health['url']}/ui/hive.js", timeout=5)  # the wheel ships the web UI
+        assert page.status_code == 200 and "text/javascript" in page.headers["content-type"], page.status_code
 
         spawned = site.keeper("worker", "spawn", "--hive", "h1", "--model", "smollm2-135m", "--threads", "1")
         assert spawned.returncode == 0, spawned.stderr
@@ -124,8 +128,6 @@ def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(
 
         # the worker's API wants the hive's token: the network cannot use it without one
         worker_url = spawned.stdout.split()[3]
-        import httpx
-
         assert httpx.get(f"{worker_url}/v1/ready", timeout=5).status_code == 401
 
         ours = {**on_h1, **rbee_processes(h2)}
