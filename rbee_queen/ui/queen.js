@@ -123,6 +123,9 @@ async function refresh() {
   try {
     state.status = await runJob({ operation: "status" });
     $("#version").textContent = `version ${state.status.version}`;
+    for (const hiveId of Object.keys(state.devices)) {  // an unreachable hive's devices are not known now
+      if (!reachable().includes(hiveId)) delete state.devices[hiveId];
+    }
     await Promise.all(reachable().map(async (hiveId) => {
       const [capabilities, models] = await Promise.all([
         runJob({ operation: "hive_refresh_capabilities", hive_id: hiveId }),
