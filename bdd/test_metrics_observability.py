@@ -25,7 +25,7 @@ from bdd.conftest import World
 from rbee_hive.devices import detect_devices
 from rbee_hive.metrics import HiveMetrics
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, job_result, wait_for
+from tests.helpers import BIN, Daemon, daemon, isolated_env, job_result, metric_total, parse_metrics, wait_for
 
 scenarios("metrics_observability.feature")
 
@@ -35,7 +35,6 @@ WRONG = "not-the-token-but-long-enough-42"
 CONVERT = {"count": int, "mb": int, "rate": int, "seconds": int}
 """The numbers in steps (the steps with quoted names match with regular expressions: a quoted name
 never swallows the words after it)."""
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def met_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
 @pytest.fixture(scope="module")
 def met_queen(tmp_path_factory: pytest.TempPathFactory, met_hub: FakeHub) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("met-queen")
-    env = {f"XDG_{name.upper()}_HOME": str(root / name) for name in ("config", "state", "data", "cache")}
+    env = isolated_env(root)
     config = root / "queen.toml"
     config.write_text("[hive]\nsynthetic_backend = true\nsynthetic_tokens_per_s = 200\n"
                       "worker_check_s = 0.5\nmetrics_public = true\n")
@@ -63,17 +62,8 @@ def page(url: str, headers: dict[str, str] | None = None) -> str:
     return response.text
 
 
-def parse(text: str) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    return sum(value for (sample, have), value in samples.items()
-               if sample == name and set(labels.items()) <= set(have))
+parse = parse_metrics
+total = metric_total
 
 
 def rose(world: World, name: str, **labels: str) -> float:

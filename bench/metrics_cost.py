@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import BIN, daemon
+from tests.helpers import BIN, daemon, isolated_env
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
         root = Path(tmp)
         config = root / "queen.toml"
         config.write_text("[hive]\nsynthetic_backend = true\nsynthetic_tokens_per_s = 1000\n")
-        env = {f"XDG_{name.upper()}_HOME": str(root / name) for name in ("config", "state", "data", "cache")}
+        env = isolated_env(root)
         with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)],
                     env=env) as queen, httpx.Client(base_url=queen.url, timeout=30) as http:
             body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

@@ -17,13 +17,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import get_args
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from quart import Response, g, request
 from quart_trio import QuartTrio
+
+from rbee_common.wire import WorkerRecord, WorkerState
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` twin per series: half the page, no use here
 
@@ -32,6 +36,8 @@ LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 """Tokens per second, from a large model on CPU to a small one on a GPU."""
+
+WORKER_STATES: tuple[str, ...] = get_args(WorkerState)
 
 log = logging.getLogger("rbee.metrics")
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -83,6 +89,13 @@ class Metrics:
     def name(self, short: str) -> str:
         """A series' full name, for scrape-time collectors."""
         return f"{self.prefix}_{short}"
+
+    def workers_by_state(self, workers: Sequence[WorkerRecord], documentation: str) -> GaugeMetricFamily:
+        """`<prefix>_workers{state}`, every state present (0 where none is in it)."""
+        family = GaugeMetricFamily(self.name("workers"), documentation, labels=["state"])
+        for state in WORKER_STATES:
+            family.add_metric([state], sum(1 for worker in workers if worker.state == state))
+        return family
 
     def collect_with(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Call `collect` at each scrape: gauges read from the daemon's own state."""

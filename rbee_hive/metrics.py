@@ -17,8 +17,6 @@ from prometheus_client.metrics_core import Metric
 from rbee_common.metrics import Metrics
 from rbee_common.wire import Device, WorkerRecord
 
-STATES = ("loading", "ready", "busy", "draining")
-
 
 class HiveMetrics(Metrics):
     def __init__(self) -> None:
@@ -60,10 +58,7 @@ class HiveMetrics(Metrics):
                                     "CPU use of the whole machine since the previous scrape (0 to 1).")
             cpu.add_metric([], psutil.cpu_percent(None) / 100)
             running = workers()
-            by_state = GaugeMetricFamily(self.name("workers"), "Workers on this hive, by state.",
-                                         labels=["state"])
-            for state in STATES:
-                by_state.add_metric([state], sum(1 for w in running if w.state == state))
+            by_state = self.workers_by_state(running, "Workers on this hive, by state.")
             busy = GaugeMetricFamily(self.name("worker_slots_busy"),
                                      "Busy slots per worker (as of its last health check).",
                                      labels=["worker_id", "model", "device"])

@@ -55,12 +55,10 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
         token = presented_token() if service.token is not None else None
         try:
             await service.heartbeats.accept(await read_body(), token)
-        except AuthFailed as error:
+        except RbeeError as error:
             service.metrics.heartbeats.labels("refused").inc()
-            service.audit_auth_failure(error.reason, error.identity, request.path)
-            raise
-        except RbeeError:
-            service.metrics.heartbeats.labels("refused").inc()
+            if isinstance(error, AuthFailed):
+                service.audit_auth_failure(error.reason, error.identity, request.path)
             raise
         service.metrics.heartbeats.labels("accepted").inc()
         return no_content()

@@ -20,9 +20,6 @@ from rbee_common.metrics import RATE_BUCKETS, Metrics
 if TYPE_CHECKING:
     from rbee_queen.registry import WorkerRegistry
 
-STATES = ("loading", "ready", "busy", "draining")
-
-
 class QueenMetrics(Metrics):
     def __init__(self) -> None:
         super().__init__("rbee_queen")
@@ -86,10 +83,7 @@ class QueenMetrics(Metrics):
 
         def collect() -> Iterable[Metric]:
             workers = registry.active()
-            by_state = GaugeMetricFamily(
-                self.name("workers"), "Workers heard from recently, by state.", labels=["state"])
-            for state in STATES:
-                by_state.add_metric([state], sum(1 for w in workers if w.state == state))
+            by_state = self.workers_by_state(workers, "Workers heard from recently, by state.")
             busy = GaugeMetricFamily(self.name("worker_slots_busy"), "Busy slots per worker.",
                                      labels=["worker_id", "model", "hive_id"])
             total = GaugeMetricFamily(self.name("worker_slots"), "Slots per worker.",

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from rbee_common.metrics import RATE_BUCKETS, Metrics
+from rbee_common.metrics import RATE_BUCKETS, WORKER_STATES, Metrics
 
 
 class WorkerMetrics(Metrics):
@@ -55,7 +55,7 @@ class WorkerMetrics(Metrics):
             size.add_metric([self.model], total)
             ready = GaugeMetricFamily(self.name("state"), "1 for the worker's current state.",
                                       labels=["model", "state"])
-            for name in ("loading", "ready", "busy", "draining"):
+            for name in WORKER_STATES:
                 ready.add_metric([self.model, name], 1 if name == state else 0)
             return [used, size, ready]
 

@@ -161,3 +161,41 @@ def job_result(url: str, operation: dict[str, object], timeout: float = 120.0,
     results = [e["value"] for e in events if e["type"] == "result"]
     assert len(results) == 1, events
     return results[0]
+
+
+def isolated_env(root: Path) -> dict[str, str]:
+    """XDG directories under `root` for a daemon a module or a bench starts (the autouse
+    `isolated_dirs` fixture covers one test, not a module-scoped daemon)."""
+    env = {f"XDG_{name.upper()}_HOME": str(root / name) for name in ("config", "state", "data", "cache")}
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+MetricSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metric_samples(url: str, headers: dict[str, str] | None = None) -> MetricSamples:
+    """Every sample of a daemon's /metrics, parsed by Prometheus's own parser: (name, labels) -> value."""
+    import httpx
+
+    response = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse_metrics(response.text)
+
+
+def parse_metrics(text: str) -> MetricSamples:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: MetricSamples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric_total(samples: MetricSamples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(value for (sample, have), value in samples.items()
+               if sample == name and set(labels.items()) <= set(have))

@@ -5,7 +5,6 @@ serve the whole module."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -39,7 +38,7 @@ from rbee_common.wire import (
     WorkerRecord,
 )
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon
+from tests.helpers import BIN, Daemon, daemon, isolated_env
 
 MODEL = "smollm2-135m"
 WEATHER = {
@@ -79,9 +78,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
 @pytest.fixture(scope="module")
 def queen(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[Daemon]:
     root = tmp_path_factory.mktemp("dialects")
-    env = {f"XDG_{name.upper()}_HOME": str(root / name) for name in ("config", "state", "data", "cache")}
-    for folder in env.values():
-        os.makedirs(folder)
+    env = isolated_env(root)
     env["HF_ENDPOINT"] = hub.url
     with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"], env=env) as running:
         yield running

@@ -18,23 +18,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rbee_common.builtin import builtin_model_path
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, gone, job_result, wait_for
+from tests.helpers import (
+    BIN,
+    Daemon,
+    daemon,
+    gone,
+    isolated_env,
+    job_result,
+    metric_samples,
+    metric_total,
+    wait_for,
+)
 
 TOKEN = "observability-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REPO = "ui-org/smol-GGUF"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def isolated_env(root: Path) -> dict[str, str]:
-    env = {f"XDG_{name.upper()}_HOME": str(root / name) for name in ("config", "state", "data", "cache")}
-    for path in env.values():
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +71,8 @@ def queen(tmp_path_factory: pytest.TempPathFactory, hive: Daemon) -> Iterator[Da
         yield running
 
 
-def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page, parsed by Prometheus's own parser: (name, labels) -> value."""
-    response = httpx.get(f"{url}/metrics", headers=headers or {}, timeout=10)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels`."""
-    return sum(value for (sample, have), value in samples.items()
-               if sample == name and set(labels.items()) <= set(have))
+scrape = metric_samples
+total = metric_total
 
 
 def local_worker(queen: Daemon) -> dict[str, object]:
