@@ -144,7 +144,7 @@ def test_the_worker_and_the_hive_serve_their_own_metrics(queen: Daemon, hive: Da
     after = scrape(hive.url)
     assert total(after, "rbee_hive_jobs_total", operation="model_list", outcome="completed") == \
         total(before, "rbee_hive_jobs_total", operation="model_list", outcome="completed") + 1
-    assert total(after, "rbee_hive_cpu_utilization_ratio") >= 0
+    assert 0 <= after[("rbee_hive_cpu_utilization_ratio", ())] <= 1  # present, and a ratio
     assert total(after, "rbee_hive_device_memory_free_bytes", device="CPU-0") > 0
 
 
