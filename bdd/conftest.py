@@ -21,7 +21,17 @@ from pytest_bdd import given, parsers, then, when
 
 from rbee_common.builtin import builtin_model_path
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, free_port, port_open, run_job, wait_for
+from tests.helpers import (
+    BIN,
+    Daemon,
+    daemon,
+    free_port,
+    job_result,
+    nvml_standin,
+    port_open,
+    run_job,
+    wait_for,
+)
 
 
 class World:
@@ -165,8 +175,9 @@ def hub_serves_smol(world: World, repo: str) -> None:
     hub(world).add_file(repo, path.name, path.read_bytes())
 
 
-def start_hive(world: World, settings: str = "", cwd: Path | None = None) -> Daemon:
-    env = {"HF_ENDPOINT": hub(world).url}
+def start_hive(world: World, settings: str = "", cwd: Path | None = None, nvml: str | None = None) -> Daemon:
+    """`nvml`: None for this machine's own NVML, else what the stand-in reports (`nvml_standin`)."""
+    env = {"HF_ENDPOINT": hub(world).url, **(nvml_standin(nvml) if nvml is not None else {})}
     for pair in filter(None, (p.strip() for p in settings.split(","))):
         key, value = pair.split("=", 1)
         env[f"RBEE_HIVE__{key.strip().upper()}"] = value.strip()
@@ -185,6 +196,22 @@ def running_hive(world: World) -> None:
 @given(parsers.parse('a running hive with "{settings}"'))
 def running_hive_with(world: World, settings: str) -> None:
     start_hive(world, settings)
+
+
+@given("a running hive with NVML hidden")
+def running_hive_no_nvml(world: World) -> None:
+    """As on a machine without an NVIDIA driver, whatever this machine has."""
+    start_hive(world, nvml="absent")
+
+
+@given(parsers.parse('a running hive whose NVML reports "{cards}"'))
+def running_hive_cards(world: World, cards: str) -> None:
+    start_hive(world, nvml=cards)
+
+
+@given(parsers.parse("a running hive whose NVML reports {count:d} cards"))
+def running_hive_count(world: World, count: int) -> None:
+    start_hive(world, nvml="; ".join(f"Stand-in {i}: 24000 MB, 24000 MB free" for i in range(count)))
 
 
 def models_dir(world: World) -> Path:
@@ -237,6 +264,12 @@ def spawn_worker(world: World, model: str, device: str) -> None:
     hive_job(world, {"operation": "worker_spawn", "model": model, "device": device, "threads": 1})
     if world.extra["terminator"] == "[DONE]":
         world.extra.setdefault("workers", []).append(job_value(world))
+
+
+@then(parsers.parse('the hive\'s catalog does not list "{model_id}"'))
+def not_listed(world: World, model_id: str) -> None:
+    listed = [entry["id"] for entry in job_result(hive_url(world), {"operation": "model_list"})]
+    assert "smollm2-135m" in listed and model_id not in listed  # a listing, without the model
 
 
 @then("the job succeeds")
@@ -326,12 +359,7 @@ def queen_local_hive(world: World) -> None:
 
 @given(parsers.parse('a running queen with a local hive and "{settings}"'))
 def queen_local_hive_with(world: World, settings: str) -> None:
-    env = {}
-    for pair in filter(None, (p.strip() for p in settings.split(","))):
-        key, value = pair.split("=", 1)
-        section, name = key.strip().split(".", 1)
-        env[f"RBEE_{section.upper()}__{name.upper()}"] = value.strip()
-    start_queen(world, "--local-hive", env=env)
+    start_queen(world, "--local-hive", env=settings_env(settings))
 
 
 def queen_job(world: World, operation: dict[str, Any]) -> list[dict[str, Any]]:
@@ -374,12 +402,48 @@ def queen_lists_only_second(world: World, seconds: int) -> None:
     assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [second], timeout=seconds)
 
 
-def start_queen_for_hive(world: World) -> Daemon:
+def start_queen_for_hive(world: World, settings: str = "") -> Daemon:
     """A queen on `world.extra["queen_port"]` whose `localhost` hive is the running hive, over HTTP."""
     hive_port = world.extra["hive"].url.rsplit(":", 1)[1]
     config = world.tmp / "queen.toml"
     config.write_text(f'[hives.localhost]\nhost = "127.0.0.1"\nhive_port = {hive_port}\n')
-    return start_queen(world, "--config", str(config), port=world.extra["queen_port"])
+    return start_queen(world, "--config", str(config), port=world.extra["queen_port"], env=settings_env(settings))
+
+
+def settings_env(settings: str) -> dict[str, str]:
+    """`"queen.worker_stale_s=1.5, hive.x=y"` as the environment variables that override the config."""
+    env = {}
+    for pair in filter(None, (p.strip() for p in settings.split(","))):
+        key, value = pair.split("=", 1)
+        section, name = key.strip().split(".", 1)
+        env[f"RBEE_{section.upper()}__{name.upper()}"] = value.strip()
+    return env
+
+
+@given("a free port for the queen")
+def queen_port(world: World) -> None:
+    world.extra["queen_port"] = free_port()
+    world.queen_url = f"http://127.0.0.1:{world.extra['queen_port']}"
+
+
+@given("a running hive that reports to that queen")
+def hive_reporting(world: World) -> None:
+    start_hive(world, f"queen_url={world.queen_url}")
+
+
+@given(parsers.parse('a running hive that reports to that queen with "{settings}"'))
+def hive_reporting_with(world: World, settings: str) -> None:
+    start_hive(world, f"queen_url={world.queen_url},{settings}")
+
+
+@given("a queen on that port")
+def queen_on_port(world: World) -> None:
+    start_queen_for_hive(world)
+
+
+@given(parsers.parse('a queen on that port with "{settings}"'))
+def queen_on_port_with(world: World, settings: str) -> None:
+    start_queen_for_hive(world, settings)
 
 
 def stream_on_worker(world: World, url: str, body: dict[str, Any]) -> Streaming:

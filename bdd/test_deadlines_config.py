@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World, queen_job, start_queen
+from bdd.conftest import World, queen_job, settings_env, start_queen
 from rbee_common import deadlines
 from rbee_common.config import load_config
 from tests.helpers import BIN, Daemon, daemon, job_result, wait_for
@@ -22,15 +22,6 @@ from tests.helpers import BIN, Daemon, daemon, job_result, wait_for
 scenarios("deadline_propagation.feature", "configuration_management.feature")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def settings_env(settings: str) -> dict[str, str]:
-    env = {}
-    for pair in filter(None, (p.strip() for p in settings.split(","))):
-        key, value = pair.split("=", 1)
-        section, name = key.strip().split(".", 1)
-        env[f"RBEE_{section.upper()}__{name.upper()}"] = value.strip()
-    return env
 
 
 # --- 340: deadlines -------------------------------------------------------------------------

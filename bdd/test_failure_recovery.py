@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
 from pytest_bdd import given, parsers, scenarios, then, when
 
@@ -16,11 +19,10 @@ from bdd.conftest import (
     job_value,
     queen_job,
     spawned,
-    start_hive,
     start_queen,
     start_queen_for_hive,
 )
-from tests.helpers import free_port, wait_for
+from tests.helpers import wait_for
 
 scenarios("failure_recovery.feature")
 
@@ -74,20 +76,8 @@ def queen_with_hub(world: World, settings: str) -> None:
     start_queen(world, "--local-hive", env=env)
 
 
-@given("a free port for the queen")
-def queen_port(world: World) -> None:
-    world.extra["queen_port"] = free_port()
-    world.queen_url = f"http://127.0.0.1:{world.extra['queen_port']}"
-
-
-@given("a running hive that reports to that queen")
-def hive_reporting(world: World) -> None:
-    start_hive(world, f"queen_url={world.queen_url}")
-
-
-@given("a queen on that port")
 @when("a new queen starts on the same port")
-def queen_on_port(world: World) -> None:
+def new_queen_on_port(world: World) -> None:
     start_queen_for_hive(world)
 
 
@@ -142,3 +132,55 @@ def exits_zero(world: World) -> None:
     worker = spawned(world)[0]
     assert wait_for(lambda: f"worker {worker['worker_id']} (pid {worker['pid']}) died with exit code 0"
                     in world.queen.log(), timeout=10)
+
+
+@when(parsers.parse("an inference of {total:d} tokens through the queen has streamed {first:d} and its worker is frozen "
+                    "for {seconds:d} seconds"))
+def freeze_mid_stream(world: World, total: int, first: int, seconds: int) -> None:
+    pid = int(world.extra["workers"][0]["pid"])
+    listings: list[int] = []
+
+    def freeze() -> None:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                listings.append(len(active_workers(world)))
+                time.sleep(0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    thread: threading.Thread | None = None
+    created = httpx.post(f"{world.queen_url}/v1/jobs", timeout=30, json={
+        "operation": "infer", "model": "smollm2-135m", "prompt": "Hello,", "max_tokens": total})
+    events: list[dict[str, Any]] = []
+    with httpx.stream("GET", world.queen_url + created.json()["sse_url"], timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if thread is None and sum(e["type"] == "token" for e in events) >= first:
+                    thread = threading.Thread(target=freeze)
+                    thread.start()
+            elif line.startswith("data: "):
+                world.extra["terminator"] = line[6:]
+    assert thread is not None, "the answer ended before the worker was frozen"
+    thread.join()
+    world.extra["events"], world.extra["listings"] = events, listings
+
+
+@then("while it was frozen the queen stopped routing to it")
+def stopped_routing(world: World) -> None:
+    assert world.extra["listings"][0] == 1 and 0 in world.extra["listings"], world.extra["listings"]
+
+
+@then(parsers.parse("the job succeeds with all {total:d} tokens in order"))
+def all_tokens(world: World, total: int) -> None:
+    assert world.extra["terminator"] == "[DONE]", world.extra["events"][-3:]
+    tokens = [e for e in world.extra["events"] if e["type"] == "token"]
+    assert [t["i"] for t in tokens] == list(range(total))
+
+
+@then(parsers.parse("within {seconds:d} seconds the queen lists the worker again"))
+def listed_again(world: World, seconds: int) -> None:
+    worker_id = world.extra["workers"][0]["worker_id"]
+    assert wait_for(lambda: [w["worker_id"] for w in active_workers(world)] == [worker_id], timeout=seconds)

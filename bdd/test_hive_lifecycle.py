@@ -107,6 +107,8 @@ def sigterm_hive(world: World) -> None:
 @then(parsers.parse("the hive exits with code {code:d} within {seconds:d} seconds"))
 def hive_exits(world: World, code: int, seconds: int) -> None:
     assert world.extra["hive"].process.wait(seconds + 1) == code
+    # The scenario's bound is the hive's own grace (worker_stop_grace_s) plus a margin for a loaded
+    # 2-core machine: exceeding it means a worker was waited on past its grace, not a slow machine.
     assert time.monotonic() - world.extra["signalled_at"] < seconds
 
 
@@ -232,6 +234,8 @@ def parallel_kills(world: World, count: int, text: str) -> None:
     stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
               for line in hive_log(world).splitlines() if text in line]
     assert len(stamps) == count
+    # Kills one after another would be a grace period (1 s here) apart; parallel ones are milliseconds
+    # apart, so half a second separates the two even on a loaded machine.
     assert (max(stamps) - min(stamps)).total_seconds() < 0.5
 
 

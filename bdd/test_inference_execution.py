@@ -8,7 +8,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import COUNTING, Streaming, World
-from tests.helpers import wait_for
+from tests.helpers import BIN, daemon, wait_for
 
 scenarios("inference_execution.feature")
 
@@ -111,6 +111,8 @@ def ends_cancelled(world: World, reason: str) -> None:
 
 @then(parsers.parse('the worker is "{state}" again within {seconds:d} second'))
 def ready_again(world: World, state: str, seconds: int) -> None:
+    # The catalogue's bound: cancellation is checked between tokens (about 10 ms apart here), so a
+    # slot still held after a second means the cancel was missed, not that the machine was slow.
     assert wait_for(lambda: ready_state(world)["state"] == state, timeout=seconds)
     assert ready_state(world)["slots_busy"] == 0
 
@@ -172,3 +174,22 @@ def one_wins(world: World, code: str) -> None:
 def reports_slots(world: World, busy: int, total: int) -> None:
     ready = ready_state(world)
     assert (ready["slots_busy"], ready["slots_total"], ready["state"]) == (busy, total, "busy")
+
+
+@given(parsers.parse('a worker with {slots:d} slot that wants the token "{token}"'))
+def worker_with_token(world: World, slots: int, token: str) -> None:
+    argv = [str(BIN / "llm-worker-rbee"), "--model", "smollm2-135m", "--device", "CPU-0", "--threads", "1",
+            "--slots", str(slots), "--port", "0"]
+    world.extra["worker"] = world.extra["stack"].enter_context(daemon(argv, env={"RBEE_API_TOKEN": token}))
+
+
+@when("I send an inference request without a token")
+def request_without_token(world: World) -> None:
+    world.response = httpx.post(f"{worker_url(world)}/v1/inference", json={"prompt": "Hello", "max_tokens": 2},
+                                timeout=60)
+
+
+@when(parsers.parse('I send an inference request with the token "{token}"'))
+def request_with_token(world: World, token: str) -> None:
+    world.response = httpx.post(f"{worker_url(world)}/v1/inference", json={"prompt": "Hello", "max_tokens": 2},
+                                headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -33,6 +33,16 @@ def cut_always(world: World, mb: int) -> None:
     hub(world).cut_always_after = mb * 1000 * 1000
 
 
+@given("the hub corrupts every file it serves")
+def corrupt_always(world: World) -> None:
+    hub(world).corrupt_always = True
+
+
+@then("the hub served the file twice")
+def served_twice(world: World) -> None:
+    assert len(hub(world).file_requests) == 2, hub(world).file_requests
+
+
 @given("the hub corrupts the next file it serves")
 def corrupt(world: World) -> None:
     hub(world).corrupt_once = True

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World, active_workers, job_error_body
-from tests.helpers import run_job, wait_for
+from bdd.conftest import World, active_workers, job_error_body, start_queen
+from tests.helpers import nvml_standin, run_job, wait_for
 
 scenarios("queen_inference.feature")
 
@@ -87,6 +87,8 @@ def partial_kept(world: World) -> None:
 
 @then(parsers.parse("the worker is gone from the queen's list within {seconds:d} second"))
 def gone_from_list(world: World, seconds: int) -> None:
+    # "At once": the queen drops a worker whose connection failed without waiting for the staleness
+    # timeout (15 s); a second tells the two apart with a margin.
     assert wait_for(lambda: active_workers(world) == [], timeout=seconds)
 
 
@@ -100,3 +102,15 @@ def worker_state(world: World, state: str, seconds: int) -> None:
     url = world.extra["workers"][0]["url"]
     assert wait_for(lambda: httpx.get(f"{url}/v1/ready").json()["state"] == state, timeout=seconds)
     assert httpx.get(f"{url}/v1/ready").json()["slots_busy"] == 0
+
+
+@given(parsers.parse('a running queen whose local hive serves synthetic workers and whose NVML reports "{cards}"'))
+def queen_synthetic_gpus(world: World, cards: str) -> None:
+    config = world.tmp / "synthetic.toml"
+    config.write_text("[hive]\nsynthetic_backend = true\n")  # every spawn is synthetic, a cold start's too
+    start_queen(world, "--local-hive", "--config", str(config), env=nvml_standin(cards))
+
+
+@then(parsers.parse('the queen lists one worker of "{model}", on "{device}"'))
+def one_worker_on(world: World, model: str, device: str) -> None:
+    assert [(w["model"], w["device"]) for w in active_workers(world)] == [(model, device)]

@@ -65,6 +65,8 @@ def sigterm_queen(world: World) -> None:
 @then(parsers.parse("the queen exits 0 within {seconds:d} seconds"))
 def queen_exits(world: World, seconds: int) -> None:
     assert world.queen is not None and world.queen.process.wait(seconds) == 0
+    # The workers' graceful stop is 5 s (DESIGN §6); the bound is that plus a margin, so exceeding it
+    # means something was waited on past the cascade's deadline.
     assert time.monotonic() - world.extra["sent"] < seconds
 
 

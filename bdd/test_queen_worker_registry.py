@@ -6,7 +6,7 @@ import signal
 import time
 
 import httpx
-from pytest_bdd import parsers, scenarios, then, when
+from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, active_workers, job_value, queen_job, spawned
 from tests.helpers import wait_for
@@ -24,6 +24,17 @@ def lists_worker(world: World) -> None:
         mine["worker_id"], mine["url"], "localhost")
     assert (listed["model"], listed["backend"], listed["device"]) == ("smollm2-135m", "llama-cpp", "CPU-0")
     assert listed["slots_total"] == mine["slots_total"] == 4 and listed["pid"] == mine["pid"]
+
+
+@then("after 3 more heartbeats the queen's log says once that the worker registered")
+def registered_once(world: World) -> None:
+    (mine,) = spawned(world)
+    time.sleep(3 * 0.4 + 0.2)  # three beats of the 0.4 s configured in the scenario
+    assert active_workers(world)[0]["last_seen_s"] < 0.8  # the beats came
+    assert world.queen is not None
+    lines = [line for line in world.queen.log().splitlines()
+             if f"worker {mine['worker_id']} (" in line and ") registered: " in line]
+    assert len(lines) == 1, lines
 
 
 @then(parsers.parse("the result lists {count:d} workers, each with worker_id, hive_id, url, model, device and state"))
@@ -85,3 +96,22 @@ def unknown_hive_beat(world: World, hive: str) -> None:
             "backend": "llama-cpp", "device": "CPU-0", "state": "ready", "slots_total": 1, "slots_busy": 0,
             "pid": 4242}
     world.response = httpx.post(f"{world.queen_url}/v1/worker-heartbeat", json=beat)
+
+
+@given(parsers.parse("within {seconds:d} seconds the queen lists {count:d} worker"))
+@then(parsers.parse("within {seconds:d} seconds the queen lists {count:d} workers"))
+def lists_n(world: World, seconds: int, count: int) -> None:
+    assert wait_for(lambda: len(active_workers(world)) == count, timeout=seconds)
+
+
+@when("the hive is killed with SIGKILL")
+def kill_hive(world: World) -> None:
+    world.extra["hive"].process.kill()
+    world.extra["hive"].process.wait()
+
+
+@then(parsers.parse('the queen\'s status reports the hive "{hive_id}" unreachable'))
+def hive_unreachable(world: World, hive_id: str) -> None:
+    queen_job(world, {"operation": "status"})
+    hives = {h["hive_id"]: h for h in job_value(world)["hives"]}
+    assert hives[hive_id]["reachable"] is False

@@ -125,11 +125,10 @@ def beats_and_lists(world: World, worker_id: str, seconds: int) -> None:
         while time.monotonic() < deadline:
             listings.append(any(w["worker_id"] == worker_id for w in active_workers(world)))
 
-    threads = [threading.Thread(target=beats), threading.Thread(target=lists)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(seconds + 10)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(beats), pool.submit(lists)]
+        for future in running:
+            future.result(seconds + 30)  # a failure in either thread fails the scenario here
     world.extra["codes"], world.extra["listings"] = codes, listings
 
 
@@ -142,4 +141,6 @@ def all_ok(world: World) -> None:
 @then(parsers.parse('the queen lists exactly one "{worker_id}", last seen under {seconds:d} second ago'))
 def fresh(world: World, worker_id: str, seconds: int) -> None:
     (worker,) = [w for w in active_workers(world) if w["worker_id"] == worker_id]
+    # The beats ran until just now; a timestamp that beats did not refresh would be at least the
+    # scenario's length (1 s) old.
     assert worker["last_seen_s"] < seconds

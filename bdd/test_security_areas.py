@@ -6,10 +6,12 @@ import concurrent.futures
 import itertools
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
 import socket
+import string
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -210,7 +212,66 @@ def envelope(world: World) -> None:
 
 @then(parsers.parse('the response does not contain "{text}"'))
 def no_echo(world: World, text: str) -> None:
-    assert world.response is not None and text not in world.response.text
+    assert world.response is not None
+    assert text not in world.response.text and json.dumps(text)[1:-1] not in world.response.text
+
+
+HOSTILE = string.ascii_letters + string.digits + ";|`$(){}<>\\'\"\n\r\t\x00\x1b/.:@!#%^&*~ -_é🐝\u202e"
+FIELDS = [("worker_spawn", "model"), ("worker_spawn", "device"), ("worker_spawn", "backend"),
+          ("worker_get", "worker_id"), ("worker_stop", "worker_id"), ("model_get", "model"),
+          ("model_download", "model")]
+
+
+@when(parsers.parse("I send the hive {count:d} jobs whose fields hold random hostile values"))
+def random_hostile(world: World, count: int) -> None:
+    rng = random.Random(20261202)  # seeded: a failure repeats
+    sent = []
+    with httpx.Client(timeout=30) as http:
+        for _ in range(count):
+            operation, field = rng.choice(FIELDS)
+            value = rng.choice(["", "hf:", "file://", "GPU-"]) + "".join(
+                rng.choice(HOSTILE) for _ in range(rng.randint(1, 40)))
+            body = {"operation": operation, "model": "smollm2-135m", "device": "CPU-0", field: value}
+            if operation in ("worker_get", "worker_stop"):
+                body = {"operation": operation, field: value}
+            response = http.post(f"{world.extra['hive'].url}/v1/jobs", json=body)
+            terminator, events = "", []
+            if response.status_code == 201:
+                events, terminator = run_job_stream(http, world.extra["hive"].url, response.json()["sse_url"])
+            sent.append((field, value, response, events, terminator))
+    world.extra["hostile"] = sent
+
+
+def run_job_stream(http: httpx.Client, url: str, sse_url: str) -> tuple[list[dict[str, Any]], str]:
+    events: list[dict[str, Any]] = []
+    with http.stream("GET", url + sse_url) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+            elif line.startswith("data: "):
+                return events, line[6:]
+    return events, ""
+
+
+@then("every answer is a 400 naming its field, or a job that fails with an error code")
+def hostile_answers(world: World) -> None:
+    refused = 0
+    for field, value, response, events, terminator in world.extra["hostile"]:
+        if response.status_code == 400:
+            refused += 1
+            assert response.json()["error"]["details"]["field"] == field, (field, value, response.text)
+        else:
+            assert response.status_code == 201 and terminator.startswith("[ERROR]"), (field, value, terminator)
+            assert [e["error"]["code"] for e in events if e.get("error")], (field, value)
+    assert refused > len(world.extra["hostile"]) // 2  # most random values are malformed
+
+
+@then("no answer is a 5xx and none repeats its value")
+def hostile_no_echo(world: World) -> None:
+    for _field, value, response, _events, _terminator in world.extra["hostile"]:
+        assert response.status_code < 500, (value, response.text)
+        if response.status_code == 400 and len(value) >= 6:
+            assert value not in response.text and json.dumps(value)[1:-1] not in response.text, value
 
 
 @then("the hive still lists the built-in model")
@@ -261,6 +322,11 @@ def log_says(world: World, target: str, text: str) -> None:
 @then(parsers.parse('the queen\'s log says "{text}" with the fingerprint of the right token'))
 def log_says_fp(world: World, text: str) -> None:
     assert wait_for(lambda: f"{text}{fp(world.extra['token'])}" in target_log(world, "queen"), timeout=5)
+
+
+@then(parsers.parse('the queen\'s log says "{text}" once, not once per request'))
+def log_says_once(world: World, text: str) -> None:
+    assert target_log(world, "queen").count(f"{text}{fp(world.extra['token'])}") == 1
 
 
 @then(parsers.parse('the queen\'s log has the fingerprint of "{token}" but never the token'))

@@ -7,7 +7,6 @@ hive is installed and started once, the first time a scenario needs it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -20,10 +19,11 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World
+from rbee_common.daemon import package_version
 from tests import netns
 from tests.fleet import Site, altered_wheelhouse, make_site
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+pytestmark = netns.fleet_mark()
 
 scenarios("ssh_registry.feature", "ssh_preflight.feature", "hive_preflight.feature", "hive_install.feature")
 
@@ -130,6 +130,20 @@ def hive_not_executable(world: World) -> None:
     world.extra["stack"].callback(script.chmod, 0o755)
 
 
+@given(parsers.parse('rbee-hive in h1\'s venv reports version "{version}"'))
+def hive_other_version(world: World, version: str) -> None:
+    script = site_of(world).root / "remote" / "h1" / "rbee" / "venv" / "bin" / "rbee-hive"
+    original = script.read_bytes()
+    world.extra["stack"].callback(script.write_bytes, original)
+    script.write_text(f"#!/bin/sh\necho rbee-hive {version}\n")
+
+
+@then("the output contains this queen's version")
+def output_has_version(world: World) -> None:
+    assert world.result is not None
+    assert f"this queen is {package_version()}" in world.result.stdout + world.result.stderr
+
+
 def install_h1(world: World) -> subprocess.CompletedProcess[str]:
     site = site_of(world)
     ensure_added(site, "h1", "h1")
@@ -232,6 +246,8 @@ def echo_answered(world: World, text: str) -> None:
 @then("the network round trip is under 100 ms and logged")
 def round_trip(world: World) -> None:
     value = result(world)
+    # The catalogue's bound. One TCP connect over a veth takes about 0.1 ms here, so 100 ms holds
+    # on a loaded machine too; the number itself is reported, not judged, by the command.
     assert 0 < value["network_ms"] < 100, value
     logged = re.search(r"network round trip (\d+\.\d) ms", output(world))
     # The result holds it rounded to 0.01 ms and the log line to 0.1 ms: 4.05 may read 4.1 there.
@@ -245,7 +261,6 @@ def result_true(world: World, field: str) -> None:
 
 @then("the result's version is the queen's version")
 def same_version(world: World) -> None:
-    from rbee_common.daemon import package_version
 
     assert result(world)["version"] == package_version()
 
@@ -270,7 +285,6 @@ def resources(world: World) -> None:
 
 @then("llm-worker-rbee in h1's venv reports the queen's version")
 def worker_version(world: World) -> None:
-    from rbee_common.daemon import package_version
 
     site = site_of(world)
     h1 = site.host("h1")
@@ -286,5 +300,4 @@ def install_record(world: World, alias: str) -> None:
     record = json.loads((site.root / "xdg-state" / "rbee" / "hives" / alias / "install.json").read_text())
     assert record["version"] and record["python"].startswith("3.") and record["platform"]
     assert record["install_dir"] == str(site.root / "remote" / alias / "rbee")
-    with contextlib.suppress(KeyError):
-        assert record["host"] == site.host(alias).address
+    assert record["host"] == site.host(alias).address

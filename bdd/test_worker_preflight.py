@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+import errno
+import json
+import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
+import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from bdd.conftest import World, hub, job_error_body, models_dir, spawn_worker
+from bdd.conftest import (
+    World,
+    hive_url,
+    hub,
+    job_error_body,
+    models_dir,
+    spawn_worker,
+    start_hive,
+)
 from tests.helpers import wait_for
 
 scenarios("worker_preflight.feature")
@@ -96,3 +111,74 @@ def disk_details(world: World) -> None:
 @then("nothing was downloaded")
 def nothing_downloaded(world: World) -> None:
     assert hub(world).file_requests == []
+
+
+@then(parsers.parse('the error details give the VRAM required and the {mb:d} MB available on "{device}"'))
+def vram_details(world: World, mb: int, device: str) -> None:
+    error = job_error_body(world)
+    details = error["details"]
+    assert details["device"] == device and details["model"] == "smollm2-135m"
+    assert details["available_bytes"] == mb * 1_000_000 < details["required_bytes"]
+    assert "VRAM" in error["message"]
+
+
+@given(parsers.parse('the hub serves "{repo}" with a {mb:d} MB file "{name}" at {rate:d} MB/s'))
+def hub_serves_slowly(world: World, repo: str, mb: int, name: str, rate: int) -> None:
+    hub(world).add_file(repo, name, os.urandom(mb * 1_000_000))
+    hub(world).rate = rate * 1_000_000
+
+
+@given(parsers.parse('a running hive whose data dir is a {mb:d} MB disk, with "{settings}"'))
+def small_disk_hive(world: World, mb: int, settings: str) -> None:
+    disk = world.tmp / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    # registered before the hive starts, so it runs after the hive has stopped
+    world.extra["stack"].callback(subprocess.run, ["umount", "-l", str(disk)], capture_output=True)
+    world.extra["small_disk"] = disk
+    start_hive(world, f"{settings},data_dir={disk}")
+
+
+@when(parsers.parse('a download of "{ref}" is under way and another writer fills the disk'))
+def fill_during_download(world: World, ref: str) -> None:
+    url = hive_url(world)
+    created = httpx.post(f"{url}/v1/jobs", json={"operation": "model_download", "model": ref}, timeout=30)
+    assert created.status_code == 201, created.text
+    events: list[dict[str, Any]] = []
+    terminator = ""
+    filled = False
+    with httpx.stream("GET", url + created.json()["sse_url"], timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if not filled and events[-1]["type"] == "progress" and events[-1]["done"] > 0:
+                    fill(world.extra["small_disk"] / "other-writer")
+                    filled = True
+            elif line.startswith("data: "):
+                terminator = line[6:]
+    assert filled, "the download ended before it reported progress"
+    world.extra["events"], world.extra["terminator"] = events, terminator
+
+
+def fill(path: Path) -> None:
+    """Write until the disk is full, as another program might."""
+    chunk = b"x" * (1 << 20)
+    with open(path, "wb") as file:
+        try:
+            while True:
+                file.write(chunk)
+                file.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
+@then(parsers.parse('the error says "{text}"'))
+def error_says(world: World, text: str) -> None:
+    assert text in job_error_body(world)["message"]
+
+
+@then("the hive still answers its health check")
+def still_healthy(world: World) -> None:
+    assert httpx.get(f"{hive_url(world)}/health", timeout=10).json()["status"] == "ok"

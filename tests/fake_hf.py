@@ -9,7 +9,7 @@ with `Range`. The Hub's error headers (`X-Error-Code: RepoNotFound`,
 
 Knobs for failure tests: `cut_once_after` / `cut_always_after` (close the
 connection after N bytes), `stall_after` (send N bytes and then nothing),
-`corrupt_once` (flip a byte), `rate` (bytes/s). Hostile mirrors: `rename`
+`corrupt_once` and `corrupt_always` (flip a byte), `rate` (bytes/s). Hostile mirrors: `rename`
 (a file listed under another name, such as `../../x.gguf`) and `trailing_junk`
 (bytes sent after the file, past the size the API announced).
 A repo with a `.gated` file needs `Authorization: Bearer <its content>`.
@@ -35,6 +35,7 @@ class FakeHub:
         self.cut_once_after: int | None = None
         self.cut_always_after: int | None = None
         self.corrupt_once = False
+        self.corrupt_always = False
         """Serve the next file with one byte flipped (its sha256 then fails)."""
         self.stall_after: int | None = None
         self.rate: float | None = None
@@ -171,7 +172,7 @@ class FakeHub:
             return
         with self.lock:
             cut, self.cut_once_after = self.cut_once_after, None
-            corrupt, self.corrupt_once = self.corrupt_once, False
+            corrupt, self.corrupt_once = self.corrupt_once or self.corrupt_always, False
         if cut is None:
             cut = self.cut_always_after
         if corrupt:

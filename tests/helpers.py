@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -104,6 +105,27 @@ def daemon(
         if process.stdout is not None:
             process.stdout.close()
         log_path.unlink(missing_ok=True)
+
+
+STANDINS = Path(__file__).resolve().parent / "standins"
+
+
+def nvml_standin(cards: str) -> dict[str, str]:
+    """The environment that gives a daemon the NVML stand-in (`tests/standins/pynvml.py`).
+
+    `cards` is `absent` (no driver) or `"name: total MB, free MB free; ..."`.
+    """
+    spec = "absent"
+    if cards != "absent":
+        parsed = []
+        for card in filter(None, (c.strip() for c in cards.split(";"))):
+            match = re.fullmatch(r"(.+?): (\d+) MB, (\d+) MB free", card)
+            assert match, f"not a card: {card!r}"
+            parsed.append({"name": match.group(1), "total": int(match.group(2)) * 1_000_000,
+                           "free": int(match.group(3)) * 1_000_000})
+        spec = json.dumps(parsed)
+    path = os.pathsep.join(filter(None, [str(STANDINS), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": path, "RBEE_STANDIN_NVML": spec}
 
 
 def wait_for(predicate: object, timeout: float = 5.0, interval: float = 0.05) -> bool:

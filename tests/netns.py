@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SSHD = "/usr/sbin/sshd"
 PREFIX = "rbee-t"
 
@@ -73,6 +75,15 @@ def available() -> str | None:
     if not (shutil.which("ip") and os.path.exists(SSHD) and shutil.which("ssh-keygen")):
         return "needs iproute2 and openssh-server"
     return None
+
+
+def fleet_mark() -> pytest.MarkDecorator:
+    """Skip the fleet tests where fleets cannot be made, unless `RBEE_REQUIRE_FLEET` is set (CI sets
+    it when it runs as root with sshd): then a missing piece fails the run instead of skipping it."""
+    reason = available()
+    if reason is not None and os.environ.get("RBEE_REQUIRE_FLEET"):
+        raise RuntimeError(f"RBEE_REQUIRE_FLEET is set, but the fleet tests cannot run: {reason}")
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
 
 
 def netns_inode(name: str) -> int:

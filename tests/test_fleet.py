@@ -24,7 +24,7 @@ from tests import netns
 from tests.fleet import Site, altered_wheelhouse, make_site
 from tests.helpers import gone, wait_for
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+pytestmark = netns.fleet_mark()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -75,11 +76,17 @@ def keeper(url: str, *args: str, timeout: float = 120) -> subprocess.CompletedPr
 
 
 def ours(port: int) -> list[psutil.Process]:
+    """This test's queen (by its port) and workers (by this test's XDG state dir, which they inherit);
+    other queens and workers on the machine are not this test's business."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if ("queen-rbee" in cmdline and str(port) in cmdline) or "llm-worker-rbee" in cmdline:
+        if "queen-rbee" in cmdline and str(port) in cmdline:
             found.append(process)
+        elif "llm-worker-rbee" in cmdline:
+            with contextlib.suppress(psutil.Error):  # gone meanwhile, or not ours to read
+                if process.environ().get("XDG_STATE_HOME") == os.environ["XDG_STATE_HOME"]:
+                    found.append(process)
     return [p for p in found if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 

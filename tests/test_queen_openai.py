@@ -140,7 +140,7 @@ def test_the_queens_end_takes_its_local_hive_workers(isolated_dirs: Path, sig: i
         os.kill(queen.process.pid, sig)
         sent = time.monotonic()
         assert wait_for(lambda: all(gone(p) for p in pids), timeout=limit)
-        assert time.monotonic() - sent < limit
+        assert time.monotonic() - sent < limit  # DESIGN §6: graceful 5 s, then SIGKILL; a margin on top
         if sig == signal.SIGTERM:
             assert queen.process.wait(limit) == 0
 

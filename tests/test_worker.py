@@ -191,6 +191,8 @@ def test_worker_exits_when_its_parent_is_killed(isolated_dirs: Path) -> None:
         killed_at = time.monotonic()
 
         assert wait_for(lambda: gone(worker_pid), timeout=5)
+        # No orphan outlives its parent by more than a few seconds (DESIGN §6); PR_SET_PDEATHSIG and the
+        # lifeline act at once, so 2 s is a deadline with a wide margin, not a speed.
         assert time.monotonic() - killed_at < 2.0
     finally:
         if parent.poll() is None:

@@ -22,6 +22,9 @@ Feature: Authentication
     When I send GET /v1/build-info to the queen with the right token
     Then the response status is 200
     And the queen's log says "authenticated identity=token:" with the fingerprint of the right token
+    When I send GET /v1/build-info to the queen with the right token
+    Then the response status is 200
+    And the queen's log says "authenticated identity=token:" once, not once per request
 
   Scenario: AUTH-005 - Loopback bind without token works (dev mode)
     Given a running queen

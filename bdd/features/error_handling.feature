@@ -1,6 +1,6 @@
 Feature: Error Handling - Structured Errors
-  Mirrors 320-error-handling.feature for what exists so far: the job API of
-  queen-rbee. Scenarios that need later parts are listed in bdd/COVERAGE.md.
+  Mirrors 320-error-handling.feature on the job API of queen-rbee. What the
+  other areas mirror of it is named in bdd/COVERAGE.md.
 
   Background:
     Given a running queen

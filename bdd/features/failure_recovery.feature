@@ -32,6 +32,14 @@ Feature: Failure Detection and Recovery
     Then the job succeeds
     And the job narrates "resuming at 6 MB"
 
+  Scenario: Gap-F5 - A worker that goes silent mid-stream leaves routing; its request still finishes
+    Given a running queen with a local hive and "queen.worker_stale_s=1.5, hive.worker_heartbeat_s=0.4, hive.worker_check_s=60, hive.synthetic_backend=true, hive.synthetic_tokens_per_s=20"
+    And 1 worker of "smollm2-135m" spawned through the queen
+    When an inference of 40 tokens through the queen has streamed 10 and its worker is frozen for 3 seconds
+    Then while it was frozen the queen stopped routing to it
+    And the job succeeds with all 40 tokens in order
+    And within 5 seconds the queen lists the worker again
+
   Scenario: Gap-F6 - The queen restarts; workers of a persistent hive re-register
     Given a free port for the queen
     And a running hive that reports to that queen

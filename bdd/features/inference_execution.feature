@@ -1,7 +1,7 @@
 Feature: Inference Execution
   Mirrors 130-inference-execution.feature where it concerns the worker: the
-  SSE stream, slots, and cancellation. The keeper's retries, partial-output
-  files and stall detection belong to the keeper issue (see COVERAGE.md).
+  SSE stream, slots, auth and cancellation. The queen's part is
+  queen_inference.feature; what is not mirrored is in bdd/COVERAGE.md.
 
   Scenario: Inference request with SSE streaming
     Given a running worker with 1 slot
@@ -9,6 +9,15 @@ Feature: Inference Execution
     Then the response is an event stream
     And it streams "started", tokens indexed from 0, "end" with counts, then "[DONE]"
     And the worker was "busy" while streaming and is "ready" after
+
+  Scenario: The inference route wants the worker's token
+    Given a worker with 1 slot that wants the token "worker-token-0123456789abcdef"
+    When I send an inference request without a token
+    Then the response status is 401
+    When I send an inference request with the token "wrong-token-0123456789abcdef0"
+    Then the response status is 401
+    When I send an inference request with the token "worker-token-0123456789abcdef"
+    Then the response status is 200
 
   Scenario: EH-018a - Worker busy with all slots occupied
     Given a running worker with 1 slot

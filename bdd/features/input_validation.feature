@@ -88,7 +88,7 @@ Feature: Input Validation
     When I send the hive job '{"operation": "model_get", "model": "invalid format"}'
     Then the response status is 400
 
-  Scenario Outline: VAL-011, VAL-018, VAL-019 - Special characters, SQL and script in a model reference
+  Scenario Outline: VAL-011, VAL-018, VAL-019, VAL-021 - Special characters, SQL, script and non-ASCII in a model reference
     Given a running hive
     When I send the hive job '{"operation": "model_get", "model": "<model>"}'
     Then the response status is 400
@@ -100,6 +100,14 @@ Feature: Input Validation
       | !@#$%                      | !@#$%     |
       | '; DROP TABLE models; --   | DROP      |
       | <script>alert(1)</script>  | <script>  |
+      | modèle-🐝                  | 🐝        |
+
+  Scenario: VAL-020, VAL-025 - Random hostile values in every job field: never a 5xx, never an echo
+    Given a running hive
+    When I send the hive 300 jobs whose fields hold random hostile values
+    Then every answer is a 400 naming its field, or a job that fails with an error code
+    And no answer is a 5xx and none repeats its value
+    And the hive still lists the built-in model
 
   Scenario: VAL-012 - Worker ids are letters, digits, '.', '_' and '-'
     Given a running hive

@@ -52,6 +52,14 @@ Feature: Model Provisioner
     And the job narrates "did not match its checksum; deleted, downloading it again"
     And the result's path holds the complete file
 
+  Scenario: EH-008c - A second checksum mismatch fails the download
+    Given the hub corrupts every file it serves
+    And a running hive
+    When I run the hive operation {"operation": "model_download", "model": "hf:test-org/tiny-GGUF"}
+    Then the job fails with "DOWNLOAD_CORRUPT"
+    And the hub served the file twice
+    And the hive's catalog does not list "test-org--tiny-gguf"
+
   Scenario: GGUF model detection by file extension
     Given the hub serves the built-in SmolLM2 GGUF as "test-org/smol-GGUF"
     And a running hive

@@ -33,3 +33,10 @@ Feature: Inference Execution through the queen
     When an inference through the queen has streamed tokens and I cancel its job
     Then the job ends with "[CANCELLED]"
     And the worker is "ready" again within 2 seconds
+
+  Scenario: Gap-R1 - A cold start picks the GPU with the most free memory
+    Given a running queen whose local hive serves synthetic workers and whose NVML reports "Stand-in A: 24000 MB, 2000 MB free; Stand-in B: 12000 MB, 10000 MB free"
+    When I run the queen operation {"operation": "infer", "model": "smollm2-135m", "prompt": "Hello,", "max_tokens": 3}
+    Then the job succeeds
+    And the job narrates "starting one on hive localhost (GPU-1)"
+    And the queen lists one worker of "smollm2-135m", on "GPU-1"

@@ -1,7 +1,7 @@
 Feature: queen-rbee Daemon Lifecycle
-  Mirrors 120-queen-rbee-lifecycle.feature. `rbee-keeper infer` is the
-  keeper issue's; until then the client that comes and goes is a separate
-  process using the official openai client, and `rbee-keeper status`.
+  Mirrors 120-queen-rbee-lifecycle.feature. The client that comes and goes
+  is a separate process using the official openai client, and
+  `rbee-keeper status` (`rbee-keeper infer` itself is in cli_commands).
 
   Scenario: The client exits after inference; the daemons live on
     Given a running queen with a local hive

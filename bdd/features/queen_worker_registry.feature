@@ -4,9 +4,10 @@ Feature: queen-rbee Worker Registry
   (POST /v1/worker-heartbeat, DESIGN §1); hives send none.
 
   Scenario: Register a worker from its first heartbeat
-    Given a running queen with a local hive
+    Given a running queen with a local hive and "hive.worker_heartbeat_s=0.4"
     And 1 worker of "smollm2-135m" spawned through the queen
     Then the queen lists that worker with its url, hive, model, backend, device and slots
+    And after 3 more heartbeats the queen's log says once that the worker registered
 
   Scenario: Query all workers
     Given a running queen with a local hive
@@ -51,3 +52,13 @@ Feature: queen-rbee Worker Registry
     When a worker of the hive "nowhere" sends a heartbeat
     Then the response status is 404
     And the error code is "HIVE_NOT_FOUND"
+
+  Scenario: A hive that goes offline is reported unreachable, and its workers leave
+    Given a free port for the queen
+    And a running hive that reports to that queen with "worker_heartbeat_s=0.4"
+    And a queen on that port with "queen.worker_stale_s=1.5"
+    And a worker of "smollm2-135m" spawned on "CPU-0"
+    And within 5 seconds the queen lists 1 worker
+    When the hive is killed with SIGKILL
+    Then the queen's status reports the hive "localhost" unreachable
+    And within 10 seconds the queen lists 0 workers

@@ -39,8 +39,15 @@ Feature: Worker Preflight Checks
     Then the job fails with "BACKEND_UNAVAILABLE"
     And the error lists the available backends
 
+  Scenario: EH-005a, EC3 - Not enough VRAM on a GPU
+    Given a running hive whose NVML reports "NVIDIA GeForce RTX 3050: 4000 MB, 100 MB free"
+    When I run the hive operation {"operation": "worker_spawn", "model": "smollm2-135m", "device": "GPU-0"}
+    Then the job fails with "INSUFFICIENT_VRAM"
+    And the error details give the VRAM required and the 100 MB available on "GPU-0"
+    And no worker was started
+
   Scenario: EH-009b - No CUDA on this machine
-    Given a running hive
+    Given a running hive with NVML hidden
     When I run the hive operation {"operation": "worker_spawn", "model": "smollm2-135m", "device": "GPU-0"}
     Then the job fails with "DEVICE_NOT_FOUND"
     And the error lists only the device "CPU-0"
@@ -51,6 +58,15 @@ Feature: Worker Preflight Checks
     Then the job fails with "INSUFFICIENT_DISK"
     And the error details give required_bytes 10000000, the available bytes and how much to free
     And nothing was downloaded
+
+  Scenario: EH-006b - The disk fills up during a download
+    Given the hub serves "test-org/big-GGUF" with a 40 MB file "big.Q4_K_M.gguf" at 10 MB/s
+    And a running hive whose data dir is a 60 MB disk, with "disk_reserve_bytes=0"
+    When a download of "hf:test-org/big-GGUF" is under way and another writer fills the disk
+    Then the job fails with "INSUFFICIENT_DISK"
+    And the error says "The disk filled up during the download"
+    And the hive's catalog does not list "test-org--big-gguf"
+    And the hive still answers its health check
 
   Scenario: The CPU thread budget
     Given a running hive
