@@ -15,6 +15,7 @@ run counts.
 llama-cpp-python sdist of the installed version, into
 `~/.cache/rbee/llama-server-<version>/` (about 5 minutes on 2 cores).
 
+    .venv/bin/python -m bench parallel [--quick]
     .venv/bin/python bench/parallel.py [--threads 2] [--concurrency 1 2 4 8] [--max-tokens 128]
 
 Run it on a quiet machine; it stops every server it starts.
@@ -39,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -102,6 +104,30 @@ def free_port() -> int:
         return port
 
 
+def wait_until_up(process: subprocess.Popen[bytes], health: str, log: Any, name: str, timeout: float) -> None:
+    """Poll `health` until it answers 200; on an early exit or the timeout, raise with the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(health, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            raise RuntimeError(f"{name} did not start:\n{log.read().decode(errors='replace')}")
+        time.sleep(0.2)
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @contextmanager
 def llama_server(
     binary: Path, model: str, *, threads: int, ctx: int, slots: int,
@@ -113,25 +139,10 @@ def llama_server(
         process = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"llama-server did not start:\n{log.read().decode(errors='replace')}")
-                time.sleep(0.2)
+            wait_until_up(process, f"{url}/health", log, "llama-server", 120)
             yield url, process.pid
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process, 10)
 
 
 @contextmanager
@@ -223,33 +234,45 @@ def measure(binary: Path, model: str, args: argparse.Namespace, concurrency: int
             "rss_ratio": round(mine["rss_mb"] / other["rss_mb"], 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--ctx", type=int, default=2048, help="context per sequence, both servers")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+def run(args: argparse.Namespace) -> dict[str, Any]:
     binary = build_llama_server()
     model = resolve_model("smollm2-135m").path
     rows = []
     for c in args.concurrency:
         row = measure(binary, model, args, c)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\nthreads {args.threads}, ctx {args.ctx} per sequence, {args.max_tokens} tokens per stream, "
-          f"median of {args.runs} runs\n")
-    print("| C | rbee tok/s | llama-server tok/s | ratio | TTFT p50/p95 ms (rbee) | TTFT p50/p95 ms "
-          "(llama-server) | RSS MB (rbee / llama-server) | RSS ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"threads": args.threads, "ctx": args.ctx, "max_tokens": args.max_tokens, "runs": args.runs,
+            "rows": rows}
+
+
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--ctx", type=int, default=2048, help="context per sequence, both servers")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"threads {results['threads']}, ctx {results['ctx']} per sequence, "
+             f"{results['max_tokens']} tokens per stream, median of {results['runs']} runs", "",
+             "| C | rbee tok/s | llama-server tok/s | ratio | TTFT p50/p95 ms (rbee) | TTFT p50/p95 ms "
+             "(llama-server) | RSS MB (rbee / llama-server) | RSS ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
         ours, theirs = row["rbee"], row["llama_server"]
-        assert isinstance(ours, dict) and isinstance(theirs, dict)
-        print(f"| {row['concurrency']} | {ours['tok_s']} | {theirs['tok_s']} | {row['tok_s_ratio']} | "
-              f"{ours['ttft_p50_ms']:.0f} / {ours['ttft_p95_ms']:.0f} | "
-              f"{theirs['ttft_p50_ms']:.0f} / {theirs['ttft_p95_ms']:.0f} | "
-              f"{ours['rss_mb']:.0f} / {theirs['rss_mb']:.0f} | {row['rss_ratio']} |")
+        lines.append(f"| {row['concurrency']} | {ours['tok_s']} | {theirs['tok_s']} | {row['tok_s_ratio']} | "
+                     f"{ours['ttft_p50_ms']:.0f} / {ours['ttft_p95_ms']:.0f} | "
+                     f"{theirs['ttft_p50_ms']:.0f} / {theirs['ttft_p95_ms']:.0f} | "
+                     f"{ours['rss_mb']:.0f} / {theirs['rss_mb']:.0f} | {row['rss_ratio']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(table(run(options())))
 
 
 if __name__ == "__main__":

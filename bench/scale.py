@@ -16,6 +16,7 @@ fixed rate; the backend exists for benchmarks and tests only). Three phases:
 - stop: SIGTERM while `--stop-streams` streams are open; the time until no
   process of the run is left, and whether every stream got its terminator.
 
+    .venv/bin/python -m bench scale [--quick]
     .venv/bin/python bench/scale.py [--streams 10000] [--hold-s 120] [--heartbeat-workers 1000]
 """
 
@@ -44,6 +45,8 @@ from tests.helpers import BIN, daemon, gone, job_result, run_job, wait_for
 
 MODEL = "synthetic"
 PORT_MIN = 20000
+RESULTS: dict[str, Any] = {}
+"""What the last `run` measured, phase by phase (for `python -m bench`)."""
 
 
 # --- the client: raw sockets, so that the client is not what we measure ------------------------
@@ -218,6 +221,8 @@ def run(args: argparse.Namespace) -> None:
                   f"{args.tokens_per_s:g} tokens/s per stream")
             # One stream alone, on a fresh 1-token rate: what HTTP/2 to the worker costs a single stream.
             alone = [first_token_ms(queen.url) for _ in range(2)]
+            RESULTS["alone_ttft_ms"] = round(statistics.median(alone))
+            RESULTS["workers"], RESULTS["tokens_per_s"] = args.workers, args.tokens_per_s
             print(f"one stream alone: time to first token median {statistics.median(alone):.0f} ms "
                   f"(at {args.tokens_per_s:g} tokens/s the worker itself waits "
                   f"{1000 / args.tokens_per_s:.0f} ms)")
@@ -267,6 +272,13 @@ def streams_phase(args: argparse.Namespace, queen: Any, port: int) -> None:
     cpu1, _ = queen_usage(queen.process.pid)
     stats, statuses = last
     errors = {code: n for code, n in statuses.items() if code != "200"}
+    RESULTS["streams"] = {
+        "requested": args.streams, "held_at_once": stats["peak"], "done": stats["done"],
+        "without_terminator": stats["no_terminator"], "reset": stats["reset"], "statuses": statuses,
+        "five_xx": sum(n for code, n in errors.items() if code.startswith("5")), "hold_s": args.hold_s,
+        "rss_idle_mb": round(rss0), "rss_peak_mb": round(rss_peak),
+        "cpu_share": round((cpu1 - cpu0) / took, 3),
+        "dropped_workers": dropped_workers(queen.log_path)}
     print(f"streams: {args.streams} requested, {stats['peak']} held at once, "
           f"{stats['done']} ended with [DONE], {stats['no_terminator']} without, {stats['reset']} reset; "
           f"statuses {statuses}; "
@@ -300,6 +312,10 @@ def heartbeat_phase(args: argparse.Namespace, queen: Any, port: int, period: flo
     beater.join(30)
     used = cpu1 - cpu0
     beats = seconds * workers / period
+    RESULTS.setdefault("heartbeats", []).append({
+        "workers": workers, "period_s": period, "seconds": seconds, "cpu_share": round(used / seconds, 3),
+        "ms_per_beat": round(used / beats * 1e3, 3), "rss_mb": round(rss), "listed": count,
+        "answers": statuses})
     print(f"heartbeats: {workers} workers beating every {period:g} s, for {seconds:g} s: queen CPU "
           f"{used / seconds:.0%} of one core ({used / beats * 1e3:.2f} ms a beat), RSS {rss:.0f} MB; "
           f"it listed {count} workers; answers {statuses}")
@@ -322,12 +338,15 @@ def stop_phase(args: argparse.Namespace, queen: Any, port: int) -> None:
     while kind != "end":
         kind, stats, _ = report.get(timeout=60)
     client.join(30)
+    RESULTS["stop"] = {"streams": args.stop_streams, "processes": len(pids),
+                       "gone_after_s": round(everything, 2), "done": stats["done"],
+                       "without": stats["no_terminator"] + stats["reset"]}
     print(f"stop: SIGTERM with {args.stop_streams} open streams: the queen and its {len(pids) - 1} "
           f"worker(s) gone after {everything:.2f} s; {stats['done']} streams ended with [DONE], "
           f"{stats['no_terminator'] + stats['reset']} without")
 
 
-def main() -> None:
+def options(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=10_000)
@@ -342,7 +361,34 @@ def main() -> None:
                         help="beat periods to measure (5 s is the workers' default)")
     parser.add_argument("--stop-streams", type=int, default=100)
     parser.add_argument("--verbose", action="store_true")
-    run(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def table(results: dict[str, Any]) -> str:
+    streams, stop = results["streams"], results["stop"]
+    lines = [
+        "| phase | measured |", "|---|---|",
+        f"| one stream alone | time to first token {results['alone_ttft_ms']} ms (the worker itself waits "
+        f"{1000 / results['tokens_per_s']:.0f} ms for its first token) |",
+        f"| {streams['requested']} streams at once, {streams['hold_s']:g} s each, on "
+        f"{results['workers']} synthetic workers | {streams['held_at_once']} held at once; "
+        f"{streams['done']} ended with `[DONE]`, {streams['without_terminator']} without, "
+        f"{streams['reset']} reset; 5xx: {streams['five_xx']}; statuses {streams['statuses']}; "
+        f"queen RSS {streams['rss_idle_mb']} MB idle, {streams['rss_peak_mb']} MB peak; "
+        f"queen CPU {streams['cpu_share']:.0%} of one core; workers dropped: {streams['dropped_workers']} |",
+    ]
+    for beat in results.get("heartbeats", []):
+        lines.append(f"| {beat['workers']} workers beating every {beat['period_s']:g} s | queen CPU "
+                     f"{beat['cpu_share']:.0%} of one core, {beat['ms_per_beat']:.2f} ms a beat; "
+                     f"RSS {beat['rss_mb']} MB; {beat['listed']} listed; answers {beat['answers']} |")
+    lines.append(f"| SIGTERM with {stop['streams']} open streams | the queen and its "
+                 f"{stop['processes'] - 1} worker(s) gone after {stop['gone_after_s']:.2f} s; "
+                 f"{stop['done']} streams ended with `[DONE]`, {stop['without']} without |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    run(options())
 
 
 if __name__ == "__main__":
