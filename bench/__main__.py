@@ -1,6 +1,6 @@
 """Run the published benchmarks and print them as Markdown (the format of `bench/RESULTS.md`).
 
-    .venv/bin/python -m bench                 # everything, full size (about 20 minutes here)
+    .venv/bin/python -m bench                 # everything, full size (about 15 minutes here)
     .venv/bin/python -m bench --quick         # everything, small (under 3 minutes): a smoke run
     .venv/bin/python -m bench latency scale   # some sections
     .venv/bin/python -m bench --write bench/RESULTS.md
