@@ -19,7 +19,6 @@ import pytest
 from anyio.from_thread import BlockingPortal
 from pytest_bdd import given, parsers, then, when
 
-from rbee_common.builtin import builtin_model_path
 from tests.fake_hf import FakeHub
 from tests.helpers import (
     BIN,
@@ -170,9 +169,7 @@ def cut_once(world: World, mb: int) -> None:
 
 @given(parsers.parse('the hub serves the built-in SmolLM2 GGUF as "{repo}"'))
 def hub_serves_smol(world: World, repo: str) -> None:
-    path = builtin_model_path("smollm2-135m")
-    assert path is not None
-    hub(world).add_file(repo, path.name, path.read_bytes())
+    hub(world).add_builtin(repo)
 
 
 def start_hive(world: World, settings: str = "", cwd: Path | None = None, nvml: str | None = None) -> Daemon:

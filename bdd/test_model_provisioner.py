@@ -7,6 +7,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, hive_job, hub, job_value, models_dir, spawn_worker
+from tests.helpers import requantize
 
 scenarios("model_provisioner.feature")
 
@@ -111,19 +112,7 @@ def reports_metadata(world: World, vocab: int, eos: int, quant: str) -> None:
 
 @given(parsers.parse('SmolLM2 requantized to "{quant}" with llama.cpp'))
 def requantized(world: World, quant: str) -> None:
-    import llama_cpp
-
-    from rbee_common.builtin import builtin_model_path
-    from rbee_worker.backends import GGUF_FILE_TYPES
-
-    source = builtin_model_path("smollm2-135m")
-    assert source is not None
-    target = models_dir(world) / f"smollm2.{quant}.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {name: number for number, name in GGUF_FILE_TYPES.items()}[quant]
-    params.allow_requantize = True
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) == 0
+    target = requantize(models_dir(world) / f"smollm2.{quant}.gguf", quant)
     world.extra.setdefault("quantized", {})[quant] = target
 
 

@@ -32,37 +32,35 @@ from bench import cold_start, hive_ops, latency, main_job, parallel, scale
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _parallel(quick: bool) -> tuple[dict[str, Any], str]:
+def _parallel(quick: bool) -> str:
     argv = ["--concurrency", "1", "4", "--runs", "1", "--max-tokens", "32"] if quick else [
         "--concurrency", "1", "2", "3", "4", "5", "6", "7", "8", "--runs", "3"]
-    results = parallel.run(parallel.options(argv))
-    return results, parallel.table(results)
+    return parallel.table(parallel.run(parallel.options(argv)))
 
 
-def _scale(quick: bool) -> tuple[dict[str, Any], str]:
+def _hive_ops(quick: bool) -> str:
+    return hive_ops.table(hive_ops.run(50 if quick else 300))
+
+
+def _scale(quick: bool) -> str:
     argv = (["--streams", "200", "--hold-s", "5", "--tokens-per-s", "1", "--ramp-per-s", "200",
              "--heartbeat-workers", "200", "--heartbeat-s", "3", "--heartbeat-periods", "1",
              "--stop-streams", "20"] if quick else
             ["--streams", "2000", "--hold-s", "60", "--ramp-per-s", "100", "--heartbeat-workers", "1000",
              "--heartbeat-s", "10", "--stop-streams", "100"])
-    scale.RESULTS.clear()
     with contextlib.redirect_stdout(sys.stderr):  # its running commentary; the table is what counts
-        scale.run(scale.options(argv))
-    return dict(scale.RESULTS), scale.table(scale.RESULTS)
+        return scale.table(scale.run(scale.options(argv)))
 
 
-def _simple(module: Any, **extra: Any) -> Callable[[bool], tuple[dict[str, Any], str]]:
-    def section(quick: bool) -> tuple[dict[str, Any], str]:
-        results = module.run(quick=quick, **extra)
-        return results, module.table(results)
-    return section
+def _simple(module: Any) -> Callable[[bool], str]:
+    """A section whose module has `run(quick=...)` and `table(results)`."""
+    return lambda quick: str(module.table(module.run(quick=quick)))
 
 
-SECTIONS: dict[str, tuple[str, str, Callable[[bool], tuple[dict[str, Any], str]]]] = {
+SECTIONS: dict[str, tuple[str, str, Callable[[bool], str]]] = {
     "latency": ("Latency: the queen next to LiteLLM", latency.__doc__ or "", _simple(latency)),
     "parallel": ("Throughput: one worker next to llama-server", parallel.__doc__ or "", _parallel),
-    "hive_ops": ("Hive operations: local hive against HTTP hive", hive_ops.__doc__ or "",
-                 lambda quick: (r := hive_ops.run(50 if quick else 300), hive_ops.table(r))),
+    "hive_ops": ("Hive operations: local hive against HTTP hive", hive_ops.__doc__ or "", _hive_ops),
     "scale": ("Scale", scale.__doc__ or "", _scale),
     "cold_start": ("Cold start per model size", cold_start.__doc__ or "", _simple(cold_start)),
     "main_job": ("The main job end to end", main_job.__doc__ or "", _simple(main_job)),
@@ -130,7 +128,7 @@ def main() -> None:
         title, doc, section = SECTIONS[name]
         print(f"== {name}", file=sys.stderr, flush=True)
         began = time.monotonic()
-        _, text = section(args.quick)
+        text = section(args.quick)
         what = "\n\n".join(part for part in doc.strip().split("\n\n")  # the method, not the usage lines
                            if not part.lstrip().startswith(".venv/bin/python"))
         out += [f"## {title}", "", what, "", f"    .venv/bin/python -m bench {name}{size}", "", text, "",

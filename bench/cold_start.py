@@ -20,22 +20,10 @@ from typing import Any
 
 import httpx
 
-from rbee_common.builtin import builtin_model_path
-from rbee_worker.backends import GGUF_FILE_TYPES
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, daemon, isolated_env, job_result
+from tests.helpers import BIN, daemon, isolated_env, job_result, requantize
 
 SIZES = ("Q4_1", "Q8_0", "F16", "F32")
-
-
-def requantize(source: Path, target: Path, quant: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {name: number for number, name in GGUF_FILE_TYPES.items()}[quant]
-    params.allow_requantize = True
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not requantize to {quant}")
 
 
 def first_token_s(url: str, model: str) -> float:
@@ -57,20 +45,17 @@ def first_token_s(url: str, model: str) -> float:
 def run(*, quick: bool = False) -> dict[str, Any]:
     runs = 1 if quick else 3
     sizes = ("Q4_1", "F16") if quick else SIZES
-    source = builtin_model_path("smollm2-135m")
-    assert source is not None
     rows = []
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         env = isolated_env(folder / "xdg")
         with FakeHub(folder / "hub") as hub:
             for quant in sizes:
-                path = folder / f"smollm2-135m.{quant}.gguf"
-                if quant == "Q4_1":
-                    path.write_bytes(source.read_bytes())
-                else:
-                    requantize(source, path, quant)
-                hub.add_file(f"bench/smollm2-{quant.lower()}-GGUF", path.name, path.read_bytes())
+                repo, name = f"bench/smollm2-{quant.lower()}-GGUF", f"smollm2-135m.{quant}.gguf"
+                if quant == "Q4_1":  # the built-in file as it is
+                    hub.add_builtin(repo, name)
+                else:  # threads 0: llama.cpp's default, every core
+                    hub.add_file(repo, name, requantize(folder / name, quant, threads=0).read_bytes())
             argv = [str(BIN / "queen-rbee"), "--port", "0", "--local-hive"]
             with daemon(argv, env={**env, "HF_ENDPOINT": hub.url}, timeout=60) as queen:
                 for quant in sizes:

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from bench import percentile
 from bench.parallel import build_llama_server, free_port, llama_server, stop_group, wait_until_up
 from rbee_worker.models import resolve_model
 from tests.helpers import BIN, daemon, isolated_env, job_result
@@ -117,12 +118,9 @@ def _worker_stream(url: str) -> Timed:
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
-
-    return {"p50_ms": round(statistics.median(ordered) * 1000, 2), "p95_ms": round(at(0.95), 2),
-            "p99_ms": round(at(0.99), 2)}
+    return {"p50_ms": round(statistics.median(ordered) * 1000, 2),
+            "p95_ms": round(percentile(ordered, 0.95) * 1000, 2),
+            "p99_ms": round(percentile(ordered, 0.99) * 1000, 2)}
 
 
 def run(*, quick: bool = False, threads: int | None = None) -> dict[str, Any]:

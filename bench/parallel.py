@@ -46,6 +46,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import percentile
 from rbee_worker.models import resolve_model
 from tests.helpers import BIN, daemon
 
@@ -210,7 +211,7 @@ def one_run(stream: Stream, url: str, concurrency: int, max_tokens: int) -> tupl
 def summary(results: list[tuple[float, list[float]]], pid: int) -> dict[str, float]:
     rate = statistics.median(r[0] for r in results)
     firsts = sorted(first for _, run_firsts in results for first in run_firsts)
-    p95 = firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))]
+    p95 = percentile(firsts, 0.95)
     return {"tok_s": round(rate, 1), "ttft_p50_ms": round(statistics.median(firsts) * 1000, 1),
             "ttft_p95_ms": round(p95 * 1000, 1), "rss_mb": round(peak_rss_mb(pid), 1)}
 

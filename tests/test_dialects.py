@@ -68,10 +68,8 @@ HUB_REPO = "smol-org/SmolLM2-GGUF"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    model = builtin_model_path(MODEL)
-    assert model is not None
     with FakeHub(tmp_path_factory.mktemp("hub")) as running:
-        running.add_file(HUB_REPO, "SmolLM2-135M-Instruct.Q4_1.gguf", model.read_bytes())
+        running.add_builtin(HUB_REPO)
         yield running
 
 

@@ -148,11 +148,7 @@ def test_disk_space_preflight_names_the_numbers(hub: FakeHub, isolated_dirs: Pat
 
 
 def test_delete_refuses_while_a_worker_uses_the_model(hub: FakeHub, hive: Daemon) -> None:
-    from rbee_common.builtin import builtin_model_path
-
-    smol = builtin_model_path("smollm2-135m")
-    assert smol is not None
-    hub.add_file("test-org/smol-GGUF", "smol.Q4_1.gguf", smol.read_bytes())
+    hub.add_builtin("test-org/smol-GGUF", "smol.Q4_1.gguf")
     events, terminator = download(hive.url, "hf:test-org/smol-GGUF")
     assert terminator == "[DONE]"
     (entry,) = [e["value"] for e in events if e["type"] == "result"]

@@ -41,10 +41,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    model = builtin_model_path("smollm2-135m")
-    assert model is not None
     with FakeHub(tmp_path_factory.mktemp("hub")) as running:
-        running.add_file(REPO, "smol.Q4_1.gguf", model.read_bytes())
+        running.add_builtin(REPO, "smol.Q4_1.gguf")
         yield running
 
 

@@ -12,7 +12,6 @@ import msgspec
 import pytest
 import trio
 
-from rbee_common.builtin import builtin_model_path
 from rbee_common.config import HiveEntry, HiveSettings
 from rbee_common.errors import ModelNotFound, WorkerNotFound
 from rbee_common.wire import (
@@ -38,10 +37,8 @@ REPO = "results-org/smol-GGUF"
 
 @pytest.fixture
 def hub(tmp_path: Path, isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    model = builtin_model_path("smollm2-135m")
-    assert model is not None
     with FakeHub(tmp_path / "hub") as running:
-        running.add_file(REPO, "smol.Q4_1.gguf", model.read_bytes())
+        running.add_builtin(REPO, "smol.Q4_1.gguf")
         monkeypatch.setenv("HF_ENDPOINT", running.url)
         yield running
 
