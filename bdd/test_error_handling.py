@@ -83,7 +83,8 @@ BAD_REQUESTS = {
 @when(parsers.parse('I send the bad request "{kind}"'))
 def send_bad(world: World, kind: str) -> None:
     method, path, body = BAD_REQUESTS[kind]
-    world.response = httpx.request(method, world.queen_url + path, content=body)
+    world.response = httpx.request(method, world.queen_url + path, content=body,
+                                   headers={"Content-Type": "application/json"} if body else {})
     world.responses.append(world.response)
 
 
@@ -107,7 +108,8 @@ def load(world: World) -> None:
     bodies = [b'{"operation": "status"}' if i % 2 else b'{"operation": "bogus"}' for i in range(100)]
     with httpx.Client(timeout=30) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
         world.responses = list(pool.map(
-            lambda body: client.post(f"{world.queen_url}/v1/jobs", content=body), bodies
+            lambda body: client.post(f"{world.queen_url}/v1/jobs", content=body,
+                                 headers={"Content-Type": "application/json"}), bodies
         ))
 
 

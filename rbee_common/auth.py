@@ -199,6 +199,12 @@ def request_identity() -> str:
     return identity if isinstance(identity, str) else "loopback (no token)"
 
 
+def request_source() -> str:
+    """The address this request came from (the audit log counts refusals per source)."""
+    address = request.remote_addr
+    return address if isinstance(address, str) and address else "unknown"
+
+
 def bearer(token: str | None) -> dict[str, str]:
     """The header a client sends: none when there is no token."""
     return {"Authorization": f"Bearer {token}"} if token else {}

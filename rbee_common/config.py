@@ -74,9 +74,22 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """A hive started over SSH that is not ready this long after is stopped, with its last log lines."""
     audit_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 10 * 1024 * 1024
     """The audit log is archived (and its chain continued in a new file) at this size."""
+    audit_max_total_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 100 * 1024 * 1024
+    """Archived audit logs are deleted, oldest first, beyond this total (the chain records it)."""
+    audit_failure_window_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """Refused authentications from one address are one audit entry per window, with a count; 0
+    writes each."""
+    audit_key_file: str | None = None
+    """The audit chain's HMAC key (default: audit.key in the config dir, made on first use)."""
     metrics_public: bool = False
     """Serve /metrics without the token (a Prometheus scraper on a trusted network); every other
     endpoint still wants it."""
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    """Host names it answers besides IP addresses, localhost, its --host and this machine's name
+    (DNS-rebinding protection, rbee_common/browser.py); "*" turns the check off. Read at start."""
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    """Web origins (`https://app.example:8443`) whose pages may call it; every other site's page is
+    refused. Read at start."""
 
 
 class HiveSettings(_Section, frozen=True, kw_only=True):
@@ -122,10 +135,22 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """Downloads leave at least this much of the data disk free."""
     audit_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 10 * 1024 * 1024
     """The audit log is archived (and its chain continued in a new file) at this size."""
+    audit_max_total_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 100 * 1024 * 1024
+    """Archived audit logs are deleted, oldest first, beyond this total (the chain records it)."""
+    audit_failure_window_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """Refused authentications from one address are one audit entry per window, with a count; 0
+    writes each."""
+    audit_key_file: str | None = None
+    """The audit chain's HMAC key (default: audit.key in the config dir, made on first use)."""
     model_roots: list[str] = msgspec.field(default_factory=list)
     """Folders a `file://` model may be in, besides the catalog and the built-in model's package."""
     metrics_public: bool = False
     """Serve /metrics without the token (a scraper on a trusted network); its workers' too."""
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    """As the queen's: host names it answers besides addresses, localhost, its host and this
+    machine's name."""
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    """As the queen's: web origins whose pages may call it."""
     synthetic_backend: bool = False
     """Benchmarks and tests only: every spawn (backend "auto" or "synthetic", a cold start's too)
     starts a synthetic worker: filler tokens at a fixed rate, no model, any model name."""

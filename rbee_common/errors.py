@@ -6,6 +6,8 @@
     │   ├── MalformedJson               MALFORMED_JSON
     │   ├── ValidationFailed            VALIDATION_FAILED
     │   ├── MethodNotAllowed            METHOD_NOT_ALLOWED         405
+    │   ├── UnsupportedMediaType        UNSUPPORTED_MEDIA_TYPE     415 (a POST body that is not JSON)
+    │   ├── LimitExceeded               LIMIT_EXCEEDED             (a count, size or depth over a limit)
     │   ├── WrongDaemon                 WRONG_DAEMON               (a queen operation sent to a hive)
     │   └── HiveInProcess               HIVE_IS_LOCAL              (no SSH lifecycle for it)
     ├── Unauthorized                    UNAUTHORIZED               401
@@ -16,7 +18,9 @@
     ├── Forbidden                       FORBIDDEN                  403
     │   ├── AccessDenied                ACCESS_DENIED              (a gated or private model)
     │   ├── ModelPathNotAllowed         MODEL_PATH_NOT_ALLOWED
-    │   └── WorkerNotAllowed            WORKER_NOT_ALLOWED
+    │   ├── WorkerNotAllowed            WORKER_NOT_ALLOWED
+    │   ├── OriginRefused               ORIGIN_REFUSED             (a web page of another site)
+    │   └── HostRefused                 HOST_REFUSED               (a Host that is not this daemon's)
     ├── NotFound                        NOT_FOUND                  404
     │   ├── RouteNotFound               ROUTE_NOT_FOUND
     │   ├── JobNotFound                 JOB_NOT_FOUND
@@ -177,6 +181,18 @@ class MalformedJson(InvalidRequest):
 
 class ValidationFailed(InvalidRequest):
     code = "VALIDATION_FAILED"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    status = 415
+
+
+class LimitExceeded(InvalidRequest):
+    """A request within the schema but over one of the server's limits; `details` names the
+    field and the limit."""
+
+    code = "LIMIT_EXCEEDED"
 
 
 class Unauthorized(RbeeError):
@@ -341,6 +357,14 @@ class ModelPathNotAllowed(Forbidden):
 
 class WorkerNotAllowed(Forbidden):
     code = "WORKER_NOT_ALLOWED"
+
+
+class OriginRefused(Forbidden):
+    code = "ORIGIN_REFUSED"
+
+
+class HostRefused(Forbidden):
+    code = "HOST_REFUSED"
 
 
 # --- 404 -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from rbee_common.browser import BrowserGuard, install_browser_guard
 from rbee_common.errors import (
     InternalError,
     InvalidRequest,
@@ -111,9 +112,11 @@ def error_response(error: RbeeError, *, component: str) -> Response:
     return json_response(envelope, status=error.status, headers=headers)
 
 
-def create_app(name: str, *, component: str, max_body_bytes: int) -> QuartTrio:
-    """A QuartTrio app with rbee's error handling and body limit installed."""
+def create_app(name: str, *, component: str, max_body_bytes: int, guard: BrowserGuard) -> QuartTrio:
+    """A QuartTrio app with rbee's error handling, body limit and browser guard installed (the
+    guard's check runs before every other, auth included: `rbee_common.browser`)."""
     app = QuartTrio(name)
+    install_browser_guard(app, guard)
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
@@ -164,10 +167,12 @@ def create_app(name: str, *, component: str, max_body_bytes: int) -> QuartTrio:
 
 
 def add_shutdown_route(app: QuartTrio, stop: trio.Event, path: str = "/v1/shutdown") -> None:
-    """`POST path` stops the daemon gracefully, the same way SIGTERM does."""
+    """`POST path` with a JSON object (`{}`) stops the daemon gracefully, the same way SIGTERM does.
+    The body is required, so that no bodiless cross-site form can send it."""
 
     @app.post(path)
     async def shutdown() -> Response:
+        await read_json_object()
         stop.set()
         return json_response({"status": "stopping"}, status=202)
 
@@ -175,6 +180,17 @@ def add_shutdown_route(app: QuartTrio, stop: trio.Event, path: str = "/v1/shutdo
 async def read_body() -> bytes:
     data = await request.get_data(cache=False, as_text=False, parse_form_data=False)
     return data if isinstance(data, bytes) else data.encode()
+
+
+async def read_json_object() -> dict[str, Any]:
+    """A body that must be one JSON object (`{}` will do), for routes that take no fields."""
+    try:
+        value = msgspec.json.decode(await read_body())
+    except (msgspec.DecodeError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidRequest("This endpoint takes a JSON object as its body.", hint="Send {}.")
+    return value
 
 
 def no_content() -> Response:

@@ -75,6 +75,10 @@ class JobLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_live_jobs: int = 64
     max_finished_jobs: int = 1000
     retention_s: float = 600.0
+    large_job_bytes: int = 1 << 20
+    """A finished job whose events hold more than this (an `embed` job's vectors) is kept only
+    `large_retention_s`, long enough for its streams to read it: not its full retention."""
+    large_retention_s: float = 30.0
     event_buffer: int = 10_000
     max_streams_per_job: int = 32
     """Open SSE streams on one job; more get 429 with Retry-After."""
@@ -105,6 +109,8 @@ class Job:
         self.streams = 0
         """SSE streams open on it."""
         self._next_seq = 0
+        self.bytes = 0
+        """What its events hold, all together (for `JobLimits.large_job_bytes`)."""
         self._changed = trio.Event()
         self.done = trio.Event()
 
@@ -125,6 +131,7 @@ class Job:
 
     def _append(self, data: str) -> None:
         self._events.append((self._next_seq, data))
+        self.bytes += len(data)
         self._next_seq += 1
         self._changed.set()
         self._changed = trio.Event()
@@ -375,14 +382,18 @@ class JobServer:
         excess = max(0, len(finished) - self.limits.max_finished_jobs)
         dropped = 0
         for index, job in enumerate(finished):
-            expired = job.finished_at is not None and now - job.finished_at > self.limits.retention_s
+            large = job.bytes > self.limits.large_job_bytes
+            retention = min(self.limits.retention_s, self.limits.large_retention_s) if large else \
+                self.limits.retention_s
+            expired = job.finished_at is not None and now - job.finished_at > retention
             if index < excess or expired:
                 del self._jobs[job.id]
                 dropped += 1
         return dropped
 
     async def sweep_forever(self) -> None:
-        interval = min(30.0, max(0.05, self.limits.retention_s / 4))
+        shortest = min(self.limits.retention_s, self.limits.large_retention_s)
+        interval = min(30.0, max(0.05, shortest / 4))
         while True:
             await trio.sleep(interval)
             self.sweep()

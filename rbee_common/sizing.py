@@ -7,6 +7,7 @@ size per token comes from the GGUF header (layers, KV heads, head size).
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -61,30 +62,46 @@ def _string(f: BinaryIO) -> bytes:
     return data
 
 
-def _value(f: BinaryIO, kind: int, keep: bool) -> Any:
+MAX_KEYS = 1 << 16
+"""Key-value pairs in a header (a real model has a few dozen)."""
+MAX_ARRAY_ITEMS = 1 << 24
+"""Items in one header array (a vocabulary has up to a few hundred thousand)."""
+
+
+def _skip(f: BinaryIO, size: int, end: int) -> None:
+    if f.seek(size, 1) > end:
+        raise GgufError("the file ends inside its header")
+
+
+def _value(f: BinaryIO, kind: int, end: int) -> Any:
+    """One value: a scalar or a string, or None for an array, which is skipped without recursion
+    (an array of arrays, which llama.cpp does not read either, is refused)."""
     if kind in _SCALARS:
         return _read(f, _SCALARS[kind])
     if kind == _STRING:
         return _string(f).decode("utf-8", errors="replace")
-    if kind == _ARRAY:
-        item, n = _read(f, "<I"), _read(f, "<Q")
-        if item in _SCALARS and not keep:  # skip a long array (the vocabulary's scores) in one seek
-            f.seek(struct.calcsize(_SCALARS[item]) * n, 1)
-            return None
-        if keep:
-            return [_value(f, item, keep) for _ in range(n)]
+    if kind != _ARRAY:
+        raise GgufError(f"unknown value type {kind}")
+    item, n = _read(f, "<I"), _read(f, "<Q")
+    if n > MAX_ARRAY_ITEMS:
+        raise GgufError(f"a header array has {n} items (at most {MAX_ARRAY_ITEMS})")
+    if item in _SCALARS:  # a long array (the vocabulary's scores) in one seek
+        _skip(f, struct.calcsize(_SCALARS[item]) * n, end)
+    elif item == _STRING:
         for _ in range(n):
-            if item == _STRING:
-                f.seek(_read(f, "<Q"), 1)
-            else:
-                _value(f, item, keep)
-        return None
-    raise GgufError(f"unknown value type {kind}")
+            _skip(f, _read(f, "<Q"), end)
+    elif item == _ARRAY:
+        raise GgufError("the header nests arrays in arrays")
+    else:
+        raise GgufError(f"unknown value type {item}")
+    return None
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The GGUF header's scalar and string values (arrays are skipped)."""
+    """The GGUF header's scalar and string values (arrays are skipped); `GgufError` for a header
+    that is cut short, malformed or over the limits above, whatever its content."""
     with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
         if f.read(4) != b"GGUF":
             raise GgufError("not a GGUF file")
         version = _read(f, "<I")
@@ -92,11 +109,13 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
             raise GgufError(f"GGUF version {version} is too old")
         _read(f, "<Q")  # tensors
         count = _read(f, "<Q")
+        if count > MAX_KEYS:
+            raise GgufError(f"the header has {count} keys (at most {MAX_KEYS})")
         meta: dict[str, Any] = {}
         for _ in range(count):
             key = _string(f).decode("utf-8", errors="replace")
             kind = _read(f, "<I")
-            value = _value(f, kind, keep=False)
+            value = _value(f, kind, end)
             if kind != _ARRAY:
                 meta[key] = value
         return meta

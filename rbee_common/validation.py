@@ -12,6 +12,13 @@ from rbee_common.errors import MalformedJson, ValidationFailed
 T = TypeVar("T")
 
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+QUOTE_CHARS = 64
+"""At most this much of a client-supplied name (a field, a path, a header) is quoted back."""
+
+
+def quote(text: str) -> str:
+    """A client-supplied name, cut to `QUOTE_CHARS` for a message (never a whole hostile string)."""
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "…"
 
 
 def describe_validation_error(exc: msgspec.ValidationError) -> tuple[str, str | None]:
@@ -39,6 +46,8 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         unknown = re.match(r"Object contains unknown field `(?P<field>[^`]+)`", message)
         if unknown:  # a request field this server does not take: name it (`param` on OpenAI's routes)
             path = f"{path}.{unknown['field']}" if path else unknown["field"]
+            message = "Object contains an unknown field"
+        path = quote(path) if path else path
         where = f" at `{path}`" if path else ""
         raise ValidationFailed(
             f"{message}{where}.", details={"field": path} if path else {}

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
 import msgspec
 
-from rbee_common.errors import ErrorBody
+from rbee_common.errors import ErrorBody, LimitExceeded
 
 # --- validated scalars -------------------------------------------------------
 
@@ -424,7 +424,7 @@ class Embed(Op[EmbedResult], tag="embed", frozen=True, kw_only=True):
     """Vectors for texts, from a worker of `model` (cold-started like any other)."""
 
     model: ModelRef
-    input: Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]
+    input: Annotated[list[str], msgspec.Meta(min_length=1, max_length=2048)]  # MAX_EMBED_INPUTS
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
@@ -651,6 +651,23 @@ class InferenceEnd(_InferenceEvent, tag="end", frozen=True, kw_only=True):
 class InferenceError(_InferenceEvent, tag="error", frozen=True, kw_only=True):
     code: str
     message: str
+
+
+MAX_EMBED_INPUTS = 2048
+"""Inputs in one embedding request, on every route (OpenAI's own cap)."""
+MAX_EMBED_TOKENS = 16_384
+"""Tokens in one embedding request, all inputs together: about 30 s of one CPU thread for the
+built-in model, so that no request holds a worker's embedding lane for long."""
+
+
+def check_embed_inputs(inputs: list[str] | list[str | list[int]]) -> None:
+    """The one cap on inputs that every embedding route applies (the worker counts tokens)."""
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise LimitExceeded(
+            f"{len(inputs)} inputs; at most {MAX_EMBED_INPUTS} go in one embedding request.",
+            details={"field": "input", "limit": MAX_EMBED_INPUTS},
+            hint="Send the inputs in several requests.",
+        )
 
 
 class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -6,7 +6,8 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from rbee_common.auth import TokenSource, install_auth
+from rbee_common.auth import TokenSource, install_auth, request_source
+from rbee_common.browser import BrowserGuard, install_json_only
 from rbee_common.daemon import package_version
 from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
@@ -17,20 +18,23 @@ from rbee_hive.service import HiveService
 def build_app(
     service: HiveService, jobs: JobServer, *, stop: trio.Event, token: str | TokenSource | None = None
 ) -> QuartTrio:
-    app = create_app("rbee-hive", component="hive", max_body_bytes=service.settings.max_body_bytes)
+    settings = service.settings
+    guard = BrowserGuard(bind_host=settings.host, allowed_hosts=tuple(settings.allowed_hosts),
+                         allowed_origins=tuple(settings.allowed_origins))
+    app = create_app("rbee-hive", component="hive", max_body_bytes=settings.max_body_bytes, guard=guard)
     metrics = service.metrics.install(app, public=service.settings.metrics_public)
     pages = add_ui_routes(app, "rbee_hive")
 
     def refused(reason: str, identity: str | None, path: str) -> None:
         service.metrics.auth_failed(reason)
-        service.audit.record("auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason,
-                             path=path)
+        service.auth_failures.refused(request_source(), reason, identity, path)
 
     install_auth(
         app, token, public=("/health", *pages, *metrics),
         on_success=lambda identity: service.audit.record("auth.success", actor=identity, outcome="ok"),
         on_failure=refused,
     )
+    install_json_only(app)
 
     @app.get("/health")
     async def health() -> Response:

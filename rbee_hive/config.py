@@ -12,7 +12,8 @@ from rbee_common.errors import ConfigError
 
 log = logging.getLogger("rbee.hive.config")
 
-RESTART_ONLY = frozenset({"host", "port", "hive_id", "queen_url", "data_dir", "metrics_public"})
+RESTART_ONLY = frozenset({"host", "port", "hive_id", "queen_url", "data_dir", "metrics_public",
+                          "allowed_hosts", "allowed_origins", "audit_key_file"})
 """Settings a running hive cannot change: SIGHUP logs that they wait for a restart."""
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import trio
 
-from rbee_common.audit import record_job
+from rbee_common.audit import close_audit, flush_audit_forever, record_job
 from rbee_common.auth import TokenSource
 from rbee_common.config import HiveSettings
 from rbee_common.daemon import watch_stdin_lifeline
@@ -41,9 +41,11 @@ async def open_hive_service(
         service = HiveService(settings, children, token=token)
         children.start_soon(service.workers.monitor_forever)
         children.start_soon(_stop_workers_on, stop, service)
+        children.start_soon(flush_audit_forever, service.auth_failures)
         try:
             yield service
         finally:
+            close_audit(service.auth_failures)
             with trio.CancelScope(shield=True), trio.move_on_after(settings.worker_stop_grace_s + 3):
                 await service.workers.stop_all()
             service.workers.kill_all()  # anything that outlived the deadline

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from rbee_common.audit import AuditLog
+from rbee_common.audit import AuditLog, AuthFailures
 from rbee_common.config import HiveSettings, data_dir, state_dir
 from rbee_common.errors import WrongDaemon
 from rbee_common.jobs import JobContext
@@ -42,8 +42,8 @@ class HiveService:
             reserve_bytes=settings.disk_reserve_bytes,
         )
         self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers", token=token)
-        self.audit = AuditLog(state_dir() / "audit" / f"hive-{settings.hive_id}.jsonl", component="hive",
-                              max_bytes=settings.audit_max_bytes)
+        self.audit = AuditLog.of_daemon(f"hive-{settings.hive_id}.jsonl", component="hive", settings=settings)
+        self.auth_failures = AuthFailures(self.audit, settings.audit_failure_window_s)
         self.metrics = HiveMetrics()
         self.downloads.metrics = self.workers.metrics = self.metrics
         self.metrics.watch(detect_devices, self.workers.list, lambda: {
@@ -93,6 +93,8 @@ class HiveService:
         """A changed config (SIGHUP), for what a running hive can change."""
         self.settings = self.workers.settings = settings
         self.audit.max_bytes = settings.audit_max_bytes
+        self.audit.max_total_bytes = settings.audit_max_total_bytes
+        self.auth_failures.window_s = settings.audit_failure_window_s
 
     def heartbeat_to(self, queen_url: str) -> None:
         """The queen the workers it starts from now on heartbeat to (the in-process hive learns its

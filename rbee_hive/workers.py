@@ -403,7 +403,7 @@ class Workers:
             async with self.http(timeout=1.0) as http:
                 log.info("%s: POST %s/v1/admin/shutdown", info.worker_id, info.url)
                 with map_transport_errors(f"worker {info.worker_id}"):
-                    await http.post(f"{info.url}/v1/admin/shutdown", headers=bearer(running.token))
+                    await http.post(f"{info.url}/v1/admin/shutdown", json={}, headers=bearer(running.token))
         except TransportError:
             say("It did not answer over HTTP; sending SIGTERM")
             running.process.send_signal(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""`rbee-keeper audit verify [FILE]`: check the hash chain of an audit log (area 330)."""
+"""`rbee-keeper audit verify [FILE]`: check the keyed chain of an audit log (area 330)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.audit import Broken, chain_files, verify
+from rbee_common.audit import Broken, anchors_path, chain_files, default_key_path, load_key, verify
 from rbee_common.config import state_dir
+from rbee_common.errors import ConfigError
 
 audit_cli = typer.Typer(no_args_is_help=True, help="Check the tamper-evident audit logs of this machine.")
 
@@ -16,8 +17,17 @@ audit_cli = typer.Typer(no_args_is_help=True, help="Check the tamper-evident aud
 @audit_cli.command("verify")
 def audit_verify(
     file: Annotated[Path | None, typer.Argument(help="One audit log, with its rotated archives beside it (default: every log under $XDG_STATE_HOME/rbee/audit).")] = None,  # noqa: E501
+    key: Annotated[Path | None, typer.Option(help="The chain's key (default: audit.key in the config dir, where the daemons made it).")] = None,  # noqa: E501
 ) -> None:
-    """Check every entry's hash and link; name the first tampered line and exit 1."""
+    """Check every entry's MAC and link, and the log's end against its anchors; name the first
+    tampered line and exit 1. Says what it could not prove."""
+    try:
+        secret = load_key(key or default_key_path(), create=False)
+    except ConfigError as error:
+        typer.echo(f"rbee-keeper: error: {error.message} Without it no entry can be proven.", err=True)
+        if error.hint:
+            typer.echo(f"hint: {error.hint}", err=True)
+        raise typer.Exit(1) from None
     if file is not None:
         if not file.is_file():
             typer.echo(f"rbee-keeper: error: no audit log at {file}.", err=True)
@@ -33,15 +43,19 @@ def audit_verify(
     failed = False
     for files in chains:
         try:
-            count = verify(files)
+            proved = verify(files, secret, anchors_path(files[-1]))
         except Broken as broken:
-            typer.echo(f"TAMPERED {broken.file}: line {broken.line}: {broken.why}")
+            where = f"line {broken.line}: " if broken.line else ""
+            typer.echo(f"TAMPERED {broken.file}: {where}{broken.why}")
             failed = True
         except OSError as error:
             typer.echo(f"rbee-keeper: error: cannot read {files[-1]}: {error.strerror}.", err=True)
             failed = True
         else:
-            typer.echo(f"OK {files[-1]}: {count} entries in {len(files)} file(s), the chain holds")
+            typer.echo(f"OK {files[-1]}: {proved.entries} entries in {len(files)} file(s), the chain holds "
+                       f"up to its anchor at seq {proved.anchored_seq}")
+            for caveat in proved.caveats():
+                typer.echo(f"  not proven: {caveat}")
     raise typer.Exit(1 if failed else 0)
 
 

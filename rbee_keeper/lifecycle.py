@@ -155,7 +155,7 @@ def stop_queen(url: str, *, say: Say, timeout: float = 10.0) -> bool:
     pid = _queen_pid(url)
     try:
         with map_transport_errors(url):
-            response = httpx.post(f"{url.rstrip('/')}/v1/shutdown", timeout=2.0,
+            response = httpx.post(f"{url.rstrip('/')}/v1/shutdown", json={}, timeout=2.0,
                                   headers=bearer(client_token()))
         asked = response.status_code < 400
     except TransportError:

@@ -9,6 +9,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from rbee_common.auth import install_auth, presented_token
+from rbee_common.browser import BrowserGuard, install_json_only
 from rbee_common.daemon import build_timestamp, package_version
 from rbee_common.errors import AuthFailed, RbeeError
 from rbee_common.http import add_shutdown_route, create_app, json_response, no_content, read_body
@@ -22,15 +23,17 @@ from rbee_queen.service import QueenService
 
 
 def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> QuartTrio:
-    app = create_app(
-        "queen-rbee", component="queen", max_body_bytes=service.config.settings.max_body_bytes
-    )
+    settings = service.config.settings
+    guard = BrowserGuard(bind_host=settings.host, allowed_hosts=tuple(settings.allowed_hosts),
+                         allowed_origins=tuple(settings.allowed_origins))
+    app = create_app("queen-rbee", component="queen", max_body_bytes=settings.max_body_bytes, guard=guard)
     metrics = service.metrics.install(app, public=service.config.settings.metrics_public,
                                       also=lambda: [hive.metrics for hive in service.local_hives])
     pages = add_ui_routes(app, "rbee_queen")
     install_auth(app, service.tokens, own_check=("/v1/worker-heartbeat",),
                  public=("/health", *pages, *metrics),
                  on_success=service.audit_auth_success, on_failure=service.audit_auth_failure)
+    install_json_only(app)
 
     @app.get("/health")
     async def health() -> Response:

@@ -25,7 +25,8 @@ LOCALHOST_HIVE = HiveEntry(host="127.0.0.1")
 """`localhost` is always a hive, even when the config does not name it."""
 
 
-RESTART_ONLY = frozenset({"host", "port", "local_hive", "metrics_public"})
+RESTART_ONLY = frozenset({"host", "port", "local_hive", "metrics_public", "allowed_hosts", "allowed_origins",
+                          "audit_key_file"})
 """[queen] settings a running queen cannot change: SIGHUP logs that they wait for a restart."""
 
 

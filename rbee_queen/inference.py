@@ -1,9 +1,13 @@
 """Running one inference on a worker the scheduler picked, with retries.
 
-A request that fails before its first token (the worker is gone, refuses
-with 503, or its stream ends early) is tried on another worker; once a token
-has reached the caller it is not, since the caller has seen output. A worker
-that cannot be connected to leaves the registry at once.
+A request that a worker did not take (it cannot be connected to, refuses
+with 503, or fails with an internal error before any token) is tried on
+another worker. A request that a worker took (it answered 200) and then died
+with is never tried again: a request that crashes a worker crashes the next
+one too (a hostile grammar once took three workers and another client's
+stream with it), so its client gets WORKER_DIED, and the queen's log names
+the request and its correlation id. A worker that cannot be connected to, or
+that died, leaves the registry at once.
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 import httpx
 import msgspec
 import trio
+from quart import has_app_context, has_request_context
 
 from rbee_common import deadlines
 from rbee_common.client import map_transport_errors
 from rbee_common.errors import (
+    CLASSES_BY_CODE,
     DeadlineExceeded,
     InternalError,
     PoolTimedOut,
     RbeeError,
+    RequestTimedOut,
     TransportError,
     WorkerDied,
     WorkerFailed,
     error_from_response,
 )
+from rbee_common.http import correlation_id
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     DONE,
@@ -50,7 +58,28 @@ _encode = msgspec.json.Encoder().encode
 
 
 class _Retry(Exception):
-    """The worker failed before any token: try another."""
+    """The worker did not take the request, or failed it before any token: try another."""
+
+
+def _died(worker: WorkerRecord, request_id: str, sent_any: bool, why: str) -> WorkerDied:
+    """The worker ended while it held this request: logged with the request's ids, never retried."""
+    log.error("worker %s died while serving request_id=%s correlation_id=%s (%s); not retried",
+              worker.worker_id, request_id, _correlation_id(), why)
+    if sent_any:
+        return WorkerDied("The worker stopped in the middle of the answer.",
+                          hint="Retry the request; the queen routes around the failed worker.")
+    return WorkerDied(
+        "The worker ended while it was serving this request; the request was not tried again, since "
+        "a request that crashes a worker would crash the next one too.",
+        hint="If this request is ordinary, retry it; otherwise see the worker's log on its hive.",
+    )
+
+
+def _correlation_id() -> str:
+    """The client request's correlation id (the X-Correlation-Id it is answered with), if any."""
+    if has_request_context() or has_app_context():
+        return correlation_id()
+    return "-"
 
 
 class Served(msgspec.Struct, kw_only=True):
@@ -211,6 +240,8 @@ async def _attempts(
         request_id = f"req-{uuid.uuid4()}"
         body = _encode(msgspec.structs.replace(request, request_id=request_id))
         sent_any = False
+        taken = False
+        """The worker answered 200: it holds the request (and may die of it)."""
         running = False
         """The worker is generating for us and has not said it stopped."""
         alive_at = 0.0
@@ -228,7 +259,7 @@ async def _attempts(
                         await response.aread()
                         raise error_from_response(response.status_code, response.content)
                     ended = False
-                    running = True
+                    running = taken = True
                     async for line in response.aiter_lines():
                         now = trio.current_time()
                         if now - alive_at > 1.0:  # data on its stream counts as a heartbeat
@@ -256,27 +287,28 @@ async def _attempts(
                                 raise deadlines.exceeded(deadline)
                             if event.code == InternalError.code and not sent_any:
                                 raise _Retry(event.message)
+                            refused = CLASSES_BY_CODE.get(event.code)
+                            if refused is not None and refused.status < 500:  # the request's fault
+                                raise refused(event.message)
                             raise WorkerFailed(event.message, details={"worker_code": event.code})
                     running = False  # the worker ended the stream itself
                     if not ended:
                         registry.forget(worker.worker_id, "its stream ended without an end event")
-                        if sent_any:
-                            raise WorkerDied(
-                                "The worker stopped in the middle of the answer.",
-                                hint="Retry the request; the queen routes around the failed worker.",
-                            )
-                        raise _Retry("stream ended before any token")
+                        raise _died(worker, request_id, sent_any, "its stream ended without an end event")
                     return
         except TransportError as error:
             failure = error.message
+            if isinstance(error, RequestTimedOut) and taken:
+                # Silent for WORKER_TIMEOUT's read time while it held our request: busy or hung,
+                # not gone; its heartbeats decide whether it stays in routing.
+                raise WorkerFailed(f"Worker {worker.worker_id} sent nothing for "
+                                   f"{WORKER_TIMEOUT.read:g} s.", details={"worker_id": worker.worker_id},
+                                   hint="See the worker's log on its hive.") from error
             if not isinstance(error, PoolTimedOut):  # (cannot happen with an unbounded pool)
                 # Out of routing until its next heartbeat says it lives.
                 registry.forget(worker.worker_id, failure)
-            if sent_any:
-                raise WorkerDied(
-                    "The worker stopped in the middle of the answer.",
-                    hint="Retry the request; the queen routes around the failed worker.",
-                ) from error
+            if taken:
+                raise _died(worker, request_id, sent_any, failure) from error
         except _Retry as retry:
             failure = str(retry)
         finally:

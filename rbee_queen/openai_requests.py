@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from rbee_common.errors import ValidationFailed
-from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat, ToolCall
+from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat, ToolCall, check_embed_inputs
 from rbee_queen.dialects import check_choice, named, tool_of
 
 log = logging.getLogger("rbee.queen.openai")
@@ -289,8 +289,7 @@ def embedding_inputs(value: str | list[Any]) -> list[str | list[int]]:
         items = value
     if not items:
         raise bad("`input` must not be empty.")
-    if len(items) > 2048:
-        raise bad("At most 2048 inputs per request.")
+    check_embed_inputs(items)
     out: list[str | list[int]] = []
     for item in items:
         if (isinstance(item, str) and item) or (

@@ -188,7 +188,8 @@ async def stop(remote: Remote, hive_id: str, entry: HiveEntry, context: JobConte
     say(f"Asking hive {hive_id} to shut down (it stops its workers first)")
     try:
         with map_transport_errors(url):
-            await remote.http.post(f"{url}/v1/shutdown", headers=bearer(remote.token(hive_id)), timeout=5.0)
+            await remote.http.post(f"{url}/v1/shutdown", json={}, headers=bearer(remote.token(hive_id)),
+                                   timeout=5.0)
     except TransportError:
         say(f"Hive {hive_id} did not answer over HTTP")
     grace = 15.0

@@ -17,7 +17,7 @@ import msgspec
 import trio
 from quart_trio import QuartTrio
 
-from rbee_common.audit import record_job
+from rbee_common.audit import close_audit, flush_audit_forever, record_job
 from rbee_common.auth import TokenSource
 from rbee_common.jobs import JobLimits, JobServer
 from rbee_hive.serve import open_hive_service
@@ -49,6 +49,8 @@ def apply_config(
     scheduler.cold_start_enabled = settings.cold_start
     service.workers.stale_after_s = settings.worker_stale_s
     service.audit.max_bytes = settings.audit_max_bytes
+    service.audit.max_total_bytes = settings.audit_max_total_bytes
+    service.auth_failures.window_s = settings.audit_failure_window_s
     jobs.limits = _job_limits(config)
     jobs.default_deadline_s = settings.default_deadline_s or None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -89,6 +91,7 @@ async def serve(
         service = QueenService(config, http=http, nursery=children, remote=remote, local_hives=local,
                                tokens=tokens, lanes=lanes)
         children.start_soon(service.workers.expire_forever)
+        children.start_soon(flush_audit_forever, service.auth_failures)
         try:
             async with trio.open_nursery() as nursery:
                 jobs = JobServer(nursery, service.handle, actor="queen", limits=limits)
@@ -107,6 +110,7 @@ async def serve(
                 remote.queen_url = urls[0]
                 task_status.started(urls)
         finally:
+            close_audit(service.auth_failures)
             with trio.CancelScope(shield=True), trio.move_on_after(20):
                 await remote.stop_all()  # hives started over SSH, and their workers
             children.cancel_scope.cancel()

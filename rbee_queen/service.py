@@ -10,17 +10,19 @@ import httpx
 import msgspec
 import trio
 
-from rbee_common import deadlines
-from rbee_common.audit import AuditLog
-from rbee_common.auth import TokenSource, bearer, new_token
+from rbee_common import deadlines, grammar_limits
+from rbee_common.audit import AuditLog, AuthFailures
+from rbee_common.auth import TokenSource, bearer, new_token, request_source
 from rbee_common.client import map_transport_errors
-from rbee_common.config import state_dir
 from rbee_common.daemon import package_version
 from rbee_common.errors import (
+    ConnectFailed,
     HiveNotFound,
     NotImplementedYet,
     RbeeError,
+    RequestTimedOut,
     TransportError,
+    WorkerDied,
     WorkerFailed,
     error_from_response,
 )
@@ -60,6 +62,7 @@ from rbee_common.wire import (
     WorkerRecord,
     WorkerSpawn,
     WorkerStop,
+    check_embed_inputs,
 )
 from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
@@ -94,8 +97,8 @@ class QueenService:
         self.metrics = QueenMetrics()
         self.workers = WorkerRegistry(stale_after_s=settings.worker_stale_s)
         self.workers.on_drop = self.metrics.worker_dropped
-        self.audit = AuditLog(state_dir() / "audit" / "queen.jsonl", component="queen",
-                              max_bytes=settings.audit_max_bytes)
+        self.audit = AuditLog.of_daemon("queen.jsonl", component="queen", settings=settings)
+        self.auth_failures = AuthFailures(self.audit, settings.audit_failure_window_s)
         self.remote = remote
         self.local_hives = list(local_hives)
         """Hive services running in this process (--local-hive)."""
@@ -141,8 +144,7 @@ class QueenService:
 
     def audit_auth_failure(self, reason: str, identity: str | None, path: str) -> None:
         self.metrics.auth_failed(reason)
-        self.audit.record("auth.failure", actor=identity or "anonymous", outcome="refused", reason=reason,
-                          path=path)
+        self.auth_failures.refused(request_source(), reason, identity, path)
 
     def worker_headers(self, worker: WorkerRecord) -> dict[str, str]:
         """What a worker wants from us: its own token, else (a worker that beat with it) its hive's."""
@@ -237,6 +239,7 @@ class QueenService:
     async def generate(
         self, model: str, params: GenerationParams, usage: Usage, deadline: str | None = None,
     ) -> AsyncGenerator[InferenceToken, None]:
+        grammar_limits.check_params(params)  # a 400 before any worker is chosen or started
         served = Served()
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._lanes, model, params,
@@ -251,8 +254,14 @@ class QueenService:
         usage.stop_sequence = served.stop_sequence
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        """Vectors from a worker of `model` (cold-started like any other); a worker that cannot be
-        reached is left for another, as for inference."""
+        """Vectors from a worker of `model` (cold-started like any other).
+
+        A worker that cannot be connected to is left for another, as for inference. One that does
+        not answer within the read timeout keeps its place in routing (it is busy, and closing the
+        connection stops its work between batches); one that died holding the request is not
+        tried again (the request may be what killed it).
+        """
+        check_embed_inputs(request.input)
         excluded: set[str] = set()
         attempts = self.config.settings.infer_attempts
         for _ in range(attempts):
@@ -264,10 +273,21 @@ class QueenService:
                         f"{worker.url}/v1/embeddings", content=msgspec.json.encode(request),
                         headers={"Content-Type": "application/json", **self.worker_headers(worker)},
                         timeout=WORKER_TIMEOUT)
-            except TransportError as error:
+            except RequestTimedOut:
+                raise WorkerFailed(
+                    f"Worker {worker.worker_id} did not finish these embeddings in "
+                    f"{WORKER_TIMEOUT.read:g} s; they were cancelled.",
+                    details={"worker_id": worker.worker_id, "retry_after_s": 5},
+                    hint="Send fewer or shorter inputs per request.") from None
+            except ConnectFailed as error:
                 self.workers.forget(worker.worker_id, f"embedding request failed ({error.message})")
                 excluded.add(worker.worker_id)
                 continue
+            except TransportError as error:
+                self.workers.forget(worker.worker_id, f"died holding an embedding request ({error.message})")
+                raise WorkerDied(
+                    "The worker ended while it was computing these embeddings; the request was not "
+                    "tried again.", hint="See the worker's log on its hive.") from None
             finally:
                 self.scheduler.release(worker.worker_id)
             if response.status_code >= 400:
@@ -280,6 +300,7 @@ class QueenService:
         if operation.hive_id is not None:
             self.router.get(operation.hive_id)  # an unknown hive is HIVE_NOT_FOUND, not "no hive reachable"
         params = GenerationParams(**{f: getattr(operation, f) for f in GenerationParams.__struct_fields__})
+        grammar_limits.check_params(params)
         served = Served()
         text: list[str] = []
         deadline = deadlines.current.get()  # the job's (POST /v1/jobs sets the default one)

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -27,6 +28,8 @@ from rbee_worker.serve import serve
 
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 PR_SET_PDEATHSIG = 1
+THREAD_STACK_BYTES = 64 << 20
+"""Reserved, not used: a thread's stack costs only the pages it touches."""
 SHORT_SPIN = "200"
 """OpenMP spin iterations before a waiting thread sleeps, for --spin-wait short (bench/threads.py)."""
 
@@ -87,6 +90,9 @@ def main(
     if spin_wait == "short" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
         os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN  # read when llama.cpp's OpenMP runtime loads
     die_with_parent()
+    # Every thread from here on (trio's, where grammars are parsed; the engine's) gets a stack with
+    # room for the deepest grammar `grammar_limits` lets through, many times over.
+    threading.stack_size(THREAD_STACK_BYTES)
     try:
         token = load_token(None)
         require_token_for_bind(host, token, "llm-worker-rbee")

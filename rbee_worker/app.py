@@ -15,8 +15,17 @@ from quart_trio import QuartTrio
 
 from rbee_common import deadlines
 from rbee_common.auth import install_auth
+from rbee_common.browser import BrowserGuard, install_json_only
 from rbee_common.errors import RequestNotFound
-from rbee_common.http import create_app, json_response, no_content, read_body, sse_frame, sse_response
+from rbee_common.http import (
+    create_app,
+    json_response,
+    no_content,
+    read_body,
+    read_json_object,
+    sse_frame,
+    sse_response,
+)
 from rbee_common.validation import decode_body
 from rbee_common.wire import DONE, EmbedRequest, InferenceEvent, InferenceRequest
 from rbee_worker.service import WorkerService, encode_event
@@ -30,10 +39,12 @@ CANCEL_WAIT_S = 2.0
 
 
 def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event) -> QuartTrio:
-    app = create_app("llm-worker-rbee", component="worker", max_body_bytes=service.config.max_body_bytes)
+    app = create_app("llm-worker-rbee", component="worker", max_body_bytes=service.config.max_body_bytes,
+                     guard=BrowserGuard(bind_host=service.config.host))
     metrics = service.metrics.install(app, public=service.config.metrics_public)
     install_auth(app, service.config.api_token, public=("/health", *metrics),
                  on_failure=lambda reason, identity, path: service.metrics.auth_failed(reason))
+    install_json_only(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -93,6 +104,7 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
 
     @app.post("/v1/admin/shutdown")
     async def shutdown() -> Response:
+        await read_json_object()  # no bodiless cross-site form can send it
         stop.set()
         return json_response({"status": "draining"}, status=202)
 

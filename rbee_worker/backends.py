@@ -20,8 +20,9 @@ import jinja2
 import msgspec
 import numpy as np
 
-from rbee_common.errors import BackendUnavailable, ModelLoadFailed, ValidationFailed
-from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason, TokenLogprob
+from rbee_common import grammar_limits
+from rbee_common.errors import BackendUnavailable, LimitExceeded, ModelLoadFailed, RbeeError, ValidationFailed
+from rbee_common.wire import MAX_EMBED_TOKENS, EmbedRequest, InferenceRequest, StopReason, TokenLogprob
 from rbee_worker import tools
 from rbee_worker.engine import Engine, Job
 from rbee_worker.models import ResolvedModel
@@ -32,6 +33,10 @@ OnToken = Callable[[str, "list[TokenLogprob] | None"], None]
 
 FEATURES = ("response_format", "tools", "logprobs", "logit_bias", "embeddings")
 """What a request may ask that a backend may not do; `Backend.features` names what it does."""
+
+
+class EmbeddingCancelled(Exception):
+    """The client of an embedding request left; the backend stopped between two batches."""
 
 
 class Generated(msgspec.Struct, frozen=True):
@@ -55,7 +60,9 @@ class Backend(Protocol):
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
     ) -> Generated: ...
 
-    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]: ...
+    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]: ...
+    """Vectors and the tokens they took; stops with `EmbeddingCancelled` between batches once
+    `cancelled` is set."""
 
 
 
@@ -261,18 +268,27 @@ class LlamaCppBackend:
         return request.prompt or "", []
 
     def _grammar(self, request: InferenceRequest) -> bytes | None:
+        """The request's grammar, checked against `grammar_limits` before llama.cpp parses it; b""
+        for a schema the converter cannot take."""
         from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+        grammar_limits.check_params(request)  # counts and depth, before the converter runs
         forced = tools.forced_call_schema(request)
-        if forced is not None:
-            return str(json_schema_to_gbnf(json.dumps(forced))).encode()
         fmt = request.response_format
-        if fmt is None or fmt.type == "text":
+        if forced is not None:
+            field, schema = "tools", forced
+        elif fmt is None or fmt.type == "text":
             return None
-        if fmt.type == "json_schema" and fmt.json_schema:
-            schema = fmt.json_schema.get("schema", fmt.json_schema)
-            return str(json_schema_to_gbnf(json.dumps(schema))).encode()
-        return JSON_GBNF.encode()
+        elif fmt.type == "json_schema" and fmt.json_schema:
+            field, schema = "response_format", fmt.json_schema.get("schema", fmt.json_schema)
+        else:
+            return JSON_GBNF.encode()
+        try:
+            grammar = str(json_schema_to_gbnf(json.dumps(schema)))
+        except Exception:  # noqa: BLE001 - the converter's own, any kind: the schema is not one it takes
+            return b""
+        grammar_limits.check_grammar(field, grammar)
+        return grammar.encode()
 
     def _sampler(self, request: InferenceRequest) -> Any:
         """The request's sampler chain, in llama.cpp's usual order."""
@@ -292,8 +308,9 @@ class LlamaCppBackend:
                 chain, lib.llama_sampler_init_logit_bias(n_vocab, len(request.logit_bias), biases))
         try:
             grammar = self._grammar(request)
-        except (ValueError, KeyError, TypeError, AssertionError, RecursionError):  # the converter's own
-            grammar = b""
+        except RbeeError:
+            lib.llama_sampler_free(chain)
+            raise
         if grammar is not None:
             sampler = lib.llama_sampler_init_grammar(self._vocab, grammar, b"root") if grammar else None
             if not sampler:
@@ -366,12 +383,22 @@ class LlamaCppBackend:
             self._embed_context = context
         return self._embed_context
 
-    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
-        """One unit vector per input, in order; inputs are packed into shared batches."""
+    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]:
+        """One unit vector per input, in order; inputs are packed into shared batches, and
+        `cancelled` is checked between them."""
         n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
         inputs: list[list[int]] = []
+        total = 0
         for k, item in enumerate(request.input):
+            if cancelled.is_set():
+                raise EmbeddingCancelled
             tokens = self.tokenize(item) if isinstance(item, str) else list(item)
+            total += len(tokens)
+            if total > MAX_EMBED_TOKENS:
+                raise LimitExceeded(
+                    f"These inputs are more than {MAX_EMBED_TOKENS} tokens together; that is the most "
+                    "one embedding request may hold.", details={"field": "input", "limit": MAX_EMBED_TOKENS},
+                    hint="Send the inputs in several requests.")
             if not tokens:
                 raise ValidationFailed(f"Input {k} is empty.", details={"field": f"input[{k}]"})
             if len(tokens) > self.ctx:
@@ -393,6 +420,10 @@ class LlamaCppBackend:
             context = self._embedding_context()
             start = 0
             while start < len(inputs):
+                if cancelled.is_set():
+                    log.info("embedding stopped before input %d of %d: its client went away", start,
+                             len(inputs))
+                    raise EmbeddingCancelled
                 group = [inputs[start]]
                 size = len(inputs[start])
                 while (start + len(group) < len(inputs) and len(group) < self.EMBED_SEQUENCES

@@ -129,7 +129,7 @@ class MlxBackend:
             raise job.error
         return Generated(len(tokens), job.produced, job.reason, stop_sequence=job.stop_sequence)
 
-    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], int]:
+    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]:
         raise ValidationFailed("The mlx backend does not compute embeddings.", details={"field": "input"},
                                hint="Serve a GGUF model on llama.cpp for embeddings.")
 

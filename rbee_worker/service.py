@@ -22,7 +22,7 @@ import uuid
 import msgspec
 import trio
 
-from rbee_common import deadlines
+from rbee_common import deadlines, grammar_limits
 from rbee_common.errors import (
     AllSlotsBusy,
     DeadlineExceeded,
@@ -45,6 +45,7 @@ from rbee_common.wire import (
     TokenLogprob,
     WorkerHeartbeat,
     WorkerState,
+    check_embed_inputs,
 )
 from rbee_worker.backends import Backend, Generated
 from rbee_worker.config import WorkerConfig
@@ -101,6 +102,7 @@ def validate(request: InferenceRequest, ctx: int) -> None:
         if token < 0:
             raise bad("logit_bias", "`logit_bias` keys are token ids (0 or more).")
     validate_tools(request)
+    grammar_limits.check_params(request)
 
 
 def asked_features(request: InferenceRequest) -> list[str]:
@@ -343,8 +345,17 @@ class WorkerService:
                                    hint="Serve a GGUF model on llama.cpp for embeddings.")
         if not request.input:
             raise ValidationFailed("`input` must not be empty.", details={"field": "input"})
+        check_embed_inputs(request.input)
+        cancelled = threading.Event()
         try:
-            vectors, tokens = await trio.to_thread.run_sync(backend.embed, request, limiter=self._embedder)
+            # Abandoned on cancel (the client left): the thread stops at its next batch, and holds
+            # the embedding lane (`_embedder`) until it has.
+            vectors, tokens = await trio.to_thread.run_sync(
+                backend.embed, request, cancelled, limiter=self._embedder, abandon_on_cancel=True)
+        except trio.Cancelled:
+            log.info("embedding request cancelled: its client went away")
+            cancelled.set()
+            raise
         finally:
             self.last_request_end = time.monotonic()  # in use: not idle (the hive stops idle workers)
         return EmbedResult(data=vectors, tokens=tokens)

@@ -138,8 +138,9 @@ async def test_unknown_job_is_404_without_echo(queen: QueenHandle, job_id: str) 
 
 
 async def test_error_envelope_has_correlation_id_matching_header(queen: QueenHandle) -> None:
-    first = await queen.http.post("/v1/jobs", content=b"{")
-    second = await queen.http.post("/v1/jobs", content=b"{")
+    json_type = {"Content-Type": "application/json"}
+    first = await queen.http.post("/v1/jobs", content=b"{", headers=json_type)
+    second = await queen.http.post("/v1/jobs", content=b"{", headers=json_type)
     ids = [r.json()["error"]["correlation_id"] for r in (first, second)]
     assert ids[0] != ids[1]
     assert first.headers["X-Correlation-Id"] == ids[0]

@@ -60,7 +60,7 @@ def test_sigterm_ends_open_stream_with_terminator_and_exits_0_fast(isolated_dirs
 
 def test_http_shutdown_exits_0(isolated_dirs: Path) -> None:
     with daemon([str(BIN / "queen-rbee"), "--port", "0"]) as queen:
-        response = httpx.post(f"{queen.url}/v1/shutdown")
+        response = httpx.post(f"{queen.url}/v1/shutdown", json={})
         assert response.status_code == 202
         assert queen.process.wait(timeout=5) == 0
 
