@@ -576,7 +576,7 @@ def chained(world: World) -> None:
 
 @given(parsers.parse("a hive audit log with {count:d} entries"))
 def log_with(world: World, count: int) -> None:
-    token_hive(world)
+    token_hive_with(world, "audit_failure_window_s=0")  # one entry per refusal
     for _ in range(count):
         assert httpx.get(f"{world.extra['hive'].url}/v1/capabilities").status_code == 401
     assert wait_for(lambda: len(entries(world, "hive-localhost.jsonl")) >= count)

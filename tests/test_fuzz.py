@@ -2,13 +2,16 @@
 against a real queen and a real hive (security issue, SCENARIOS VAL-020).
 
 The fuzz sends more than 1,000 generated requests in five categories (bodies,
-headers, paths, ids, Last-Event-ID) and asserts: no 5xx, no echo of the
-payload (each carries a unique marker), no file written outside the data
-dirs, and both daemons healthy afterwards.
+headers, paths, ids, Last-Event-ID), a quarter of them as a web page would
+(a foreign or `null` Origin, a DNS-rebinding Host), and asserts: no 5xx, no
+echo of the payload (each carries a unique marker), every page's request
+refused with 403, no file written outside the data dirs, and both daemons
+healthy afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import string
@@ -24,6 +27,8 @@ from hypothesis import strategies as st
 from rbee_common.audit import canonical, entry_hash
 from rbee_common.config import HOST_PATTERN, HiveEntry
 from rbee_common.errors import InvalidRequest, RbeeError
+from rbee_common.grammar_limits import check_schema
+from rbee_common.sizing import GgufError, gguf_metadata
 from rbee_common.validation import decode_body
 from rbee_common.wire import WorkerHeartbeat, operation_decoder
 from rbee_hive.catalog import check_reference, parse_hf
@@ -126,6 +131,29 @@ def test_an_audit_entry_hash_covers_every_field(details: dict[str, object]) -> N
     assert digest == entry_hash(json.loads(canonical(entry)))
     changed = {**entry, "details": {**details, "added": 1}}
     assert entry_hash(changed) != digest
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+@example({"maxLength": 10**30})
+@example({"pattern": "(a{0,999}){0,999}"})
+def test_a_schema_check_answers_any_json_with_nothing_or_a_400(schema: object) -> None:
+    try:
+        check_schema("response_format", schema)
+    except InvalidRequest as error:
+        assert error.status == 400 and error.details["field"] == "response_format"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_a_gguf_header_of_any_bytes_is_read_or_refused(tail: bytes) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".gguf") as file:
+        file.write(b"GGUF\x03\x00\x00\x00" + tail)
+        file.flush()
+        with contextlib.suppress(GgufError):
+            gguf_metadata(file.name)
 
 
 def test_heartbeat_model_is_a_model_reference() -> None:
@@ -248,8 +276,13 @@ def test_a_thousand_hostile_requests_get_no_5xx_no_echo_and_write_nothing(isolat
     fuzz = Fuzzer(seed=20261201)
     seen: Counter[str] = Counter()
     statuses: Counter[int] = Counter()
+    pages = [{"Origin": "http://attacker.example"}, {"Origin": "null"}, {"Host": "attacker.example"},
+             {"Origin": "http://attacker.example", "Host": "attacker.example"}]
     with daemon(queen_argv, env=env) as queen, daemon(hive_argv, env=env) as hive, \
-            httpx.Client(timeout=30, headers={"Connection": "close"}) as client:
+            httpx.Client(timeout=30, headers={"Connection": "close"}) as client, \
+            contextlib.ExitStack() as stack:
+        browsers = [stack.enter_context(httpx.Client(timeout=30, headers={"Connection": "close", **page}))
+                    for page in pages]
         # One connection per request: a route that refuses before reading a body leaves it unread on a
         # kept-alive connection (the HTTP-edges issue, order 2); here each request stands alone.
         auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -260,11 +293,16 @@ def test_a_thousand_hostile_requests_get_no_5xx_no_echo_and_write_nothing(isolat
         for index in range(1100):
             base = (queen.url, hive.url)[index % 2]
             category = CATEGORIES[index % len(CATEGORIES)]
-            response, marker = _request(fuzz, client, base, category, jobs[base])
+            page = index % 4 == 3  # what a web page (cross-site, or rebinding) would send
+            sender = browsers[(index // 4) % len(browsers)] if page else client
+            response, marker = _request(fuzz, sender, base, category, jobs[base])
             seen[category] += 1
+            seen["from a web page"] += page
             statuses[response.status_code] += 1
             assert response.status_code < 500, (category, response.request.method, response.request.url,
                                                 response.status_code, response.text[:300])
+            if page:
+                assert response.status_code == 403, (category, response.request.headers, response.text[:300])
             if response.headers.get("content-type", "").startswith("text/event-stream"):
                 continue  # a stream of a real job (the Last-Event-ID a valid one)
             assert marker not in response.text, (category, response.status_code, response.text[:300])
@@ -274,7 +312,8 @@ def test_a_thousand_hostile_requests_get_no_5xx_no_echo_and_write_nothing(isolat
         assert client.post(f"{queen.url}/v1/jobs", json={"operation": "status"}, headers=auth).status_code == 201
         logs = queen.log() + hive.log()
     print(f"fuzz: {sum(seen.values())} requests {dict(seen)} statuses {dict(sorted(statuses.items()))}")
-    assert sum(seen.values()) >= 1000 and all(seen[c] >= 200 for c in CATEGORIES)
+    assert sum(seen[c] for c in CATEGORIES) >= 1000 and all(seen[c] >= 200 for c in CATEGORIES)
+    assert seen["from a web page"] >= 250
     assert TOKEN not in logs
     outside = [p for p in isolated_dirs.rglob("*") if "ZQ" in p.name]
     assert outside == [] and {p for p in Path("/tmp").glob("*ZQ*FZ*")} == before

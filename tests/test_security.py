@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rbee_common.audit import Broken, chain_files, verify
+from rbee_common.audit import Broken, chain_files, default_key_path, load_key, verify
 from rbee_common.auth import write_token_file
 from tests.helpers import BIN, Daemon, daemon, job_result, run_job, wait_for
 from tests.test_auth import TOKEN, token_file
@@ -181,12 +181,13 @@ def test_the_audit_log_chains_across_a_restart_and_any_one_byte_edit_is_found(is
     assert TOKEN.encode() not in text and b"wrong-0" not in text
     done = subprocess.run([str(BIN / "rbee-keeper"), "audit", "verify"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and f"{len(entries)} entries" in done.stdout, done.stdout + done.stderr
+    key = load_key(default_key_path(), create=False)
     for position in range(len(text)):  # every byte: a change anywhere is found
         edited = bytearray(text)
         edited[position] = ord("0") if text[position] != ord("0") else ord("1")
         log.write_bytes(bytes(edited))
         with pytest.raises(Broken):
-            verify(chain_files(log))
+            verify(chain_files(log), key)
     log.write_bytes(text.replace(b'"outcome":"failed"', b'"outcome":"passed"', 1))
     done = subprocess.run([str(BIN / "rbee-keeper"), "audit", "verify", str(log)], capture_output=True, text=True,
                           timeout=30)
