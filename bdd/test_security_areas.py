@@ -137,7 +137,8 @@ def send_header(world: World, method: str, path: str, target: str, header: str) 
 def send_empty_bearer(world: World) -> None:
     host, port = world.queen_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:  # httpx refuses to send "Bearer "
-        sock.sendall(b"GET /v1/build-info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /v1/build-info HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \r\n"
+                     b"Connection: close\r\n\r\n")
         raw = b""
         while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < _length(raw):
             chunk = sock.recv(65536)

@@ -61,10 +61,12 @@ class _Retry(Exception):
     """The worker did not take the request, or failed it before any token: try another."""
 
 
-def _died(worker: WorkerRecord, request_id: str, sent_any: bool, why: str) -> WorkerDied:
+def _died(
+    worker: WorkerRecord, request_id: str, sent_any: bool, why: str, context: JobContext | None,
+) -> WorkerDied:
     """The worker ended while it held this request: logged with the request's ids, never retried."""
     log.error("worker %s died while serving request_id=%s correlation_id=%s (%s); not retried",
-              worker.worker_id, request_id, _correlation_id(), why)
+              worker.worker_id, request_id, _correlation_id(context), why)
     if sent_any:
         return WorkerDied("The worker stopped in the middle of the answer.",
                           hint="Retry the request; the queen routes around the failed worker.")
@@ -75,8 +77,10 @@ def _died(worker: WorkerRecord, request_id: str, sent_any: bool, why: str) -> Wo
     )
 
 
-def _correlation_id() -> str:
-    """The client request's correlation id (the X-Correlation-Id it is answered with), if any."""
+def _correlation_id(context: JobContext | None) -> str:
+    """The client request's correlation id (the X-Correlation-Id it is answered with), or its job's id."""
+    if context is not None:
+        return context.job_id
     if has_request_context() or has_app_context():
         return correlation_id()
     return "-"
@@ -294,7 +298,8 @@ async def _attempts(
                     running = False  # the worker ended the stream itself
                     if not ended:
                         registry.forget(worker.worker_id, "its stream ended without an end event")
-                        raise _died(worker, request_id, sent_any, "its stream ended without an end event")
+                        raise _died(worker, request_id, sent_any, "its stream ended without an end event",
+                                    context)
                     return
         except TransportError as error:
             failure = error.message
@@ -308,7 +313,7 @@ async def _attempts(
                 # Out of routing until its next heartbeat says it lives.
                 registry.forget(worker.worker_id, failure)
             if taken:
-                raise _died(worker, request_id, sent_any, failure) from error
+                raise _died(worker, request_id, sent_any, failure, context) from error
         except _Retry as retry:
             failure = str(retry)
         finally:

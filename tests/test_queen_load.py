@@ -48,7 +48,7 @@ def test_a_burst_of_1000_connections_is_accepted(queen: Daemon) -> None:
     async def one() -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: q\r\nConnection: close\r\n\r\n")
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             answer = b""
             while data := await stream.receive_some(4096):
                 answer += data
