@@ -84,6 +84,10 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     metrics_public: bool = False
     """Serve /metrics without the token (a Prometheus scraper on a trusted network); every other
     endpoint still wants it."""
+    responses_max_stored: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    """Responses API answers kept for `previous_response_id` and GET (store=true); the oldest go first."""
+    responses_ttl_s: Positive = 3600.0
+    """How long a stored response is kept."""
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
     """Host names it answers besides IP addresses, localhost, its --host and this machine's name
     (DNS-rebinding protection, rbee_common/browser.py); "*" turns the check off. Read at start."""
@@ -156,6 +160,9 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     starts a synthetic worker: filler tokens at a fixed rate, no model, any model name."""
     synthetic_slots: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
     synthetic_tokens_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 20.0
+    synthetic_script: str | None = None
+    """Tests only: the synthetic workers answer from this JSON file of rules (a test double for
+    the model's text, `rbee_worker/synthetic.py`)."""
 
 
 def describe_source(explicit: str | None) -> str:

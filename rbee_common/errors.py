@@ -8,6 +8,7 @@
     │   ├── MethodNotAllowed            METHOD_NOT_ALLOWED         405
     │   ├── UnsupportedMediaType        UNSUPPORTED_MEDIA_TYPE     415 (a POST body that is not JSON)
     │   ├── LimitExceeded               LIMIT_EXCEEDED             (a count, size or depth over a limit)
+    │   ├── ContextLengthExceeded       CONTEXT_LENGTH_EXCEEDED    (a prompt that leaves no room to answer)
     │   ├── WrongDaemon                 WRONG_DAEMON               (a queen operation sent to a hive)
     │   └── HiveInProcess               HIVE_IS_LOCAL              (no SSH lifecycle for it)
     ├── Unauthorized                    UNAUTHORIZED               401
@@ -193,6 +194,13 @@ class LimitExceeded(InvalidRequest):
     field and the limit."""
 
     code = "LIMIT_EXCEEDED"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt fills the context: `details` has `prompt_tokens` and `context_tokens`, which each
+    dialect words as its clients expect."""
+
+    code = "CONTEXT_LENGTH_EXCEEDED"
 
 
 class Unauthorized(RbeeError):

@@ -651,6 +651,8 @@ class InferenceEnd(_InferenceEvent, tag="end", frozen=True, kw_only=True):
 class InferenceError(_InferenceEvent, tag="error", frozen=True, kw_only=True):
     code: str
     message: str
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The error's details (a refused request's numbers: `CONTEXT_LENGTH_EXCEEDED`'s token counts)."""
 
 
 MAX_EMBED_INPUTS = 2048

@@ -202,6 +202,7 @@ class Workers:
         ]
         if backend == "synthetic":
             argv += ["--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}"]
+            argv += ["--script", self.settings.synthetic_script] if self.settings.synthetic_script else []
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)

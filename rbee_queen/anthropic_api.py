@@ -6,13 +6,25 @@ streamed as Anthropic's event sequence (`message_start`, `content_block_*`,
 `message_delta`, `message_stop`). Errors take Anthropic's shape,
 `{"type": "error", "error": {"type", "message"}}`. The client's key may come as
 `x-api-key` (its default) or `Authorization: Bearer`.
+
+As Claude Code sends it: `system`-role messages anywhere in the conversation
+are folded into the next user turn (the system prompt when they come first),
+since most chat templates take one system message, first. Fields that only
+tune or hint (`thinking` of any type, `context_management`, `output_config`,
+`metadata`, `cache_control`, the `anthropic-beta` header and `?beta=true`)
+are accepted and logged once per kind; a text block of the system prompt
+that starts `x-anthropic-billing-header:` changes with every session and
+version, so it is dropped before rendering and two turns share their cached
+prefix.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -24,12 +36,28 @@ from rbee_common import deadlines
 from rbee_common.errors import RbeeError, ValidationFailed
 from rbee_common.http import OpenStreams, read_body, sse_response
 from rbee_common.validation import decode_body
-from rbee_common.wire import ChatMessage, GenerationParams, InferenceToken, ToolCall
+from rbee_common.wire import ChatMessage, GenerationParams, ToolCall
 from rbee_queen import toolcalls
 from rbee_queen.dialects import ERROR_TYPES as BASE_TYPES
-from rbee_queen.dialects import Answer, Generate, Usage, check_choice, error_response, named, tool_of
+from rbee_queen.dialects import (
+    Answer,
+    Generate,
+    Streamed,
+    Usage,
+    check_choice,
+    context_numbers,
+    error_response,
+    fold_system,
+    frames_of,
+    named,
+    note_once,
+    tool_of,
+)
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger("rbee.queen.anthropic")
+_VOLATILE = re.compile(r"^\s*x-anthropic-billing-header:", re.IGNORECASE)
+"""A system text block that differs per session: kept out of the prompt (and its cache)."""
 
 
 class _Block(msgspec.Struct, kw_only=True):
@@ -45,7 +73,7 @@ class _Block(msgspec.Struct, kw_only=True):
 
 
 class _Message(msgspec.Struct, kw_only=True):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[_Block]
 
 
@@ -63,10 +91,6 @@ class _ToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     disable_parallel_tool_use: bool | None = None
 
 
-class _Metadata(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    user_id: str | None = None
-
-
 class MessagesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
     max_tokens: int
@@ -79,28 +103,45 @@ class MessagesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     top_k: int | None = None
     tools: list[_Tool] | None = None
     tool_choice: _ToolChoice | None = None
-    metadata: _Metadata | None = None
-    """Accepted; `user_id` goes nowhere but the request."""
+    # Accepted, logged once, not applied: they only tune or hint.
+    metadata: dict[str, Any] | None = None
+    """`user_id` (Claude Code sends a JSON string) goes nowhere but the request."""
     cache_control: dict[str, Any] | None = None
-    """Accepted: the worker reuses a cached prompt prefix by itself."""
+    """The worker reuses a cached prompt prefix by itself."""
     thinking: dict[str, Any] | None = None
+    """Any type: no thinking blocks come back unless the model's template makes them."""
+    context_management: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    """`effort`: how hard to think; rbee's models answer as they do."""
     service_tier: str | None = None
 
 
+class CountTokensRequest(MessagesRequest, kw_only=True, forbid_unknown_fields=True):
+    """`POST /v1/messages/count_tokens`: a message request without `max_tokens`."""
+
+    max_tokens: int = 1
+
+
 _decoder = msgspec.json.Decoder(MessagesRequest)
+_count_decoder = msgspec.json.Decoder(CountTokensRequest)
+CountTokens = Callable[[str, GenerationParams], Awaitable[int]]
 
 ERROR_TYPES = {**BASE_TYPES, 413: "request_too_large", 503: "overloaded_error"}
 
 
 def anthropic_error(error: RbeeError) -> Response:
-    body = {
-        "type": "error",
-        "error": {"type": ERROR_TYPES.get(error.status, "api_error"), "message": error.message},
-    }
-    return error_response(body, error)
+    return error_response({"type": "error", "error": _error_body(error)}, error)
 
 
-def _text_of(blocks: str | list[_Block] | None, field: str) -> str:
+def _error_body(error: RbeeError) -> dict[str, str]:
+    numbers = context_numbers(error)
+    message = error.message if numbers is None else \
+        f"prompt is too long: {numbers[0]} tokens > {numbers[1]} maximum"
+    return {"type": ERROR_TYPES.get(error.status, "api_error"), "message": message}
+
+
+def _text_of(blocks: str | list[_Block] | None, field: str, *, volatile: bool = False) -> str:
+    """The text of `blocks`; with `volatile`, without the blocks that change every session."""
     if blocks is None or isinstance(blocks, str):
         return blocks or ""
     parts = []
@@ -109,18 +150,22 @@ def _text_of(blocks: str | list[_Block] | None, field: str) -> str:
             raise ValidationFailed(
                 f"Here a `{named(block.type)}` block is not supported; send text.", details={"field": field}
             )
+        if volatile and _VOLATILE.match(block.text or ""):
+            continue
         parts.append(block.text or "")
-    return "".join(parts)
+    return "\n\n".join(part for part in parts if part) if volatile else "".join(parts)
 
 
 def _messages(request: MessagesRequest) -> list[ChatMessage]:
-    out: list[ChatMessage] = []
-    system = _text_of(request.system, "system")
-    if system:
-        out.append(ChatMessage("system", system))
+    system = _text_of(request.system, "system", volatile=True)
+    out: list[ChatMessage] = [ChatMessage("system", system)] if system else []
     if not request.messages:
         raise ValidationFailed("`messages` must not be empty.", details={"field": "messages"})
     for k, message in enumerate(request.messages):
+        if message.role == "system":  # Claude Code's reminders: `fold_system` places them
+            said = _text_of(message.content, f"messages[{k}].content", volatile=True)
+            out.append(ChatMessage("system", said))
+            continue
         if isinstance(message.content, str):
             out.append(ChatMessage(message.role, message.content))
             continue
@@ -147,6 +192,8 @@ def _messages(request: MessagesRequest) -> list[ChatMessage]:
                         tool_call_id=block.tool_use_id or "",
                     )
                 )
+            elif block.type in ("thinking", "redacted_thinking"):
+                continue  # another model's thoughts are not for this one
             else:
                 raise ValidationFailed(
                     f"A `{named(block.type)}` block is not supported in a {message.role} message.",
@@ -155,14 +202,13 @@ def _messages(request: MessagesRequest) -> list[ChatMessage]:
                 )
         if text or calls:
             out.append(ChatMessage(message.role, "".join(text), tool_calls=calls))
-    return out
+    return fold_system(out)
 
 
 def _params(request: MessagesRequest) -> GenerationParams:
-    if request.thinking is not None and request.thinking.get("type") != "disabled":
-        raise ValidationFailed(
-            "rbee's models do not think aloud; leave out `thinking`.", details={"field": "thinking"}
-        )
+    for kind in ("thinking", "context_management", "output_config", "metadata", "cache_control"):
+        if getattr(request, kind) is not None:
+            note_once(kind)
     if request.service_tier not in (None, "auto", "standard_only"):
         raise ValidationFailed("rbee has one service tier.", details={"field": "service_tier"})
     if request.max_tokens < 1:
@@ -219,9 +265,20 @@ def add_anthropic_routes(
     app: QuartTrio,
     *,
     generate: Generate,
+    count_tokens: CountTokens,
     default_deadline_s: Callable[[], float],
     streams: OpenStreams,
 ) -> None:
+    @app.post("/v1/messages/count_tokens")
+    async def anthropic_count_tokens() -> Response:
+        """The prompt's tokens as a worker of the model renders it (its tokenizer and template)."""
+        try:
+            request = decode_body(await read_body(), _count_decoder)
+            count = await count_tokens(request.model, _params(request))
+        except RbeeError as error:
+            return anthropic_error(error)
+        return Response(_encode({"input_tokens": count}), content_type="application/json")
+
     @app.post("/v1/messages")
     async def anthropic_messages() -> Response:
         try:
@@ -278,7 +335,6 @@ async def _respond(request: MessagesRequest, params: GenerationParams, answer: A
         return f"event: {kind}\ndata: ".encode() + _encode({"type": kind, **body}) + b"\n\n"
 
     async def frames() -> AsyncIterator[bytes]:
-        held = toolcalls.ToolStream(tools) if tools else None
         index = -1
         open_kind: str | None = None
 
@@ -306,26 +362,16 @@ async def _respond(request: MessagesRequest, params: GenerationParams, answer: A
                 frames.append(event("content_block_delta", {"index": index, "delta": json_delta}))
             return frames
 
+        left = Streamed()
         try:
             yield event("message_start", {"message": message([], None, None)})
-            piece: InferenceToken | None = first
-            while piece is not None:
-                shown = held.feed(piece.t) if held is not None else piece.t
-                for frame in text(shown) if shown else []:
-                    yield frame
-                for delta in held.deltas() if held is not None else []:
-                    for frame in call(delta):
-                        yield frame
-                piece = await answer.next()
-            rest, calls, last = held.finish() if held is not None else ("", [], [])
-            for delta in last:
-                for frame in call(delta):
-                    yield frame
-            if rest or open_kind is None:  # an answer has at least one block
-                for frame in text(rest):
+            async for frame in frames_of(first, answer, tools, text, call, left):
+                yield frame
+            if left.rest or open_kind is None:  # an answer has at least one block
+                for frame in text(left.rest):
                     yield frame
             yield event("content_block_stop", {"index": index})
-            reason, sequence = _stop(usage, calls, stops)
+            reason, sequence = _stop(usage, left.calls, stops)
             yield event(
                 "message_delta",
                 {
@@ -335,10 +381,7 @@ async def _respond(request: MessagesRequest, params: GenerationParams, answer: A
             )
             yield event("message_stop", {})
         except RbeeError as error:
-            yield event(
-                "error",
-                {"error": {"type": ERROR_TYPES.get(error.status, "api_error"), "message": error.message}},
-            )
+            yield event("error", {"error": _error_body(error)})
         finally:
             await answer.aclose()
 

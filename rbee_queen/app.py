@@ -19,6 +19,7 @@ from rbee_common.wire import BuildInfo
 from rbee_queen.anthropic_api import add_anthropic_routes
 from rbee_queen.ollama_api import OllamaApi
 from rbee_queen.openai_api import add_openai_routes
+from rbee_queen.responses_api import add_responses_routes
 from rbee_queen.service import QueenService
 
 
@@ -71,8 +72,10 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
 
     add_openai_routes(app, generate=service.generate, list_models=service.model_names, embed=service.embed,
                       default_deadline_s=default_deadline_s, streams=service.streams)
-    add_anthropic_routes(app, generate=service.generate, default_deadline_s=default_deadline_s,
-                         streams=service.streams)
+    add_anthropic_routes(app, generate=service.generate, count_tokens=service.count_tokens,
+                         default_deadline_s=default_deadline_s, streams=service.streams)
+    add_responses_routes(app, generate=service.generate, store=service.responses,
+                         default_deadline_s=default_deadline_s, streams=service.streams)
     OllamaApi(generate=service.generate, embed=service.embed, catalogs=service.catalogs,
               workers=service.workers.active, jobs=jobs, default_deadline_s=default_deadline_s,
               streams=service.streams).install(app)

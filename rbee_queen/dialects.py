@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -13,9 +13,17 @@ import trio
 from quart import Response, g
 
 from rbee_common import deadlines
-from rbee_common.errors import RbeeError, ShuttingDown, ValidationFailed
+from rbee_common.errors import ContextLengthExceeded, RbeeError, ShuttingDown, ValidationFailed
 from rbee_common.http import OpenStreams
-from rbee_common.wire import EmbedRequest, EmbedResult, GenerationParams, InferenceToken, Tool, ToolCall
+from rbee_common.wire import (
+    ChatMessage,
+    EmbedRequest,
+    EmbedResult,
+    GenerationParams,
+    InferenceToken,
+    Tool,
+    ToolCall,
+)
 from rbee_queen import toolcalls
 
 log = logging.getLogger("rbee.queen.api")
@@ -46,6 +54,49 @@ ERROR_TYPES = {
     429: "rate_limit_error",
 }
 """The error `type` OpenAI's and Anthropic's bodies give for a status (each dialect adds its own)."""
+
+
+_noted: set[str] = set()
+
+
+def note_once(kind: str) -> None:
+    """Log, once per process, that a field which only tunes or hints was accepted and not applied."""
+    if kind not in _noted:
+        _noted.add(kind)
+        log.info("accepted %s: it only tunes or hints, and rbee does not apply it (logged once)", kind)
+
+
+def fold_system(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """One system message, first, as most chat templates take it: the system messages before the
+    first turn make it; a later one (an agent's mid-conversation reminder) opens the next user turn,
+    or closes the last one when none follows."""
+    system: list[str] = []
+    held: list[str] = []
+    out: list[ChatMessage] = []
+    for message in messages:
+        if message.role == "system":
+            (held if out else system).append(message.content)
+            continue
+        if held and message.role == "user":
+            message = msgspec.structs.replace(message, content="\n\n".join([*held, message.content]))
+            held = []
+        out.append(message)
+    if held:
+        last = max((k for k, m in enumerate(out) if m.role == "user"), default=None)
+        if last is None:
+            system += held
+        else:
+            out[last] = msgspec.structs.replace(out[last], content="\n\n".join([out[last].content, *held]))
+    joined = "\n\n".join(part for part in system if part)
+    return ([ChatMessage("system", joined)] if joined else []) + out
+
+
+def context_numbers(error: RbeeError) -> tuple[int, int] | None:
+    """(prompt tokens, context tokens) of a prompt too long for the context; None for other errors."""
+    if error.code != ContextLengthExceeded.code:
+        return None
+    prompt, context = error.details.get("prompt_tokens"), error.details.get("context_tokens")
+    return (prompt, context) if isinstance(prompt, int) and isinstance(context, int) else None
 
 
 def error_response(body: dict[str, Any], error: RbeeError) -> Response:
@@ -131,6 +182,37 @@ class Answer:
 
     async def aclose(self) -> None:
         await self._pieces.aclose()
+
+
+class Streamed(msgspec.Struct):
+    """What a streamed answer left when its pieces ran out (`frames_of`)."""
+
+    rest: str = ""
+    """Text held back as a possible call that turned out not to be one."""
+    calls: list[ToolCall] = msgspec.field(default_factory=list)
+
+
+async def frames_of(
+    first: InferenceToken | None, answer: Answer, tools: list[str], text: Callable[[str], list[bytes]],
+    call: Callable[[toolcalls.CallDelta], list[bytes]], left: Streamed,
+) -> AsyncIterator[bytes]:
+    """A streamed answer's frames in a dialect's words: its text through `text`, its tool calls through
+    `call` as they form (`toolcalls.ToolStream`); what is left at the end goes into `left`."""
+    held = toolcalls.ToolStream(tools) if tools else None
+    piece = first
+    while piece is not None:
+        visible = held.feed(piece.t) if held is not None else piece.t
+        for frame in text(visible) if visible else []:
+            yield frame
+        for delta in held.deltas() if held is not None else []:
+            for frame in call(delta):
+                yield frame
+        piece = await answer.next()
+    rest, calls, last = held.finish() if held is not None else ("", [], [])
+    for delta in last:
+        for frame in call(delta):
+            yield frame
+    left.rest, left.calls = rest, calls
 
 
 def named(text: str) -> str:

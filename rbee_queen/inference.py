@@ -293,7 +293,7 @@ async def _attempts(
                                 raise _Retry(event.message)
                             refused = CLASSES_BY_CODE.get(event.code)
                             if refused is not None and refused.status < 500:  # the request's fault
-                                raise refused(event.message)
+                                raise refused(event.message, details=event.details)
                             raise WorkerFailed(event.message, details={"worker_code": event.code})
                     running = False  # the worker ended the stream itself
                     if not ended:

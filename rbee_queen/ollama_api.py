@@ -41,7 +41,7 @@ from rbee_common.wire import (
     event_decoder,
 )
 from rbee_queen import toolcalls
-from rbee_queen.dialects import Answer, Embed, Generate, Usage, error_response
+from rbee_queen.dialects import Answer, Embed, Generate, Usage, context_numbers, error_response
 from rbee_queen.ollama_requests import (
     Base,
     ChatRequest,
@@ -67,7 +67,12 @@ def _iso(ts: float) -> str:
 
 
 def ollama_error(error: RbeeError) -> Response:
-    message = f"{error.message} {error.hint}" if error.hint else error.message  # Ollama's: one string
+    numbers = context_numbers(error)
+    if numbers is not None:  # Ollama's own words (with truncate: false), and the numbers
+        message = (f"the input length exceeds the context length: the prompt is {numbers[0]} tokens, "
+                   f"the context {numbers[1]}")
+    else:
+        message = f"{error.message} {error.hint}" if error.hint else error.message  # Ollama's: one string
     return error_response({"error": message}, error)
 
 

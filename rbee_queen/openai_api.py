@@ -25,7 +25,16 @@ from rbee_common.http import OpenStreams, read_body, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import EmbedRequest, GenerationParams, InferenceToken, TokenLogprob, ToolCall
 from rbee_queen import toolcalls
-from rbee_queen.dialects import ERROR_TYPES, Answer, Embed, Generate, ListModels, Usage, error_response
+from rbee_queen.dialects import (
+    ERROR_TYPES,
+    Answer,
+    Embed,
+    Generate,
+    ListModels,
+    Usage,
+    context_numbers,
+    error_response,
+)
 from rbee_queen.openai_requests import (
     CommonRequest,
     CompletionRequest,
@@ -43,9 +52,13 @@ __all__ = ["Usage", "add_openai_routes", "openai_error"]
 
 
 def openai_error(error: RbeeError) -> Response:
+    numbers = context_numbers(error)
+    message = error.message if numbers is None else (
+        f"This model's maximum context length is {numbers[1]} tokens. However, your messages resulted in "
+        f"{numbers[0]} tokens. Please reduce the length of the messages.")
     body = {
         "error": {
-            "message": error.message,
+            "message": message,
             "type": ERROR_TYPES.get(error.status, "server_error"),
             "param": error.details.get("field"),
             "code": error.code.lower(),

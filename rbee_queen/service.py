@@ -73,6 +73,7 @@ from rbee_queen.inference import WORKER_TIMEOUT, Served, WorkerLanes, generate
 from rbee_queen.metrics import QueenMetrics
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.remote import Remote
+from rbee_queen.responses_api import ResponseStore
 from rbee_queen.scheduler import Scheduler
 
 _PRIVATE_FIELDS = frozenset({"identity_file", "token_file", "wheelhouse"})
@@ -99,6 +100,9 @@ class QueenService:
         self.workers.on_drop = self.metrics.worker_dropped
         self.audit = AuditLog.of_daemon("queen.jsonl", component="queen", settings=settings)
         self.auth_failures = AuthFailures(self.audit, settings.audit_failure_window_s)
+        self.responses = ResponseStore(lambda: self.config.settings.responses_max_stored,
+                                       lambda: self.config.settings.responses_ttl_s)
+        """The Responses API's stored answers (store=true)."""
         self.remote = remote
         self.local_hives = list(local_hives)
         """Hive services running in this process (--local-hive)."""
@@ -254,14 +258,26 @@ class QueenService:
         usage.stop_sequence = served.stop_sequence
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
-        """Vectors from a worker of `model` (cold-started like any other).
+        """Vectors from a worker of `model` (cold-started like any other)."""
+        check_embed_inputs(request.input)
+        body = msgspec.json.encode(request)
+        answer = await self._ask_worker(model, "/v1/embeddings", body, "these embeddings")
+        return msgspec.json.decode(answer, type=EmbedResult)
+
+    async def count_tokens(self, model: str, params: GenerationParams) -> int:
+        """The prompt's tokens as a worker of `model` renders and tokenizes it (chat template, tools)."""
+        body = msgspec.json.encode(params)  # the worker reads it as an InferenceRequest
+        answer = await self._ask_worker(model, "/v1/count-tokens", body, "this token count")
+        return int(msgspec.json.decode(answer, type=dict[str, int])["tokens"])
+
+    async def _ask_worker(self, model: str, path: str, body: bytes, what: str) -> bytes:
+        """One JSON call to a worker of `model`, chosen (or cold-started) by the scheduler.
 
         A worker that cannot be connected to is left for another, as for inference. One that does
         not answer within the read timeout keeps its place in routing (it is busy, and closing the
         connection stops its work between batches); one that died holding the request is not
         tried again (the request may be what killed it).
         """
-        check_embed_inputs(request.input)
         excluded: set[str] = set()
         attempts = self.config.settings.infer_attempts
         for _ in range(attempts):
@@ -270,30 +286,29 @@ class QueenService:
                 with self._lanes.lane(worker.url, worker.slots_total) as http, \
                         map_transport_errors(f"worker {worker.worker_id}"):
                     response = await http.post(
-                        f"{worker.url}/v1/embeddings", content=msgspec.json.encode(request),
+                        worker.url + path, content=body,
                         headers={"Content-Type": "application/json", **self.worker_headers(worker)},
                         timeout=WORKER_TIMEOUT)
             except RequestTimedOut:
                 raise WorkerFailed(
-                    f"Worker {worker.worker_id} did not finish these embeddings in "
-                    f"{WORKER_TIMEOUT.read:g} s; they were cancelled.",
-                    details={"worker_id": worker.worker_id, "retry_after_s": 5},
-                    hint="Send fewer or shorter inputs per request.") from None
+                    f"Worker {worker.worker_id} did not finish {what} in {WORKER_TIMEOUT.read:g} s; "
+                    "the work was cancelled.", details={"worker_id": worker.worker_id, "retry_after_s": 5},
+                    hint="Send a smaller request.") from None
             except ConnectFailed as error:
-                self.workers.forget(worker.worker_id, f"embedding request failed ({error.message})")
+                self.workers.forget(worker.worker_id, f"a request failed ({error.message})")
                 excluded.add(worker.worker_id)
                 continue
             except TransportError as error:
-                self.workers.forget(worker.worker_id, f"died holding an embedding request ({error.message})")
+                self.workers.forget(worker.worker_id, f"died holding a request ({error.message})")
                 raise WorkerDied(
-                    "The worker ended while it was computing these embeddings; the request was not "
-                    "tried again.", hint="See the worker's log on its hive.") from None
+                    f"The worker ended while it was computing {what}; the request was not tried again.",
+                    hint="See the worker's log on its hive.") from None
             finally:
                 self.scheduler.release(worker.worker_id)
             if response.status_code >= 400:
                 raise error_from_response(response.status_code, response.content)
-            return msgspec.json.decode(response.content, type=EmbedResult)
-        raise WorkerFailed(f"The embedding request failed on {attempts} worker(s).",
+            return response.content
+        raise WorkerFailed(f"The request for {what} failed on {attempts} worker(s).",
                            hint="Check the workers (`worker_list_active`) and the hives' logs.")
 
     async def infer(self, operation: Infer, context: JobContext) -> InferResult:

@@ -91,6 +91,11 @@ def build_app(service: WorkerService, nursery: trio.Nursery, *, stop: trio.Event
         request = decode_body(await read_body(), _embed_decoder)
         return json_response(await service.embed(request))
 
+    @app.post("/v1/count-tokens")
+    async def count_tokens() -> Response:
+        request = decode_body(await read_body(), _request_decoder)
+        return json_response({"tokens": await service.count_tokens(request)})
+
     @app.delete("/v1/inference/<request_id>")
     async def cancel(request_id: str) -> Response:
         # Idempotent: a request that already ended (or was cancelled) answers 204 again.

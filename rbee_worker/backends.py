@@ -21,7 +21,14 @@ import msgspec
 import numpy as np
 
 from rbee_common import grammar_limits
-from rbee_common.errors import BackendUnavailable, LimitExceeded, ModelLoadFailed, RbeeError, ValidationFailed
+from rbee_common.errors import (
+    BackendUnavailable,
+    ContextLengthExceeded,
+    LimitExceeded,
+    ModelLoadFailed,
+    RbeeError,
+    ValidationFailed,
+)
 from rbee_common.wire import MAX_EMBED_TOKENS, EmbedRequest, InferenceRequest, StopReason, TokenLogprob
 from rbee_worker import tools
 from rbee_worker.engine import Engine, Job
@@ -61,6 +68,8 @@ class Backend(Protocol):
     ) -> Generated: ...
 
     def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]: ...
+    def count_tokens(self, request: InferenceRequest) -> int: ...
+    """The prompt's tokens as `generate` would feed them (chat template and tools applied)."""
     """Vectors and the tokens they took; stops with `EmbeddingCancelled` between batches once
     `cancelled` is set."""
 
@@ -95,11 +104,15 @@ def load_backend(
 
 
 def token_budget(request: InferenceRequest, prompt_tokens: int, ctx: int) -> int:
-    """Tokens the request may generate in a sequence of `ctx`; a prompt that leaves none is refused."""
+    """Tokens the request may generate in a sequence of `ctx`: `max_tokens` is a ceiling, not a
+    promise (generation stops when the context is full, as llama-server and Ollama do); a prompt
+    that leaves no room at all is refused, before any token."""
     if prompt_tokens >= ctx:
-        raise ValidationFailed(
-            f"The prompt is {prompt_tokens} tokens; this worker's context is {ctx}.",
-            details={"field": "messages" if request.messages else "prompt"},
+        raise ContextLengthExceeded(
+            f"The prompt is {prompt_tokens} tokens; the context here is {ctx}.",
+            details={"field": "messages" if request.messages else "prompt", "prompt_tokens": prompt_tokens,
+                     "context_tokens": ctx},
+            hint="Shorten the prompt, or serve the model with a longer context ([hive] worker_ctx).",
         )
     if not prompt_tokens:
         raise ValidationFailed("The prompt is empty.", details={"field": "prompt"})
@@ -337,6 +350,10 @@ class LlamaCppBackend:
         seed = lib.LLAMA_DEFAULT_SEED if request.seed is None else request.seed & 0xFFFFFFFF
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
+
+    def count_tokens(self, request: InferenceRequest) -> int:
+        prompt, _ = self._prompt(request)
+        return len(self.tokenize(prompt))
 
     def generate(
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event

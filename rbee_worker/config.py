@@ -25,6 +25,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1 << 20
     synthetic_tokens_per_s: float = 20.0
     """--backend synthetic only (benchmarks and tests): its fixed token rate."""
+    script: str | None = None
+    """--backend synthetic only (tests): a JSON file of scripted replies (`rbee_worker/synthetic.py`)."""
     metrics_public: bool = False
     """Serve /metrics without the token (its hive's `metrics_public`)."""
     api_token: str | None = None

@@ -129,6 +129,9 @@ class MlxBackend:
             raise job.error
         return Generated(len(tokens), job.produced, job.reason, stop_sequence=job.stop_sequence)
 
+    def count_tokens(self, request: InferenceRequest) -> int:
+        return len(self._prompt(request))
+
     def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]:
         raise ValidationFailed("The mlx backend does not compute embeddings.", details={"field": "input"},
                                hint="Serve a GGUF model on llama.cpp for embeddings.")

@@ -19,7 +19,7 @@ from rbee_worker.backends import load_backend
 from rbee_worker.config import WorkerConfig
 from rbee_worker.models import ResolvedModel, resolve_model
 from rbee_worker.service import WorkerService
-from rbee_worker.synthetic import SyntheticBackend
+from rbee_worker.synthetic import SyntheticBackend, load_script
 
 log = logging.getLogger("rbee.worker")
 _encode = msgspec.json.Encoder().encode
@@ -109,7 +109,9 @@ async def _serve(
         if config.queen_url:
             nursery.start_soon(heartbeat_forever, service, http, config.queen_url)
         if model is None:
-            service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx)
+            script = load_script(config.script) if config.script else None
+            service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx,
+                                               script=script)
         else:
             began = time.monotonic()
             service.backend = await trio.to_thread.run_sync(

@@ -79,8 +79,8 @@ def validate(request: InferenceRequest, ctx: int) -> None:
         raise bad("prompt", "Give a non-empty `prompt` or `messages`.")
     if request.messages is not None and not request.messages:
         raise bad("messages", "`messages` must not be empty.")
-    if request.max_tokens is not None and not 1 <= request.max_tokens <= ctx:
-        raise bad("max_tokens", f"`max_tokens` must be between 1 and {ctx}.")
+    if request.max_tokens is not None and request.max_tokens < 1:  # a ceiling: the context bounds it
+        raise bad("max_tokens", "`max_tokens` must be 1 or more.")
     if not 0.0 <= request.temperature <= 2.0:
         raise bad("temperature", "`temperature` must be between 0 and 2.")
     if not 0.0 <= request.top_p <= 1.0:
@@ -296,7 +296,8 @@ class WorkerService:
                         )
                 except RbeeError as error:
                     outcome = "failed"
-                    await send.send(InferenceError(code=error.code, message=error.message))
+                    details = {k: v for k, v in error.details.items() if k != "hint"}
+                    await send.send(InferenceError(code=error.code, message=error.message, details=details))
                     return
                 except Exception as error:
                     outcome = "failed"
@@ -359,6 +360,14 @@ class WorkerService:
         finally:
             self.last_request_end = time.monotonic()  # in use: not idle (the hive stops idle workers)
         return EmbedResult(data=vectors, tokens=tokens)
+
+    async def count_tokens(self, request: InferenceRequest) -> int:
+        """The prompt's tokens, chat template applied (Anthropic's count_tokens), in a thread."""
+        backend = self.backend
+        if backend is None:
+            raise WorkerLoading("The model is still loading.")
+        validate_tools(request)
+        return await trio.to_thread.run_sync(backend.count_tokens, request)
 
     async def drain(self, deadline_s: float) -> None:
         """Refuse new requests; let active ones finish, then cancel the rest."""

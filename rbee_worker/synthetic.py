@@ -4,16 +4,25 @@ It lets `bench/scale.py` hold thousands of streams through one queen on a
 laptop, and lets tests stream without loading weights. Its text is the words
 `w0 w1 w2 ...`; it never pretends to be a model (its heartbeats say
 `backend: synthetic`). Each request is a trio task, not a thread.
+
+With a script (`--script FILE`, a test double for the model's text: the agent
+CLI tests), each answer is the `reply` of the first rule whose `when` (if any)
+occurs in the prompt: `[{"when": "rbee-ok", "reply": "It printed rbee-ok."},
+{"reply": "<tool_call>...</tool_call>"}]`. Replies stream a word at a time.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
+from rbee_common.errors import ContextLengthExceeded
 from rbee_common.wire import InferenceRequest, StopReason
 from rbee_worker.backends import Generated
 
@@ -21,15 +30,41 @@ DEFAULT_TOKENS = 16
 """Tokens per answer when the request gives no max_tokens."""
 
 
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    reply: str
+    when: str | None = None
+    """Text the prompt must hold for this rule to answer (None: any prompt)."""
+
+
+def load_script(path: str | Path) -> list[Rule]:
+    return msgspec.json.decode(Path(path).read_bytes(), type=list[Rule])
+
+
 class SyntheticBackend:
     name = "synthetic"
     features: frozenset[str] = frozenset()
     is_async = True
 
-    def __init__(self, *, tokens_per_s: float, ctx: int) -> None:
+    def __init__(self, *, tokens_per_s: float, ctx: int, script: list[Rule] | None = None) -> None:
         self.interval = 1.0 / tokens_per_s
         self.ctx = ctx
+        self.script = script
+        if script is not None:  # its scripted text may hold calls, which the queen reads as for a model
+            self.features = frozenset({"tools"})
         self.info: dict[str, Any] = {"architecture": "synthetic", "tokens_per_s": tokens_per_s}
+
+    def _reply(self, request: InferenceRequest) -> list[str] | None:
+        """The scripted answer's pieces, or None for filler words."""
+        if self.script is None:
+            return None
+        text = request.prompt or "\n".join(m.content for m in request.messages or [])
+        rule = next((r for r in self.script if r.when is None or r.when in text), None)
+        return re.findall(r"\S*\s*", rule.reply)[:-1] or [""] if rule is not None else [""]
+
+    def count_tokens(self, request: InferenceRequest) -> int:
+        """A word a token: the synthetic backend's modelled tokenizer."""
+        text = request.prompt or " ".join(m.content for m in request.messages or [])
+        return max(len(text.split()), 1)
 
     async def agenerate(
         self, request: InferenceRequest, on_token: Callable[[str], Awaitable[bool]],
@@ -37,17 +72,25 @@ class SyntheticBackend:
     ) -> Generated:
         """Send `max_tokens` words, one per interval; `on_token` returns False when nobody listens.
         A cancellation (`woken`) ends it at once, not at the next token."""
-        text = request.prompt or " ".join(m.content for m in request.messages or [])
-        tokens_in = max(len(text.split()), 1)
+        tokens_in = self.count_tokens(request)
+        if tokens_in >= self.ctx:
+            raise ContextLengthExceeded(
+                f"The prompt is {tokens_in} tokens; the context here is {self.ctx}.",
+                details={"field": "messages" if request.messages else "prompt", "prompt_tokens": tokens_in,
+                         "context_tokens": self.ctx})
+        scripted = self._reply(request)
         wanted = min(request.max_tokens or DEFAULT_TOKENS, self.ctx - tokens_in)
+        if scripted is not None:
+            wanted = min(len(scripted), self.ctx - tokens_in)
         produced = 0
-        reason: StopReason = "length"
+        reason: StopReason = "length" if scripted is None else "stop"
         next_at = trio.current_time()
         while produced < wanted:
             next_at += self.interval
             with trio.move_on_at(next_at):
                 await woken.wait()
-            if cancelled.is_set() or not await on_token(f"w{produced} "):
+            piece = f"w{produced} " if scripted is None else scripted[produced]
+            if cancelled.is_set() or not await on_token(piece):
                 reason = "cancelled"
                 break
             produced += 1

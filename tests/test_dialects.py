@@ -344,6 +344,50 @@ def test_anthropic_tool_use_and_its_result(claude: anthropic.Anthropic) -> None:
     assert followup.content and followup.usage.input_tokens > message.usage.input_tokens
 
 
+def _claude_code_turn(session: str, turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """A request as Claude Code 2.1 sends it (trimmed): a billing header that changes per session,
+    cached system blocks, system-role reminders mid-conversation, and the fields that only hint."""
+    return {
+        "model": MODEL, "max_tokens": 32000, "stream": False, "temperature": 0,
+        "system": [
+            {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.328.{session}; cc_entrypoint=cli;"},
+            {"type": "text", "text": "You are a terse assistant. " * 40, "cache_control": {"type": "ephemeral"}},
+        ],
+        "messages": turns,
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": json.dumps({"device_id": "d" * 64, "session_id": session})},
+    }
+
+
+def test_claude_codes_requests_are_taken_and_its_billing_header_never_reaches_the_cache(queen: Daemon) -> None:
+    headers = {"anthropic-version": "2023-06-01",
+               "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27"}
+    first = [{"role": "user", "content": [{"type": "text", "text": "Reply with the single word: hello"}]},
+             {"role": "system", "content": "<system-reminder>Today is Monday.</system-reminder>"}]
+    answers = []
+    for session, turns in (("aaa", first), ("bbb", first)):
+        reply = httpx.post(f"{queen.url}/v1/messages?beta=true", json=_claude_code_turn(session, turns),
+                           headers=headers, timeout=120)
+        assert reply.status_code == 200, reply.text
+        answers.append(reply.json())
+    assert answers[0]["content"][0]["text"] == answers[1]["content"][0]["text"]
+    assert answers[0]["stop_reason"] in ("end_turn", "max_tokens")
+    # The second session's prompt differs only in the billing header: all of it but the last few
+    # tokens comes from the cache.
+    usage = answers[1]["usage"]
+    assert usage["cache_read_input_tokens"] >= usage["input_tokens"] - 8, usage
+
+
+def test_anthropic_count_tokens_is_what_the_answer_counts(claude: anthropic.Anthropic) -> None:
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    counted = claude.messages.count_tokens(model=MODEL, system="Answer briefly.", messages=messages)  # type: ignore[arg-type]
+    message = claude.messages.create(model=MODEL, max_tokens=1, system="Answer briefly.", messages=messages,  # type: ignore[arg-type]
+                                     extra_body=GREEDY)
+    assert counted.input_tokens == message.usage.input_tokens > 5
+
+
 def test_anthropic_errors_have_anthropics_shape(claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model=MODEL, max_tokens=5, messages=[
@@ -351,6 +395,66 @@ def test_anthropic_errors_have_anthropics_shape(claude: anthropic.Anthropic) -> 
                                                                       "data": "iVBORw0KGgo="}}]}])
     assert caught.value.body["type"] == "error"  # type: ignore[index]
     assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+# --- OpenAI's Responses API ------------------------------------------------------------------------
+
+
+def test_responses_plain_and_streamed_give_the_same_text(openai: OpenAI) -> None:
+    whole = openai.responses.create(model=MODEL, instructions="Answer briefly.", input="Why is the sky blue?",
+                                    max_output_tokens=12, temperature=0)
+    assert whole.status in ("completed", "incomplete") and whole.output_text
+    assert whole.usage is not None and whole.usage.input_tokens > 0 and 0 < whole.usage.output_tokens <= 12
+    kinds: list[str] = []
+    with openai.responses.stream(model=MODEL, instructions="Answer briefly.", input="Why is the sky blue?",
+                                 max_output_tokens=12, temperature=0) as stream:
+        for event in stream:
+            kinds.append(event.type)
+        final = stream.get_final_response()
+    assert final.output_text == whole.output_text
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in kinds and kinds[-1] == "response.completed"
+    # The second identical prompt comes from the cache.
+    assert final.usage is not None and final.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_responses_force_a_function_call_and_take_its_output(openai: OpenAI) -> None:
+    tool = {"type": "function", "name": "get_weather", "description": "The current weather in a city.",
+            "parameters": WEATHER["function"]["parameters"]}  # type: ignore[index]
+    first = openai.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[tool],  # type: ignore[list-item]
+                                    tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
+                                    max_output_tokens=120)
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather"
+    matches_weather_schema(calls[0].arguments)
+    with openai.responses.stream(model=MODEL, input="What is the weather in Paris?", tools=[tool],  # type: ignore[list-item]
+                                 tool_choice="required", temperature=0, max_output_tokens=120) as stream:
+        deltas = [e for e in stream if e.type == "response.function_call_arguments.delta"]
+        streamed = stream.get_final_response()
+    assert deltas and [i.arguments for i in streamed.output if i.type == "function_call"] == [calls[0].arguments]
+    # The second turn continues the stored first one: the call's output is all it sends.
+    second = openai.responses.create(model=MODEL, previous_response_id=first.id, tools=[tool],  # type: ignore[list-item]
+                                     input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                             "output": "21 degrees, sunny"}],
+                                     temperature=0, max_output_tokens=20)
+    assert second.output_text and second.previous_response_id == first.id
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens
+
+
+def test_responses_are_stored_found_and_deleted(openai: OpenAI) -> None:
+    import openai as sdk
+
+    made = openai.responses.create(model=MODEL, input="Say hi.", max_output_tokens=3)
+    assert openai.responses.retrieve(made.id).output_text == made.output_text
+    openai.responses.delete(made.id)
+    with pytest.raises(sdk.NotFoundError):
+        openai.responses.retrieve(made.id)
+    with pytest.raises(sdk.NotFoundError):
+        openai.responses.create(model=MODEL, input="Again.", previous_response_id=made.id, max_output_tokens=3)
+    stateless = openai.responses.create(model=MODEL, input="Say hi.", max_output_tokens=3, store=False)
+    with pytest.raises(sdk.NotFoundError):
+        openai.responses.retrieve(stateless.id)
 
 
 # --- Ollama ---------------------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def _request(fuzz: Fuzzer, client: httpx.Client, base: str, category: str, job_u
     if category == "bodies":
         path = rnd.choice(["/v1/jobs", "/v1/chat/completions", "/v1/completions", "/v1/worker-heartbeat",
                            "/v1/shutdown-not", "/v1/jobs/x", "/v1/embeddings", "/v1/messages", "/api/chat",
+                           "/v1/responses", "/v1/messages/count_tokens",
                            "/api/generate", "/api/embed", "/api/show", "/api/pull"])
         content_type = rnd.choice(["application/json", "text/plain", "application/x-www-form-urlencoded",
                                    f"multipart/form-data; boundary={marker}"])

@@ -101,7 +101,6 @@ def test_json_response_format_parses(worker: Daemon, response_format: dict[str, 
         ({"prompt": "hi", "temperature": 3}, "temperature"),
         ({"prompt": "hi", "top_p": 1.5}, "top_p"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
         ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
 )
@@ -110,6 +109,22 @@ def test_invalid_requests_get_an_envelope_naming_the_field(worker: Daemon, body:
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "VALIDATION_FAILED" and error["details"]["field"] == field
+
+
+def test_max_tokens_is_a_ceiling_and_the_context_ends_the_answer(isolated_dirs: Path) -> None:
+    """As llama-server and Ollama: agents send max_tokens of 32,000; generation stops when the
+    sequence's context is full (`length`), and only a prompt that fills it is refused."""
+    with daemon(worker_argv("--port", "0", "--slots", "1", "--ctx", "96")) as small:
+        body = {"prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 32000, "temperature": 0, "repeat_penalty": 1.0}
+        events = stream_events(small.url, body)
+        end = events[-2]
+        assert isinstance(end, dict) and end["type"] == "end" and end["stop_reason"] == "length", end
+        assert 90 <= end["tokens_in"] + end["tokens_out"] <= 96
+        refused = httpx.post(f"{small.url}/v1/inference", json={"prompt": "word " * 200, "max_tokens": 5})
+        error = [json.loads(line[6:]) for line in refused.text.splitlines()
+                 if line.startswith("data: {")][-1]
+        assert error["type"] == "error" and error["code"] == "CONTEXT_LENGTH_EXCEEDED"
+        assert error["details"]["context_tokens"] == 96 and error["details"]["prompt_tokens"] > 96
 
 
 def test_one_slot_second_request_gets_503(worker: Daemon) -> None:
