@@ -12,6 +12,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -20,7 +21,7 @@ from quart import request as http_request
 from quart_trio import QuartTrio
 
 from rbee_common import deadlines
-from rbee_common.errors import RbeeError, ValidationFailed
+from rbee_common.errors import ModelNotFound, RbeeError, ValidationFailed
 from rbee_common.http import OpenStreams, read_body, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import EmbedRequest, GenerationParams, InferenceToken, TokenLogprob, ToolCall
@@ -118,15 +119,40 @@ def add_openai_routes(
         """X-Request-Deadline, or the client's timeout (X-Stainless-Timeout), or the default."""
         return deadlines.from_headers(http_request.headers, default_s=default_deadline_s() or None)
 
+    def described(name: str, anthropic: bool) -> dict[str, Any]:
+        """A model as OpenAI's clients read it, or Anthropic's (they send `anthropic-version`)."""
+        if anthropic:
+            stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            return {"type": "model", "id": name, "display_name": name, "created_at": stamp}
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rbee"}
+
     @app.get("/v1/models")
     async def models() -> Response:
+        anthropic = "anthropic-version" in http_request.headers
         try:
             names = await list_models()
         except RbeeError as error:
             return openai_error(error)
-        created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "rbee"} for name in names]
-        return Response(_encode({"object": "list", "data": data}), content_type="application/json")
+        data = [described(name, anthropic) for name in names]
+        body: dict[str, Any] = {"object": "list", "data": data}
+        if anthropic:  # Anthropic's list: one page, with its cursors
+            body = {"data": data, "has_more": False, "first_id": names[0] if names else None,
+                    "last_id": names[-1] if names else None}
+        return Response(_encode(body), content_type="application/json")
+
+    @app.get("/v1/models/<path:name>")
+    async def model(name: str) -> Response:
+        anthropic = "anthropic-version" in http_request.headers
+        try:
+            if name not in await list_models():
+                raise ModelNotFound("No hive has that model.", details={"field": "model"},
+                                    hint="GET /v1/models lists the models there are.")
+        except RbeeError as error:
+            if not anthropic:
+                return openai_error(error)
+            kind = ERROR_TYPES.get(error.status, "api_error")
+            return error_response({"type": "error", "error": {"type": kind, "message": error.message}}, error)
+        return Response(_encode(described(name, anthropic)), content_type="application/json")
 
     async def answer(decoder: msgspec.json.Decoder[Any], to_params: Callable[[Any], GenerationParams],
                      *, chat: bool) -> Response:

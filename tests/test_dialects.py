@@ -388,6 +388,20 @@ def test_anthropic_count_tokens_is_what_the_answer_counts(claude: anthropic.Anth
     assert counted.input_tokens == message.usage.input_tokens > 5
 
 
+def test_both_clients_discover_the_models(claude: anthropic.Anthropic, openai: OpenAI) -> None:
+    import openai as sdk
+
+    assert MODEL in [m.id for m in claude.models.list()]
+    assert claude.models.retrieve(MODEL).display_name == MODEL
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.models.retrieve("no-such-model")
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert MODEL in [m.id for m in openai.models.list()]
+    assert openai.models.retrieve(MODEL).owned_by == "rbee"
+    with pytest.raises(sdk.NotFoundError):
+        openai.models.retrieve("no-such-model")
+
+
 def test_anthropic_errors_have_anthropics_shape(claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model=MODEL, max_tokens=5, messages=[
