@@ -66,6 +66,8 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     state: WorkerState
     slots_total: int = 1
     slots_busy: int = 0
+    ctx: int = 0
+    """Each sequence's context, in tokens (0: unknown)."""
     threads: int | None = None
     """CPU threads its hive gave it (None where the queen only heard its heartbeat)."""
     port: int | None = None
@@ -439,6 +441,9 @@ class WorkerSpawn(HiveOp[WorkerRecord], tag="worker_spawn", frozen=True, kw_only
     device: DeviceName = "CPU-0"
     backend: Backend = "auto"
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    ctx: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] | None = None
+    """Each sequence's context (default: the hive's worker_ctx); the queen asks for more when a
+    prompt does not fit its workers but fits the model."""
     worker_token: Secret | None = None
     """The new worker's own API token, minted by the queen (DESIGN §8: separate tokens). The hive
     hands it to the worker in its environment; without one, a hive with a token mints one."""
@@ -696,5 +701,7 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     slots_total: Annotated[int, msgspec.Meta(ge=1)]
     slots_busy: Annotated[int, msgspec.Meta(ge=0)]
     pid: Annotated[int, msgspec.Meta(ge=1)]
+    ctx: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Each sequence's context, in tokens (0: not said, an older worker)."""
 
 

@@ -39,6 +39,8 @@ class Preflight(msgspec.Struct, frozen=True, kw_only=True):
     available_bytes: int
     memory: str
     slots: int = 1
+    ctx: int = 2048
+    """Each sequence's context, in tokens."""
 
 
 
@@ -125,7 +127,7 @@ def preflight(
             problem, details={"available_backends": backends},
             hint=f"Available here: {', '.join(backends) or 'none'}.",
         )
-    ctx = settings.worker_ctx
+    ctx = op.ctx or settings.worker_ctx
     slots = settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
     kv_per_token = 0
     if fmt == "gguf":
@@ -160,7 +162,7 @@ def preflight(
                 hint="Stop a CPU worker, or ask for fewer threads.",
             )
     return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
-                     required_bytes=needed, available_bytes=free, memory=kind, slots=slots)
+                     required_bytes=needed, available_bytes=free, memory=kind, slots=slots, ctx=ctx)
 
 def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
     """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
@@ -173,4 +175,4 @@ def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
     check_reference(op.model)
     return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
                      required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM",
-                     slots=settings.synthetic_slots)
+                     slots=settings.synthetic_slots, ctx=op.ctx or settings.worker_ctx)

@@ -149,10 +149,11 @@ class Workers:
         context.narrate(
             "worker_preflight",
             f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s), "
-            f"{checked.slots} slot(s); it needs "
+            f"{checked.slots} slot(s) of {checked.ctx} tokens; it needs "
             f"{checked.required_bytes / 1e6:.0f} MB of the {checked.available_bytes / 1e6:.0f} MB "
             f"{checked.memory} available",
             model=name, device=op.device, backend=backend, threads=threads, slots=checked.slots,
+            ctx=checked.ctx,
             required_bytes=checked.required_bytes, available_bytes=checked.available_bytes,
         )
         worker_id = f"worker-{uuid.uuid4().hex[:12]}"
@@ -193,7 +194,7 @@ class Workers:
             "--host", self.settings.host, "--port", str(port), "--worker-id", worker_id,
             "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
             "--heartbeat-s", f"{self.settings.worker_heartbeat_s:g}",
-            "--slots", str(checked.slots), "--ctx", str(self.settings.worker_ctx),
+            "--slots", str(checked.slots), "--ctx", str(checked.ctx),
             "--spin-wait", self.spin_wait(op.device, threads),
             # drain a little less than we wait, so a busy worker finishes before our SIGKILL
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
@@ -224,7 +225,7 @@ class Workers:
         info = WorkerRecord(
             worker_id=worker_id, hive_id=self.settings.hive_id, model=name, device=op.device, backend=backend,
             threads=threads, pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}",
-            state="loading", slots_total=checked.slots, started_at=time.time(),
+            state="loading", slots_total=checked.slots, ctx=checked.ctx, started_at=time.time(),
             token_sha256=token_sha256(token) if token else None,
         )
         running = _Running(info, process, write_end, model_arg, token)

@@ -26,6 +26,7 @@ from rbee_common import deadlines
 from rbee_common.client import map_transport_errors
 from rbee_common.errors import (
     CLASSES_BY_CODE,
+    ContextLengthExceeded,
     DeadlineExceeded,
     InternalError,
     PoolTimedOut,
@@ -59,6 +60,31 @@ _encode = msgspec.json.Encoder().encode
 
 class _Retry(Exception):
     """The worker did not take the request, or failed it before any token: try another."""
+
+
+class _Grow(Exception):
+    """The prompt fits the model but not this worker: try one whose sequences hold `ctx` tokens."""
+
+    def __init__(self, ctx: int, refusal: RbeeError) -> None:
+        super().__init__(ctx)
+        self.ctx, self.refusal = ctx, refusal
+
+
+ANSWER_ROOM = 1024
+"""Tokens left for the answer when a worker is started for a prompt that did not fit."""
+
+
+def room_for(details: dict[str, object]) -> int | None:
+    """The context of a worker that holds a prompt refused for length (a power of two, up to the
+    model's own), or None when the model's own context does not hold it either."""
+    prompt, ctx, trained = (details.get(k) for k in ("prompt_tokens", "context_tokens",
+                                                     "model_context_tokens"))
+    if not (isinstance(prompt, int) and isinstance(ctx, int) and isinstance(trained, int)):
+        return None
+    if prompt >= trained:
+        return None
+    wanted = min(1 << (prompt + ANSWER_ROOM - 1).bit_length(), trained)
+    return wanted if wanted > ctx else None
 
 
 def _died(
@@ -226,10 +252,20 @@ async def _attempts(
     excluded: set[str] = set()
     failed: tuple[str, str] | None = None
     """The worker the last attempt failed on, and how."""
+    min_ctx = 0
+    """Sequences the request needs, once a worker refused its prompt for length (`_Grow`)."""
+    too_long: RbeeError | None = None
+    """That refusal: the answer when no worker with room can be had."""
     for attempt in range(1, attempts + 1):
         try:
-            worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id)
+            worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id, min_ctx=min_ctx)
         except RbeeError as error:
+            if too_long is not None:  # no worker with room could start (cores, memory): say why
+                log.info("no worker with a context of %d could be had (%s)", min_ctx, error.code)
+                too_long.details.setdefault(
+                    "hint", f"A worker with room for it could not be started ({error.message}) Stop "
+                            "an idle worker, or shorten the prompt.")
+                raise too_long from None
             if failed is None or error.status == 429 or error.status >= 500:
                 raise  # overload keeps its status and Retry-After
             # No other worker (a cold start refused, say for want of cores): the first failure is the
@@ -291,6 +327,15 @@ async def _attempts(
                                 raise deadlines.exceeded(deadline)
                             if event.code == InternalError.code and not sent_any:
                                 raise _Retry(event.message)
+                            if event.code == ContextLengthExceeded.code and not sent_any:
+                                grown = room_for(event.details)
+                                if grown is not None:
+                                    raise _Grow(grown, ContextLengthExceeded(
+                                        event.message, details=dict(event.details)))
+                                trained = event.details.get("model_context_tokens")
+                                if isinstance(trained, int):  # say the model's limit, not this worker's
+                                    event = msgspec.structs.replace(
+                                        event, details={**event.details, "context_tokens": trained})
                             refused = CLASSES_BY_CODE.get(event.code)
                             if refused is not None and refused.status < 500:  # the request's fault
                                 raise refused(event.message, details=event.details)
@@ -316,6 +361,11 @@ async def _attempts(
                 raise _died(worker, request_id, sent_any, failure, context) from error
         except _Retry as retry:
             failure = str(retry)
+        except _Grow as grow:
+            log.info("the prompt does not fit worker %s; trying one with a context of %d", worker.worker_id,
+                     grow.ctx)
+            min_ctx, too_long = grow.ctx, grow.refusal
+            continue
         finally:
             if running:  # we stopped listening (the client left, a deadline, an error): so must it
                 await _cancel_on_worker(lanes, worker, request_id, headers(worker))

@@ -82,14 +82,21 @@ class Scheduler:
         self._changed.set()
         self._changed = trio.Event()
 
-    def candidates(self, model: str, exclude: frozenset[str]) -> list[WorkerRecord]:
-        return [w for w in self.registry.routable() if serves(w, model, self.aliases)
+    def routable(self, min_ctx: int = 0) -> list[WorkerRecord]:
+        """The workers a request may go to; with `min_ctx`, only those whose sequences hold it."""
+        workers = self.registry.routable()
+        return [w for w in workers if w.ctx >= min_ctx] if min_ctx else workers
+
+    def candidates(self, model: str, exclude: frozenset[str], min_ctx: int = 0) -> list[WorkerRecord]:
+        return [w for w in self.routable(min_ctx) if serves(w, model, self.aliases)
                 and w.worker_id not in exclude and w.state != "draining"]
 
     async def acquire(
         self, model: str, context: JobContext | None, exclude: frozenset[str], hive_id: str | None = None,
+        *, min_ctx: int = 0,
     ) -> WorkerRecord:
-        """A worker slot for one request (on `hive_id` if given); call `release` when it ends."""
+        """A worker slot for one request (on `hive_id` if given, with sequences of at least `min_ctx`
+        tokens if given: a cold start makes one); call `release` when it ends."""
         deadline = trio.current_time() + self.queue_timeout_s
         queued = False
         queued_at = 0.0
@@ -98,13 +105,13 @@ class Scheduler:
             while True:
                 if hive_id is not None:  # workers of other hives do not count
                     exclude = given | {w.worker_id for w in self.registry.routable() if w.hive_id != hive_id}
-                worker = pick_worker(self.registry.routable(), model, load=self.load, aliases=self.aliases,
+                worker = pick_worker(self.routable(min_ctx), model, load=self.load, aliases=self.aliases,
                                      exclude=exclude)
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
                     return worker
-                if not self.candidates(model, exclude):
-                    await self.cold_start(model, context, hive_id)
+                if not self.candidates(model, exclude, min_ctx):
+                    await self.cold_start(model, context, hive_id, ctx=min_ctx or None)
                     continue
                 if not queued:
                     if self.waiting.get(model, 0) >= self.queue_size:
@@ -134,30 +141,35 @@ class Scheduler:
         self.load[worker_id] = max(self.load.get(worker_id, 0) - 1, 0)
         self.notify()
 
-    async def cold_start(self, model: str, context: JobContext | None, hive_id: str | None = None) -> None:
+    async def cold_start(
+        self, model: str, context: JobContext | None, hive_id: str | None = None, *, ctx: int | None = None,
+    ) -> None:
+        """Start a worker of `model` (with sequences of `ctx` tokens if given) on the best hive."""
         if not self.cold_start_enabled:
             raise NoWorker(
                 "No worker serves this model, and cold starts are off.",
                 hint="Spawn one with `worker_spawn`, or set [queen] cold_start = true.",
             )
-        running = self._cold.get(model)
+        key = f"{model}@{ctx}" if ctx else model
+        running = self._cold.get(key)
         if running is not None:
             if context is not None:
                 context.narrate("cold_start", "A worker for this model is starting; waiting for it")
             await running.wait()
             return
-        done = self._cold[model] = trio.Event()
+        done = self._cold[key] = trio.Event()
         began = time.monotonic()
         try:
             hive_id, device = await self.best_hive(model, only=hive_id)
+            why = (f"no worker of {model} has room for a prompt of this length; starting one with a "
+                   f"context of {ctx} tokens") if ctx else f"No worker serves {model}; starting one"
+            log.info("%s on hive %s (%s)", why, hive_id, device)
             if context is not None:
-                context.narrate(
-                    "cold_start", f"No worker serves {model}; starting one on hive {hive_id} ({device})",
-                    hive_id=hive_id, device=device,
-                )
+                context.narrate("cold_start", f"{why[0].upper()}{why[1:]} on hive {hive_id} ({device})",
+                                hive_id=hive_id, device=device)
             token = new_token() if self.mint_tokens else None
             try:
-                spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token)
+                spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token, ctx=ctx)
                 spawned = await self.router.get(hive_id).run(spawn, context)
             except RbeeError as error:
                 self.on_cold_start(model, hive_id, None, error.code, context.job_id if context else None)
@@ -170,7 +182,7 @@ class Scheduler:
                 self.metrics.cold_start_duration.labels(model).observe(time.monotonic() - began)
             self.register_spawned(model, hive_id, spawned, token)
         finally:
-            del self._cold[model]
+            del self._cold[key]
             done.set()
             self.notify()
 
@@ -183,7 +195,7 @@ class Scheduler:
         self.registry.record(WorkerHeartbeat(
             worker_id=spawned.worker_id, hive_id=hive_id, url=spawned.url, model=spawned.model,
             backend=spawned.backend, device=spawned.device, state="ready",
-            slots_total=spawned.slots_total, slots_busy=0, pid=spawned.pid,
+            slots_total=spawned.slots_total, slots_busy=0, pid=spawned.pid, ctx=spawned.ctx,
         ))
         self.registry.confirm(spawned.worker_id, token)
 

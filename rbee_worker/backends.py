@@ -103,15 +103,16 @@ def load_backend(
     raise BackendUnavailable(f"Unknown backend {name}.", hint="Use auto, llama-cpp or mlx.")
 
 
-def token_budget(request: InferenceRequest, prompt_tokens: int, ctx: int) -> int:
+def token_budget(request: InferenceRequest, prompt_tokens: int, ctx: int, trained: int | None = None) -> int:
     """Tokens the request may generate in a sequence of `ctx`: `max_tokens` is a ceiling, not a
     promise (generation stops when the context is full, as llama-server and Ollama do); a prompt
-    that leaves no room at all is refused, before any token."""
+    that leaves no room at all is refused, before any token, with the model's own context
+    (`trained`, from its GGUF) when known, so that the queen can find a worker with room."""
     if prompt_tokens >= ctx:
         raise ContextLengthExceeded(
             f"The prompt is {prompt_tokens} tokens; the context here is {ctx}.",
             details={"field": "messages" if request.messages else "prompt", "prompt_tokens": prompt_tokens,
-                     "context_tokens": ctx},
+                     "context_tokens": ctx, **({"model_context_tokens": trained} if trained else {})},
             hint="Shorten the prompt, or serve the model with a longer context ([hive] worker_ctx).",
         )
     if not prompt_tokens:
@@ -364,7 +365,7 @@ class LlamaCppBackend:
                 hint="Send it to /v1/embeddings, or pick a chat model for completions.")
         prompt, template_stops = self._prompt(request)
         tokens = self.tokenize(prompt)
-        max_tokens = token_budget(request, len(tokens), self.ctx)
+        max_tokens = token_budget(request, len(tokens), self.ctx, self.info.get("context_length"))
         job = Job(
             tokens=tokens, max_tokens=max_tokens,
             sampler=self._sampler(request), on_piece=on_token, cancelled=cancelled,

@@ -170,7 +170,7 @@ class WorkerService:
         return WorkerHeartbeat(
             worker_id=c.worker_id, hive_id=c.hive_id, url=self.url, model=c.served_name,
             backend=self.backend.name if self.backend else c.backend, device=c.device,
-            state=self.state, slots_total=c.slots, slots_busy=len(self.active), pid=os.getpid(),
+            state=self.state, slots_total=c.slots, slots_busy=len(self.active), pid=os.getpid(), ctx=c.ctx,
         )
 
     def begin(self, request: InferenceRequest) -> ActiveRequest:

@@ -266,22 +266,39 @@ def test_a_malformed_schema_and_a_prompt_too_long_are_400s_in_each_dialects_shap
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3,  # type: ignore[arg-type]
                                        response_format=_schema({"type": "object", "properties": [1]}))  # type: ignore[arg-type]
-    long = [{"role": "user", "content": "word " * 3000}]
+    # Longer than the model's own context (8,192): no worker could take it; the error says so.
+    long = [{"role": "user", "content": "word " * 10000}]
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model=MODEL, messages=long, max_tokens=3)  # type: ignore[arg-type]
     assert too_long.value.code == "context_length_exceeded"
-    assert re.search(r"maximum context length is 2048 tokens\. However, your messages resulted in \d{4} tokens",
+    assert re.search(r"maximum context length is 8192 tokens\. However, your messages resulted in \d{5} tokens",
                      str(too_long.value)), too_long.value
     with pytest.raises(anthropic.BadRequestError) as claude_too_long:
         anthropic.Anthropic(base_url=queen.url, api_key="x", max_retries=0).messages.create(
             model=MODEL, max_tokens=16000, messages=long)  # type: ignore[arg-type]
-    assert re.fullmatch(r"prompt is too long: \d{4} tokens > 2048 maximum",
+    assert re.fullmatch(r"prompt is too long: \d{5} tokens > 8192 maximum",
                         claude_too_long.value.body["error"]["message"])  # type: ignore[index]
     with pytest.raises(ollama.ResponseError) as ollama_too_long:
         ollama.Client(host=queen.url).chat(model=MODEL, messages=long)
     assert ollama_too_long.value.status_code == 400
-    assert "exceeds the context length" in str(ollama_too_long.value) and "2048" in str(ollama_too_long.value)
-    assert active(queen)[0]["pid"] == worker["pid"]
+    assert "exceeds the context length" in str(ollama_too_long.value) and "8192" in str(ollama_too_long.value)
+    assert [w["pid"] for w in active(queen)] == [worker["pid"]]  # nobody started a worker for them
+
+
+def test_a_prompt_too_long_for_a_worker_but_not_for_the_model_gets_a_worker_with_room(
+    isolated_dirs: Path,
+) -> None:
+    """As Ollama with num_ctx: the built-in model was trained for 8,192 tokens; its workers hold
+    2,048 a sequence. A 3,000-token prompt is answered by a worker started with room for it."""
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"]) as queen:
+        job_result(queen.url, {"operation": "worker_spawn", "model": MODEL, "threads": 1})
+        client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key="x", max_retries=0)
+        long = [{"role": "user", "content": "Count the words: " + "word " * 3000}]
+        reply = client.chat.completions.create(model=MODEL, messages=long, max_tokens=3)  # type: ignore[arg-type]
+        assert reply.usage is not None and 3000 < reply.usage.prompt_tokens < 4096 - 1024
+        contexts = sorted(w["ctx"] for w in active(queen))
+        assert contexts == [2048, 4096], contexts
+        assert "starting one with a context of 4096 tokens" in queen.log()
 
 
 def test_an_unknown_field_name_is_quoted_short(queen: Daemon) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rbee_common.wire import WorkerRecord
 from rbee_queen.scheduler import pick_worker
 
@@ -42,3 +44,20 @@ def test_a_requested_reference_matches_the_name_its_workers_report() -> None:
     workers = [worker("a", model="test-org--smol-gguf")]
     aliases = {"hf:test-org/smol-GGUF": "test-org--smol-gguf"}
     assert pick_worker(workers, "hf:test-org/smol-GGUF", load={}, aliases=aliases) is not None
+
+
+@pytest.mark.parametrize(("prompt", "ctx", "trained", "room"), [
+    (3000, 2048, 8192, 4096),     # the next power of two with 1,024 tokens to answer in
+    (7500, 2048, 8192, 8192),     # no more than the model was trained for
+    (8192, 2048, 8192, None),     # the model's own context does not hold it
+    (900, 2048, 8192, None),      # it fits already: refused for another reason
+    (3000, 4096, 4096, None),     # the worker already has all the model has
+])
+def test_a_prompt_refused_for_length_asks_for_a_worker_with_room(
+    prompt: int, ctx: int, trained: int, room: int | None,
+) -> None:
+    from rbee_queen.inference import room_for
+
+    details = {"prompt_tokens": prompt, "context_tokens": ctx, "model_context_tokens": trained}
+    assert room_for(details) == room
+    assert room_for({"prompt_tokens": prompt, "context_tokens": ctx}) is None  # an older worker
