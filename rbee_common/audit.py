@@ -211,7 +211,7 @@ class AuditLog:
 
     def _prune(self, previous: str, seq: int) -> tuple[str, int]:
         """Delete the oldest archives until all of them hold at most `max_total_bytes`."""
-        archives = chain_files(self.path)[:-1] if self.path.exists() else chain_files(self.path)
+        archives = chain_files(self.path)[:-1]  # not the live file (it holds the rotation entry)
         sizes = [archive.stat().st_size for archive in archives]
         removed: list[str] = []
         through = 0

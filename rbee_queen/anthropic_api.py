@@ -130,6 +130,7 @@ ERROR_TYPES = {**BASE_TYPES, 413: "request_too_large", 503: "overloaded_error"}
 
 
 def anthropic_error(error: RbeeError) -> Response:
+    """An error in Anthropic's shape (the model routes, shared with OpenAI's, use it too)."""
     return error_response({"type": "error", "error": _error_body(error)}, error)
 
 

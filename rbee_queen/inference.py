@@ -22,7 +22,7 @@ import msgspec
 import trio
 from quart import has_app_context, has_request_context
 
-from rbee_common import deadlines
+from rbee_common import deadlines, grammar_limits
 from rbee_common.client import map_transport_errors
 from rbee_common.errors import (
     CLASSES_BY_CODE,
@@ -212,6 +212,7 @@ async def generate(
     bounds its waits for pieces by it (a cancel scope cannot live in here: this
     generator yields).
     """
+    grammar_limits.check_params(params)  # a 400 before any worker is chosen or started
     served = served if served is not None else Served()
     token = deadlines.current.set(deadline)  # a cold start's spawn job on the hive inherits it
     started = trio.current_time()

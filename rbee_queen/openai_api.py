@@ -26,6 +26,7 @@ from rbee_common.http import OpenStreams, read_body, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import EmbedRequest, GenerationParams, InferenceToken, TokenLogprob, ToolCall
 from rbee_queen import toolcalls
+from rbee_queen.anthropic_api import anthropic_error
 from rbee_queen.dialects import (
     ERROR_TYPES,
     Answer,
@@ -148,10 +149,7 @@ def add_openai_routes(
                 raise ModelNotFound("No hive has that model.", details={"field": "model"},
                                     hint="GET /v1/models lists the models there are.")
         except RbeeError as error:
-            if not anthropic:
-                return openai_error(error)
-            kind = ERROR_TYPES.get(error.status, "api_error")
-            return error_response({"type": "error", "error": {"type": kind, "message": error.message}}, error)
+            return anthropic_error(error) if anthropic else openai_error(error)
         return Response(_encode(described(name, anthropic)), content_type="application/json")
 
     async def answer(decoder: msgspec.json.Decoder[Any], to_params: Callable[[Any], GenerationParams],

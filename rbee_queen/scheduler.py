@@ -161,12 +161,12 @@ class Scheduler:
         began = time.monotonic()
         try:
             hive_id, device = await self.best_hive(model, only=hive_id)
-            why = (f"no worker of {model} has room for a prompt of this length; starting one with a "
-                   f"context of {ctx} tokens") if ctx else f"No worker serves {model}; starting one"
-            log.info("%s on hive %s (%s)", why, hive_id, device)
+            why = (f"No worker of {model} has room for a prompt of this length; starting one with a "
+                   f"context of {ctx} tokens" if ctx else f"No worker serves {model}; starting one")
+            said = f"{why} on hive {hive_id} ({device})"
+            log.info("%s", said)
             if context is not None:
-                context.narrate("cold_start", f"{why[0].upper()}{why[1:]} on hive {hive_id} ({device})",
-                                hive_id=hive_id, device=device)
+                context.narrate("cold_start", said, hive_id=hive_id, device=device)
             token = new_token() if self.mint_tokens else None
             try:
                 spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token, ctx=ctx)

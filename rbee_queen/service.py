@@ -10,7 +10,7 @@ import httpx
 import msgspec
 import trio
 
-from rbee_common import deadlines, grammar_limits
+from rbee_common import deadlines
 from rbee_common.audit import AuditLog, AuthFailures
 from rbee_common.auth import TokenSource, bearer, new_token, request_source
 from rbee_common.client import map_transport_errors
@@ -243,7 +243,6 @@ class QueenService:
     async def generate(
         self, model: str, params: GenerationParams, usage: Usage, deadline: str | None = None,
     ) -> AsyncGenerator[InferenceToken, None]:
-        grammar_limits.check_params(params)  # a 400 before any worker is chosen or started
         served = Served()
         async with contextlib.aclosing(generate(
             self.scheduler, self.workers, self._lanes, model, params,
@@ -315,7 +314,6 @@ class QueenService:
         if operation.hive_id is not None:
             self.router.get(operation.hive_id)  # an unknown hive is HIVE_NOT_FOUND, not "no hive reachable"
         params = GenerationParams(**{f: getattr(operation, f) for f in GenerationParams.__struct_fields__})
-        grammar_limits.check_params(params)
         served = Served()
         text: list[str] = []
         deadline = deadlines.current.get()  # the job's (POST /v1/jobs sets the default one)

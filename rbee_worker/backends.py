@@ -67,11 +67,14 @@ class Backend(Protocol):
         self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
     ) -> Generated: ...
 
-    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]: ...
-    def count_tokens(self, request: InferenceRequest) -> int: ...
-    """The prompt's tokens as `generate` would feed them (chat template and tools applied)."""
-    """Vectors and the tokens they took; stops with `EmbeddingCancelled` between batches once
-    `cancelled` is set."""
+    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]:
+        """Vectors and the tokens they took; stops with `EmbeddingCancelled` between batches once
+        `cancelled` is set."""
+        ...
+
+    def count_tokens(self, request: InferenceRequest) -> int:
+        """The prompt's tokens as `generate` would feed them (chat template and tools applied)."""
+        ...
 
 
 
@@ -283,10 +286,10 @@ class LlamaCppBackend:
 
     def _grammar(self, request: InferenceRequest) -> bytes | None:
         """The request's grammar, checked against `grammar_limits` before llama.cpp parses it; b""
-        for a schema the converter cannot take."""
+        for a schema the converter cannot take. (Its schemas passed `grammar_limits.check_params`
+        in `WorkerService.begin`, so the converter's output is bounded.)"""
         from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-        grammar_limits.check_params(request)  # counts and depth, before the converter runs
         forced = tools.forced_call_schema(request)
         fmt = request.response_format
         if forced is not None:

@@ -30,6 +30,10 @@ DEFAULT_TOKENS = 16
 """Tokens per answer when the request gives no max_tokens."""
 
 
+def _prompt_text(request: InferenceRequest) -> str:
+    return request.prompt or "\n".join(m.content for m in request.messages or [])
+
+
 class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reply: str
     when: str | None = None
@@ -57,14 +61,13 @@ class SyntheticBackend:
         """The scripted answer's pieces, or None for filler words."""
         if self.script is None:
             return None
-        text = request.prompt or "\n".join(m.content for m in request.messages or [])
+        text = _prompt_text(request)
         rule = next((r for r in self.script if r.when is None or r.when in text), None)
         return re.findall(r"\S*\s*", rule.reply)[:-1] or [""] if rule is not None else [""]
 
     def count_tokens(self, request: InferenceRequest) -> int:
         """A word a token: the synthetic backend's modelled tokenizer."""
-        text = request.prompt or " ".join(m.content for m in request.messages or [])
-        return max(len(text.split()), 1)
+        return max(len(_prompt_text(request).split()), 1)
 
     async def agenerate(
         self, request: InferenceRequest, on_token: Callable[[str], Awaitable[bool]],
