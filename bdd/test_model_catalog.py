@@ -56,7 +56,7 @@ def size_from_disk(world: World, ref: str) -> None:
 def preflight_used_size(world: World) -> None:
     (preflight,) = [e for e in world.extra["events"] if e.get("action") == "worker_preflight"]
     entry = world.extra["downloaded"]["hf:test-org/smol-GGUF"]
-    cache = preflight["fields"]["slots"] * 2048 * kv_bytes_per_token(gguf_metadata(entry["path"]))
+    cache = preflight["fields"]["slots"] * preflight["fields"]["ctx"] * kv_bytes_per_token(gguf_metadata(entry["path"]))
     assert cache > 0
     assert preflight["fields"]["required_bytes"] == int(world.extra["size"] * 1.2) + cache
     assert preflight["fields"]["available_bytes"] > preflight["fields"]["required_bytes"]

@@ -122,9 +122,11 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """A worker with no request for this long is stopped (as Ollama's keep_alive); 0 keeps it."""
     worker_slots: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     """Sequences each worker batches on one copy of the model; 0 picks: 4 on a GPU or Metal, on a
-    CPU as many as 8,192 tokens of cache hold (4 at worker_ctx 2048)."""
-    worker_ctx: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 2048
-    """Context length of each sequence, in tokens (a worker's cache is slots x worker_ctx)."""
+    CPU as many as 32,768 tokens of cache hold (4 of 8,192 tokens)."""
+    worker_ctx: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 0
+    """Context length of each sequence, in tokens (a worker's cache is slots x worker_ctx); 0 picks
+    what the model was trained for, at most 32,768, less where memory is short (the spawn says
+    what it chose). At least 64 when set."""
     worker_spin_wait: Literal["auto", "full", "short"] = "auto"
     """How llama.cpp's threads wait between operations (the worker's --spin-wait). auto: short when
     a CPU worker takes every core of the machine (anything else running would stall all its
@@ -163,6 +165,10 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     synthetic_script: str | None = None
     """Tests only: the synthetic workers answer from this JSON file of rules (a test double for
     the model's text, `rbee_worker/synthetic.py`)."""
+
+    def __post_init__(self) -> None:
+        if 0 < self.worker_ctx < 64:
+            raise ValueError("worker_ctx is 0 (automatic) or at least 64 tokens")
 
 
 def describe_source(explicit: str | None) -> str:

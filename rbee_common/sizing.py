@@ -7,15 +7,17 @@ size per token comes from the GGUF header (layers, KV heads, head size).
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 GPU_SLOTS = 4
 """Sequences on a GPU: a few KV caches cost little next to the weights."""
-CPU_KV_TOKENS = 8192
-"""On a CPU, the slots share the cache of one 8k context: 4 slots of 2,048 tokens, 1 of 8,192."""
+CPU_KV_TOKENS = 32768
+"""On a CPU, the slots share a cache of 32k tokens: 4 slots of 8,192 tokens (the built-in model's
+context), 1 of 32,768."""
 MAX_AUTO_SLOTS = 4
 KV_BYTES_PER_VALUE = 2
 """The cache's keys and values are f16 (llama.cpp's default)."""
@@ -136,6 +138,67 @@ def kv_bytes_per_token(meta: dict[str, Any]) -> int:
     key_len = number("attention.key_length", embd // heads)
     value_len = number("attention.value_length", embd // heads)
     return layers * kv_heads * (key_len + value_len) * KV_BYTES_PER_VALUE
+
+
+AUTO_CTX_MAX = 32768
+"""The most context an automatic choice gives a sequence: what agents' prompts (10-25k tokens)
+need, as Ollama gives on a large GPU; `worker_ctx` goes further."""
+AUTO_CTX_MIN = 2048
+"""Below this the memory check refuses the worker rather than shrink its context further."""
+UNKNOWN_CTX = 4096
+"""A model whose files do not say what it was trained for gets this (Ollama's default)."""
+MEMORY_SHARE = {"VRAM": 0.9, "RAM": 0.5}
+"""Of the free memory, what an automatic context may fill: most of a GPU's, half of the RAM
+(the machine runs other things, and other workers)."""
+
+
+def trained_context(fmt: str, path: str | Path) -> int | None:
+    """The context the model was trained for: the GGUF's `<arch>.context_length`, or an MLX
+    model's `max_position_embeddings`; None when the files do not say."""
+    try:
+        if fmt == "mlx":
+            value = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+        else:
+            meta = gguf_metadata(path)
+            value = meta.get(f"{meta.get('general.architecture')}.context_length")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class ContextChoice(NamedTuple):
+    ctx: int
+    slots: int
+    why: str
+    """For the spawn's narration: "the model's trained context", "what fits in …"."""
+
+
+def choose_context(
+    *, trained: int | None, slots: int | None, device: str, backend: str, model_bytes: int,
+    kv_per_token: int, free_bytes: int, memory: str,
+) -> ContextChoice:
+    """Each sequence's context when `worker_ctx` is 0 (automatic): what the model was trained for
+    (at most AUTO_CTX_MAX), halved while its worker would not fit in its share of the free memory,
+    down to AUTO_CTX_MIN (below that the preflight's memory check says what is missing). `slots`
+    None is automatic, which on a CPU depends on the context."""
+    ctx = min(trained or UNKNOWN_CTX, AUTO_CTX_MAX)
+    why = "the model's trained context" if trained and trained <= AUTO_CTX_MAX else (
+        f"the most chosen automatically (the model was trained for {trained})" if trained
+        else "a default: the model does not say what it was trained for")
+    budget = int(free_bytes * MEMORY_SHARE.get(memory, 0.5))
+
+    def fits(ctx: int) -> tuple[bool, int]:
+        n = slots or auto_slots(device=device, backend=backend, ctx=ctx)
+        return worker_bytes(model_bytes, kv_per_token=kv_per_token, slots=n, ctx=ctx) <= budget, n
+
+    ok, n = fits(ctx)
+    if not ok and ctx > AUTO_CTX_MIN:
+        while not ok and ctx > AUTO_CTX_MIN:
+            ctx = max(AUTO_CTX_MIN, 1 << ((ctx - 1).bit_length() - 1))
+            ok, n = fits(ctx)
+        share = f"{MEMORY_SHARE.get(memory, 0.5):.0%}"
+        why = f"what fits in {share} of the free {memory} ({free_bytes / 1e6:.0f} MB)"
+    return ContextChoice(ctx, n, why)
 
 
 def worker_bytes(model_bytes: int, *, kv_per_token: int, slots: int, ctx: int) -> int:

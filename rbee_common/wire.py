@@ -105,6 +105,8 @@ class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
     added_at: float
     source: str | None = None
     """`hf:org/repo:file` with the exact file, and the revision it came from."""
+    context_length: int | None = None
+    """What the model was trained for (its GGUF header, or config.json), as the hive lists it."""
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -9,6 +9,7 @@ live under `<data>/models/.partial/`, which the catalog never reads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import msgspec
 
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.errors import InvalidRequest, ModelBuiltin, ModelInUse, ModelNotFound, ValidationFailed
+from rbee_common.sizing import trained_context
 from rbee_common.wire import CatalogEntry, ModelFormat, Provider
 
 log = logging.getLogger("rbee.hive.catalog")
@@ -95,7 +97,7 @@ class Catalog:
                                 "to register it", meta.parent.name, aside)
                 except OSError as error:
                     log.warning("catalog entry %s is unreadable: %s", meta.parent.name, error.strerror)
-        return entries
+        return [msgspec.structs.replace(e, context_length=_context_length(e.format, e.path)) for e in entries]
 
     def find(self, ref: str) -> CatalogEntry | None:
         """By id, by the reference it was downloaded as, or by its exact source."""
@@ -145,6 +147,20 @@ class Catalog:
         self._meta(entry.id).unlink()  # unlisted first, then the files go
         shutil.rmtree(folder, ignore_errors=True)
         return entry
+
+
+def _context_length(fmt: str, path: str) -> int | None:
+    """The entry's trained context, read once per version of its file."""
+    try:
+        stat = (Path(path) / "config.json" if fmt == "mlx" else Path(path)).stat()
+    except OSError:
+        return None
+    return _trained(fmt, path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _trained(fmt: str, path: str, _mtime_ns: int, _size: int) -> int | None:
+    return trained_context(fmt, path)
 
 
 def new_entry(

@@ -24,7 +24,16 @@ from rbee_common.errors import (
     ModelPathNotAllowed,
     WorkerBinaryNotFound,
 )
-from rbee_common.sizing import GgufError, auto_slots, gguf_metadata, kv_bytes_per_token, worker_bytes
+from rbee_common.sizing import (
+    UNKNOWN_CTX,
+    GgufError,
+    auto_slots,
+    choose_context,
+    gguf_metadata,
+    kv_bytes_per_token,
+    trained_context,
+    worker_bytes,
+)
 from rbee_common.wire import WorkerSpawn
 from rbee_hive.catalog import Catalog, check_reference
 from rbee_hive.devices import available_backends, detect_devices
@@ -41,6 +50,8 @@ class Preflight(msgspec.Struct, frozen=True, kw_only=True):
     slots: int = 1
     ctx: int = 2048
     """Each sequence's context, in tokens."""
+    ctx_why: str = ""
+    """Where that context comes from, for the spawn's narration."""
 
 
 
@@ -127,18 +138,27 @@ def preflight(
             problem, details={"available_backends": backends},
             hint=f"Available here: {', '.join(backends) or 'none'}.",
         )
-    ctx = op.ctx or settings.worker_ctx
-    slots = settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
-    kv_per_token = 0
+    kv_per_token, trained = 0, trained_context(fmt, model_arg) if fmt == "mlx" else None
     if fmt == "gguf":
         try:
             path = builtin_model_path(model_arg) if model_arg in BUILTIN_MODELS else Path(model_arg)
-            kv_per_token = kv_bytes_per_token(gguf_metadata(path or model_arg))
+            meta = gguf_metadata(path or model_arg)
+            kv_per_token = kv_bytes_per_token(meta)
+            trained = meta.get(f"{meta.get('general.architecture')}.context_length")
         except (OSError, GgufError):
-            kv_per_token = 0  # llama.cpp will say what is wrong with the file
-    needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
+            pass  # llama.cpp will say what is wrong with the file
     kind = "VRAM" if device.kind == "cuda" else "RAM"
     free = device.memory_free_bytes if device.kind == "cuda" else psutil.virtual_memory().available
+    if op.ctx or settings.worker_ctx:
+        ctx = op.ctx or settings.worker_ctx
+        slots = settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
+        why = "what the queen asked for, for a longer prompt" if op.ctx else "[hive] worker_ctx"
+    else:
+        ctx, slots, why = choose_context(
+            trained=trained if isinstance(trained, int) and trained > 0 else None,
+            slots=settings.worker_slots or None, device=op.device, backend=backend, model_bytes=size,
+            kv_per_token=kv_per_token, free_bytes=free, memory=kind)
+    needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
     if needed > free:
         cache = f" and a cache of {slots} x {ctx} tokens" if kv_per_token else ""
         raise (InsufficientVram if kind == "VRAM" else InsufficientRam)(
@@ -162,7 +182,8 @@ def preflight(
                 hint="Stop a CPU worker, or ask for fewer threads.",
             )
     return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
-                     required_bytes=needed, available_bytes=free, memory=kind, slots=slots, ctx=ctx)
+                     required_bytes=needed, available_bytes=free, memory=kind, slots=slots, ctx=ctx,
+                     ctx_why=why)
 
 def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
     """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
@@ -175,4 +196,6 @@ def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
     check_reference(op.model)
     return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
                      required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM",
-                     slots=settings.synthetic_slots, ctx=op.ctx or settings.worker_ctx)
+                     slots=settings.synthetic_slots, ctx=op.ctx or settings.worker_ctx or UNKNOWN_CTX,
+                     ctx_why="[hive] worker_ctx" if op.ctx or settings.worker_ctx else
+                     "a default: a synthetic model was trained for nothing")

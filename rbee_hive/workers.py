@@ -149,11 +149,11 @@ class Workers:
         context.narrate(
             "worker_preflight",
             f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s), "
-            f"{checked.slots} slot(s) of {checked.ctx} tokens; it needs "
+            f"{checked.slots} slot(s) of {checked.ctx} tokens ({checked.ctx_why}); it needs "
             f"{checked.required_bytes / 1e6:.0f} MB of the {checked.available_bytes / 1e6:.0f} MB "
             f"{checked.memory} available",
             model=name, device=op.device, backend=backend, threads=threads, slots=checked.slots,
-            ctx=checked.ctx,
+            ctx=checked.ctx, ctx_why=checked.ctx_why,
             required_bytes=checked.required_bytes, available_bytes=checked.available_bytes,
         )
         worker_id = f"worker-{uuid.uuid4().hex[:12]}"

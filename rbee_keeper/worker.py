@@ -49,8 +49,9 @@ def worker_spawn(
 def worker_list(ctx: typer.Context, hive: HiveOption = "localhost") -> None:
     """The workers of a hive."""
     workers = run_with_queen(keeper_context(ctx), build(WorkerList, hive_id=hive))
-    rows = [[w.worker_id, w.model, w.device, w.state, str(w.slots_busy), w.url, str(w.pid)] for w in workers]
-    print_table(rows, ["WORKER", "MODEL", "DEVICE", "STATE", "BUSY", "URL", "PID"])
+    rows = [[w.worker_id, w.model, w.device, w.state, f"{w.slots_busy}/{w.slots_total}", str(w.ctx or "-"),
+             w.url, str(w.pid)] for w in workers]
+    print_table(rows, ["WORKER", "MODEL", "DEVICE", "STATE", "BUSY", "CTX", "URL", "PID"])
 
 
 @worker_cli.command("get")

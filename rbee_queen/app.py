@@ -70,7 +70,7 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
     def default_deadline_s() -> float:
         return service.config.settings.default_deadline_s
 
-    add_openai_routes(app, generate=service.generate, list_models=service.model_names, embed=service.embed,
+    add_openai_routes(app, generate=service.generate, list_models=service.models, embed=service.embed,
                       default_deadline_s=default_deadline_s, streams=service.streams)
     add_anthropic_routes(app, generate=service.generate, count_tokens=service.count_tokens,
                          default_deadline_s=default_deadline_s, streams=service.streams)

@@ -40,7 +40,8 @@ class Usage(msgspec.Struct, kw_only=True):
 
 Generate = Callable[[str, GenerationParams, Usage, str | None], AsyncGenerator[InferenceToken, None]]
 Embed = Callable[[str, EmbedRequest], Awaitable[EmbedResult]]
-ListModels = Callable[[], Awaitable[list[str]]]
+ListModels = Callable[[], Awaitable[dict[str, int | None]]]
+"""Each model a request can name, with the context it was trained for (None: unknown)."""
 
 
 ERROR_TYPES = {

@@ -203,6 +203,9 @@ class OllamaApi:
             for k, v in meta.items()
             if not k.startswith("tokenizer.") and isinstance(v, int | float | str)
         }
+        if entry.context_length and not any(k.endswith(".context_length") for k in info):
+            # a remote hive's model: its header is not here, but its hive read the context
+            info[f"{info.get('general.architecture', 'model')}.context_length"] = entry.context_length
         body = {
             "modelfile": f"FROM {entry.reference}\n",
             "parameters": "",

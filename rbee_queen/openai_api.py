@@ -120,21 +120,26 @@ def add_openai_routes(
         """X-Request-Deadline, or the client's timeout (X-Stainless-Timeout), or the default."""
         return deadlines.from_headers(http_request.headers, default_s=default_deadline_s() or None)
 
-    def described(name: str, anthropic: bool) -> dict[str, Any]:
-        """A model as OpenAI's clients read it, or Anthropic's (they send `anthropic-version`)."""
+    def described(name: str, context: int | None, anthropic: bool) -> dict[str, Any]:
+        """A model as OpenAI's clients read it, or Anthropic's (they send `anthropic-version`),
+        with its context length where known: `context_length` (as OpenRouter's list and LM Studio
+        say it) and Anthropic's `max_input_tokens`."""
         if anthropic:
             stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-            return {"type": "model", "id": name, "display_name": name, "created_at": stamp}
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rbee"}
+            return {"type": "model", "id": name, "display_name": name, "created_at": stamp,
+                    **({"max_input_tokens": context, "max_tokens": context} if context else {})}
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "rbee",
+                **({"context_length": context} if context else {})}
 
     @app.get("/v1/models")
     async def models() -> Response:
         anthropic = "anthropic-version" in http_request.headers
         try:
-            names = await list_models()
+            found = await list_models()
         except RbeeError as error:
             return openai_error(error)
-        data = [described(name, anthropic) for name in names]
+        data = [described(name, context, anthropic) for name, context in found.items()]
+        names = list(found)
         body: dict[str, Any] = {"object": "list", "data": data}
         if anthropic:  # Anthropic's list: one page, with its cursors
             body = {"data": data, "has_more": False, "first_id": names[0] if names else None,
@@ -145,12 +150,13 @@ def add_openai_routes(
     async def model(name: str) -> Response:
         anthropic = "anthropic-version" in http_request.headers
         try:
-            if name not in await list_models():
+            found = await list_models()
+            if name not in found:
                 raise ModelNotFound("No hive has that model.", details={"field": "model"},
                                     hint="GET /v1/models lists the models there are.")
         except RbeeError as error:
             return anthropic_error(error) if anthropic else openai_error(error)
-        return Response(_encode(described(name, anthropic)), content_type="application/json")
+        return Response(_encode(described(name, found[name], anthropic)), content_type="application/json")
 
     async def answer(decoder: msgspec.json.Decoder[Any], to_params: Callable[[Any], GenerationParams],
                      *, chat: bool) -> Response:

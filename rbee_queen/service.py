@@ -346,11 +346,14 @@ class QueenService:
                 nursery.start_soon(catalog, hive_id)
         return found
 
-    async def model_names(self) -> list[str]:
-        """Models a request can name: what workers serve and what hive catalogs hold."""
-        names = {w.model for w in self.workers.active()}
-        names.update(entry.id for _, entry in await self.catalogs())
-        return sorted(names)
+    async def models(self) -> dict[str, int | None]:
+        """Models a request can name (what workers serve and what hive catalogs hold), each with
+        the context it was trained for, where its hives say (the most any says)."""
+        found: dict[str, int | None] = {w.model: None for w in self.workers.active()}
+        for _, entry in await self.catalogs():
+            known = found.get(entry.id)
+            found[entry.id] = max(known or 0, entry.context_length or 0) or None
+        return dict(sorted(found.items()))
 
     # --- status ---------------------------------------------------------------------
 

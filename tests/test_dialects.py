@@ -392,12 +392,15 @@ def test_both_clients_discover_the_models(claude: anthropic.Anthropic, openai: O
     import openai as sdk
 
     assert MODEL in [m.id for m in claude.models.list()]
-    assert claude.models.retrieve(MODEL).display_name == MODEL
+    listed = claude.models.retrieve(MODEL)
+    # what it was trained for: the context a request may fill (a worker with room is started)
+    assert listed.display_name == MODEL and listed.max_input_tokens == 8192
     with pytest.raises(anthropic.NotFoundError) as missing:
         claude.models.retrieve("no-such-model")
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
     assert MODEL in [m.id for m in openai.models.list()]
-    assert openai.models.retrieve(MODEL).owned_by == "rbee"
+    described = openai.models.retrieve(MODEL)
+    assert described.owned_by == "rbee" and (described.model_extra or {})["context_length"] == 8192
     with pytest.raises(sdk.NotFoundError):
         openai.models.retrieve("no-such-model")
 
@@ -517,6 +520,7 @@ def test_ollama_list_ps_show_version_and_pull(llama: ollama.Client, hub: FakeHub
     assert [m.model for m in running] == [f"{MODEL}:latest"] and running[0].size and running[0].size > 0
     shown = llama.show(f"{MODEL}:latest")
     assert shown.details.family == "llama" and shown.modelinfo and shown.modelinfo["llama.embedding_length"] == 576
+    assert shown.modelinfo["llama.context_length"] == 8192
     assert "<|im_start|>" in (shown.template or "")
     assert httpx.get(f"{llama._client.base_url}/api/version").json()["version"]
 

@@ -87,11 +87,13 @@ def test_spawn_list_infer_stop(hive: Daemon) -> None:
     assert progress and all(e["what"] == "worker_load" for e in progress)
     narrated = " ".join(str(e["human"]) for e in events if e["type"] == "narration")
     assert "Preflight passed" in narrated and "is ready at" in narrated
-    # One copy of the weights (and compute slack) plus the KV cache of 4 slots x 2,048 tokens.
+    # One copy of the weights (and compute slack) plus the KV cache of 4 slots x 8,192 tokens: the
+    # context the built-in model was trained for, chosen by the hive, which says so.
     (preflight,) = [e for e in events if e.get("action") == "worker_preflight"]
     model = resolve_model("smollm2-135m").path
-    cache = 4 * 2048 * kv_bytes_per_token(gguf_metadata(model))
-    assert preflight["fields"]["slots"] == 4
+    cache = 4 * 8192 * kv_bytes_per_token(gguf_metadata(model))
+    assert preflight["fields"]["slots"] == 4 and preflight["fields"]["ctx"] == 8192
+    assert "4 slot(s) of 8192 tokens (the model's trained context)" in preflight["human"]
     assert preflight["fields"]["required_bytes"] == int(Path(model).stat().st_size * 1.2) + cache
     (worker,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
     assert worker["state"] == "ready" and psutil.pid_exists(worker["pid"])

@@ -288,9 +288,11 @@ def test_a_malformed_schema_and_a_prompt_too_long_are_400s_in_each_dialects_shap
 def test_a_prompt_too_long_for_a_worker_but_not_for_the_model_gets_a_worker_with_room(
     isolated_dirs: Path,
 ) -> None:
-    """As Ollama with num_ctx: the built-in model was trained for 8,192 tokens; its workers hold
-    2,048 a sequence. A 3,000-token prompt is answered by a worker started with room for it."""
-    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"]) as queen:
+    """As Ollama with num_ctx: the built-in model was trained for 8,192 tokens; this hive's workers
+    hold 2,048 a sequence. A 3,000-token prompt is answered by a worker started with room for it."""
+    config = isolated_dirs / "config.toml"
+    config.write_text("[hive]\nworker_ctx = 2048\n")
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)]) as queen:
         job_result(queen.url, {"operation": "worker_spawn", "model": MODEL, "threads": 1})
         client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key="x", max_retries=0)
         long = [{"role": "user", "content": "Count the words: " + "word " * 3000}]

@@ -117,6 +117,9 @@ def test_queen_start_status_spawn_infer_stop(isolated_dirs: Path) -> None:
         assert [w["worker_id"] for w in job_result(url, {"operation": "worker_list_active"})] == [worker_id]  # type: ignore[union-attr]
         listed = keeper(url, "worker", "list")
         assert worker_id in listed.stdout and "ready" in listed.stdout
+        row = next(line.split() for line in listed.stdout.splitlines() if worker_id in line)
+        assert row[4:6] == ["0/4", "8192"], listed.stdout  # the context the hive chose, and said
+        assert "4 slot(s) of 8192 tokens (the model's trained context)" in spawned.stderr
     finally:
         stopped = keeper(url, "queen", "stop")
     assert stopped.returncode == 0
