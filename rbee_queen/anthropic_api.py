@@ -292,6 +292,18 @@ def add_anthropic_routes(
         return await _respond(request, params, answer)
 
 
+def _usage(usage: Usage) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` are the prompt's tokens that were not in the cache, the
+    rest are `cache_read_input_tokens` (their sum is the prompt). The stream's `message_delta`
+    carries all of them: the SDKs and Claude Code take the cache's numbers from it."""
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+    }
+
+
 async def _respond(request: MessagesRequest, params: GenerationParams, answer: Answer) -> Response:
     ident = "msg_" + uuid.uuid4().hex
     usage = answer.usage
@@ -309,11 +321,7 @@ async def _respond(request: MessagesRequest, params: GenerationParams, answer: A
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": {
-                "input_tokens": usage.prompt_tokens,
-                "output_tokens": usage.completion_tokens,
-                "cache_read_input_tokens": usage.cached_tokens,
-            },
+            "usage": _usage(usage),
         }
 
     if not request.stream:
@@ -377,7 +385,7 @@ async def _respond(request: MessagesRequest, params: GenerationParams, answer: A
                 "message_delta",
                 {
                     "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                    "usage": {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens},
+                    "usage": _usage(usage),
                 },
             )
             yield event("message_stop", {})

@@ -111,7 +111,7 @@ async def _serve(
         if model is None:
             script = load_script(config.script) if config.script else None
             service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx,
-                                               script=script)
+                                               slots=config.slots, script=script)
         else:
             began = time.monotonic()
             service.backend = await trio.to_thread.run_sync(

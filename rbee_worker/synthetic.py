@@ -9,6 +9,14 @@ With a script (`--script FILE`, a test double for the model's text: the agent
 CLI tests), each answer is the `reply` of the first rule whose `when` (if any)
 occurs in the prompt: `[{"when": "rbee-ok", "reply": "It printed rbee-ok."},
 {"reply": "<tool_call>...</tool_call>"}]`. Replies stream a word at a time.
+
+Its cache is modelled on the llama.cpp engine's: a word is a token, each of
+its `slots` sequences keeps the words of its last prompt and answer, and a
+request takes the free sequence that shares the longest prefix with its
+prompt (the least recently used when none shares any); `tokens_cached` says
+how many words that was. So what a client sees
+of prompt caching (`cached_tokens`, `cache_read_input_tokens`) can be tested
+with prompts far longer than the built-in model's context.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from rbee_worker.backends import Generated
 
 DEFAULT_TOKENS = 16
 """Tokens per answer when the request gives no max_tokens."""
+MODELLED_SEQUENCES = 64
+"""Sequences whose cache is modelled; beyond them (a benchmark's thousands of slots) a request
+finds nothing cached, and the search for a prefix stays cheap."""
 
 
 def _prompt_text(request: InferenceRequest) -> str:
@@ -49,10 +60,19 @@ class SyntheticBackend:
     features: frozenset[str] = frozenset()
     is_async = True
 
-    def __init__(self, *, tokens_per_s: float, ctx: int, script: list[Rule] | None = None) -> None:
+    def __init__(
+        self, *, tokens_per_s: float, ctx: int, slots: int = 1, script: list[Rule] | None = None,
+    ) -> None:
         self.interval = 1.0 / tokens_per_s
         self.ctx = ctx
         self.script = script
+        self._sequences: list[list[str]] = [[] for _ in range(min(max(slots, 1), MODELLED_SEQUENCES))]
+        """Each sequence's cached words (the modelled KV cache)."""
+        self._busy: set[int] = set()
+        self._last_used = [0] * len(self._sequences)
+        """When each sequence was last taken (a count): of those sharing nothing, the least recent
+        is overwritten."""
+        self._taken = 0
         if script is not None:  # its scripted text may hold calls, which the queen reads as for a model
             self.features = frozenset({"tools"})
         self.info: dict[str, Any] = {"architecture": "synthetic", "tokens_per_s": tokens_per_s}
@@ -68,6 +88,28 @@ class SyntheticBackend:
     def count_tokens(self, request: InferenceRequest) -> int:
         """A word a token: the synthetic backend's modelled tokenizer."""
         return max(len(_prompt_text(request).split()), 1)
+
+    def _take(self, words: list[str]) -> tuple[int, int]:
+        """The free sequence sharing the longest prefix with `words`, and that prefix's length;
+        (-1, 0) when every modelled sequence is taken."""
+        free = [i for i in range(len(self._sequences)) if i not in self._busy]
+        if not free:
+            return -1, 0
+
+        def shared(i: int) -> int:
+            cached = self._sequences[i]
+            n = 0
+            for a, b in zip(cached, words, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best = max(free, key=lambda i: (shared(i), -self._last_used[i]))
+        self._busy.add(best)
+        self._taken += 1
+        self._last_used[best] = self._taken
+        return best, min(shared(best), len(words) - 1)  # as llama.cpp, the last word is decoded again
 
     async def agenerate(
         self, request: InferenceRequest, on_token: Callable[[str], Awaitable[bool]],
@@ -85,16 +127,25 @@ class SyntheticBackend:
         wanted = min(request.max_tokens or DEFAULT_TOKENS, self.ctx - tokens_in)
         if scripted is not None:
             wanted = min(len(scripted), self.ctx - tokens_in)
+        words = _prompt_text(request).split() or [""]
+        sequence, cached = self._take(words)
         produced = 0
         reason: StopReason = "length" if scripted is None else "stop"
         next_at = trio.current_time()
-        while produced < wanted:
-            next_at += self.interval
-            with trio.move_on_at(next_at):
-                await woken.wait()
-            piece = f"w{produced} " if scripted is None else scripted[produced]
-            if cancelled.is_set() or not await on_token(piece):
-                reason = "cancelled"
-                break
-            produced += 1
-        return Generated(tokens_in, produced, reason)
+        pieces: list[str] = []
+        try:
+            while produced < wanted:
+                next_at += self.interval
+                with trio.move_on_at(next_at):
+                    await woken.wait()
+                piece = f"w{produced} " if scripted is None else scripted[produced]
+                if cancelled.is_set() or not await on_token(piece):
+                    reason = "cancelled"
+                    break
+                pieces.append(piece)
+                produced += 1
+        finally:
+            if sequence >= 0:
+                self._sequences[sequence] = words + "".join(pieces).split()
+                self._busy.discard(sequence)
+        return Generated(tokens_in, produced, reason, tokens_cached=cached)

@@ -213,3 +213,22 @@ def test_worker_exits_when_its_parent_is_killed(isolated_dirs: Path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_the_synthetic_backend_models_the_prefix_cache(isolated_dirs: Path) -> None:
+    """A test double's cache, as the engine's: a word a token, the free sequence sharing the longest
+    prefix is taken, and `tokens_cached` says how much was shared (the last word is decoded again)."""
+    argv = [str(BIN / "llm-worker-rbee"), "--model", "any", "--backend", "synthetic", "--port", "0",
+            "--slots", "2", "--synthetic-tokens-per-s", "1000"]
+    with daemon(argv) as synthetic:
+        def end(prompt: str) -> dict[str, object]:
+            events = stream_events(synthetic.url, {"prompt": prompt, "max_tokens": 2})
+            (last,) = [e for e in events if isinstance(e, dict) and e["type"] == "end"]
+            return last
+
+        system = "You are an agent. " * 50  # 200 words
+        assert end(system + "First question?")["tokens_cached"] == 0
+        assert end("Something else entirely.")["tokens_cached"] == 0  # the other sequence
+        again = end(system + "Second question?")
+        assert again["tokens_in"] == 202 and again["tokens_cached"] == 200
+        assert end("Something else entirely.")["tokens_cached"] == 2
