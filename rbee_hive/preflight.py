@@ -152,7 +152,7 @@ def preflight(
     if op.ctx or settings.worker_ctx:
         ctx = op.ctx or settings.worker_ctx
         slots = settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
-        why = "what the queen asked for, for a longer prompt" if op.ctx else "[hive] worker_ctx"
+        why = "the spawn asked for it" if op.ctx else "[hive] worker_ctx"
     else:
         ctx, slots, why = choose_context(
             trained=trained if isinstance(trained, int) and trained > 0 else None,
