@@ -129,7 +129,7 @@ class Catalog:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, meta)
-        return entry
+        return msgspec.structs.replace(entry, context_length=_context_length(entry.format, entry.path))
 
     def delete(self, ref: str, *, in_use: bool) -> CatalogEntry:
         entry = self.get(ref)
