@@ -2,8 +2,8 @@
 
 `pick_worker` is the pure part: among workers serving the model, ready or
 busy, the least loaded one with a free slot. The `Scheduler` adds what needs
-time: a bounded wait per model when every slot is taken (429 when the queue
-is full, 503 at the deadline), and a cold start when no worker serves the
+time: a bounded wait per model when every slot is taken, first come first
+served (429 when the queue is full, 503 at the deadline), and a cold start when no worker serves the
 model at all: a `worker_spawn` on the best hive, narrated into the request.
 Load is what the queen itself has sent and not yet seen finish; heartbeats
 lag by up to one period, so they only add and remove workers.
@@ -76,6 +76,9 @@ class Scheduler:
         """Requested model -> the name its workers report (a catalog id)."""
         self._changed = trio.Event()
         self._cold: dict[str, trio.Event] = {}
+        self._lines: dict[str, list[object]] = {}
+        """Per model, the requests waiting for a slot, first come first: only the first may take
+        one, and a new request queues behind them."""
         registry.on_change = self.notify
 
     def notify(self) -> None:
@@ -101,12 +104,15 @@ class Scheduler:
         queued = False
         queued_at = 0.0
         given = exclude
+        ticket = object()
         try:
             while True:
+                line = self._lines.setdefault(model, [])
                 if hive_id is not None:  # workers of other hives do not count
                     exclude = given | {w.worker_id for w in self.registry.routable() if w.hive_id != hive_id}
+                first = not line or line[0] is ticket  # first come, first served
                 worker = pick_worker(self.routable(min_ctx), model, load=self.load, aliases=self.aliases,
-                                     exclude=exclude)
+                                     exclude=exclude) if first else None
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
                     return worker
@@ -121,6 +127,7 @@ class Scheduler:
                         )
                     self.waiting[model] = self.waiting.get(model, 0) + 1
                     queued, queued_at = True, time.monotonic()
+                    line.append(ticket)
                     if context is not None:
                         context.narrate("queued", "Every worker of this model is busy; waiting for a slot")
                 changed = self._changed
@@ -134,6 +141,11 @@ class Scheduler:
         finally:
             if queued:
                 self.waiting[model] -= 1
+                line = self._lines[model]
+                line.remove(ticket)
+                if not line:
+                    del self._lines[model]
+                self.notify()  # the next in line may go
                 if self.metrics is not None:
                     self.metrics.queue_wait.labels(model).observe(time.monotonic() - queued_at)
 

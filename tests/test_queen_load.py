@@ -109,3 +109,39 @@ def test_sigterm_with_open_streams_ends_each_with_a_terminator_and_leaves_no_pro
             ended = json.loads(lines[-2])
             assert ended["error"]["code"] == "shutting_down"
         assert wait_for(lambda: gone(worker_pid), timeout=5)
+
+
+def test_requests_waiting_for_a_slot_are_served_first_come_first_served(tmp_path: Path) -> None:
+    """One slot, held 2 s by a first answer; eleven more requests come in one by one (each once the
+    one before is in the queue, by the queen's queue depth) and get the slot in the order they came,
+    not in whatever order they happen to wake."""
+    with synthetic_queen(tmp_path, rate=20.0, slots=1) as queen:
+        order: list[int] = []
+        lock = threading.Lock()
+
+        def ask(k: int) -> None:
+            body = {"model": "synthetic", "messages": [{"role": "user", "content": f"request {k}"}],
+                    "max_tokens": 40 if k == 0 else 2, "stream": True}
+            with httpx.stream("POST", f"{queen.url}/v1/chat/completions", json=body, timeout=60) as answer:
+                assert answer.status_code == 200
+                first = True
+                for line in answer.iter_lines():  # to the end: a closed stream frees the slot
+                    if first and line.startswith("data: {") and '"content"' in line:
+                        with lock:
+                            order.append(k)  # its first token: it has the slot
+                        first = False
+
+        def queued() -> int:
+            text = httpx.get(f"{queen.url}/metrics").text
+            return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                       if line.startswith("rbee_queen_queue_depth{"))
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(12)]
+        threads[0].start()
+        assert wait_for(lambda: order == [0], timeout=10)
+        for k in range(1, 12):
+            threads[k].start()
+            assert wait_for(lambda k=k: queued() == k, timeout=5), (k, order)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert order == list(range(12)), str(order)
