@@ -52,11 +52,12 @@ def size_from_disk(world: World, ref: str) -> None:
     world.extra["size"] = entry["size_bytes"]
 
 
-@then("the preflight required 1.2 times that size in RAM plus the KV cache of its slots")
+@then("the preflight required 1.2 times that size in RAM plus the KV cache of its slots and its prompt cache")
 def preflight_used_size(world: World) -> None:
     (preflight,) = [e for e in world.extra["events"] if e.get("action") == "worker_preflight"]
     entry = world.extra["downloaded"]["hf:test-org/smol-GGUF"]
     cache = preflight["fields"]["slots"] * preflight["fields"]["ctx"] * kv_bytes_per_token(gguf_metadata(entry["path"]))
     assert cache > 0
-    assert preflight["fields"]["required_bytes"] == int(world.extra["size"] * 1.2) + cache
+    prompt_cache = preflight["fields"]["cache_ram_mib"] << 20  # host RAM for saved prompt prefixes
+    assert preflight["fields"]["required_bytes"] == int(world.extra["size"] * 1.2) + cache + prompt_cache
     assert preflight["fields"]["available_bytes"] > preflight["fields"]["required_bytes"]

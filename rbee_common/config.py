@@ -127,6 +127,10 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """Context length of each sequence, in tokens (a worker's cache is slots x worker_ctx); 0 picks
     what the model was trained for, at most 32,768, less where memory is short (the spawn says
     what it chose). At least 64 when set."""
+    worker_cache_ram: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] | None = None
+    """MiB of host RAM each llama.cpp worker keeps prompt prefixes in once their sequences are
+    reused (the worker's --cache-ram); None picks a quarter of the RAM its preflight leaves free, at
+    most 8,192 (llama-server's default); 0: none."""
     worker_spin_wait: Literal["auto", "full", "short"] = "auto"
     """How llama.cpp's threads wait between operations (the worker's --spin-wait). auto: short when
     a CPU worker takes every core of the machine (anything else running would stall all its

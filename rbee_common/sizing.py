@@ -201,6 +201,16 @@ def choose_context(
     return ContextChoice(ctx, n, why)
 
 
+AUTO_CACHE_RAM_MAX = 8 << 30
+"""The most host RAM an automatic prompt cache takes (llama-server's --cache-ram default)."""
+
+
+def auto_cache_ram(left_bytes: int) -> int:
+    """An automatic prompt cache: a quarter of the RAM a worker's preflight leaves, at most 8 GiB,
+    in whole MiB."""
+    return min(AUTO_CACHE_RAM_MAX, max(left_bytes, 0) // 4) >> 20 << 20
+
+
 def worker_bytes(model_bytes: int, *, kv_per_token: int, slots: int, ctx: int) -> int:
     """Memory a llama.cpp worker needs: one copy of the weights (and compute slack) plus the cache."""
     return int(model_bytes * COMPUTE_OVERHEAD) + kv_per_token * slots * ctx

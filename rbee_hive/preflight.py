@@ -27,6 +27,7 @@ from rbee_common.errors import (
 from rbee_common.sizing import (
     UNKNOWN_CTX,
     GgufError,
+    auto_cache_ram,
     auto_slots,
     choose_context,
     gguf_metadata,
@@ -52,6 +53,8 @@ class Preflight(msgspec.Struct, frozen=True, kw_only=True):
     """Each sequence's context, in tokens."""
     ctx_why: str = ""
     """Where that context comes from, for the spawn's narration."""
+    cache_ram_mib: int = 0
+    """Host RAM for the worker's prompt cache (llama.cpp), counted in `required_bytes` on a CPU."""
 
 
 
@@ -159,15 +162,23 @@ def preflight(
             slots=settings.worker_slots or None, device=op.device, backend=backend, model_bytes=size,
             kv_per_token=kv_per_token, free_bytes=free, memory=kind)
     needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
+    cache_ram = 0
+    if backend == "llama-cpp":
+        ram_left = psutil.virtual_memory().available - (needed if kind == "RAM" else 0)
+        cache_ram = (settings.worker_cache_ram << 20 if settings.worker_cache_ram is not None
+                     else auto_cache_ram(ram_left))
+        if kind == "RAM":
+            needed += cache_ram
     if needed > free:
         cache = f" and a cache of {slots} x {ctx} tokens" if kv_per_token else ""
+        cache += f" and {cache_ram >> 20} MiB of prompt cache" if cache_ram and kind == "RAM" else ""
         raise (InsufficientVram if kind == "VRAM" else InsufficientRam)(
             f"Not enough {kind} on {op.device}: the model needs {needed / 1e6:.0f} MB "
             f"(its {size / 1e6:.0f} MB once{cache}) and {free / 1e6:.0f} MB are available.",
             details={"required_bytes": needed, "available_bytes": free, "device": op.device,
                      "model": name},
             hint="Stop a worker, pick a smaller quantization, use another device, or lower "
-                 "[hive] worker_slots or worker_ctx.",
+                 "[hive] worker_slots, worker_ctx or worker_cache_ram.",
         )
     threads = op.threads or 1
     if op.device == "CPU-0":
@@ -183,7 +194,7 @@ def preflight(
             )
     return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
                      required_bytes=needed, available_bytes=free, memory=kind, slots=slots, ctx=ctx,
-                     ctx_why=why)
+                     ctx_why=why, cache_ram_mib=cache_ram >> 20)
 
 def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
     """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""

@@ -146,14 +146,15 @@ class Workers:
     async def spawn(self, op: WorkerSpawn, context: JobContext) -> WorkerRecord:
         checked = await trio.to_thread.run_sync(self.preflight, op)
         name, backend, threads = checked.name, checked.backend, checked.threads
+        cache = f", a prompt cache of {checked.cache_ram_mib} MiB in RAM" if checked.cache_ram_mib else ""
         context.narrate(
             "worker_preflight",
             f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s), "
-            f"{checked.slots} slot(s) of {checked.ctx} tokens ({checked.ctx_why}); it needs "
+            f"{checked.slots} slot(s) of {checked.ctx} tokens ({checked.ctx_why}){cache}; it needs "
             f"{checked.required_bytes / 1e6:.0f} MB of the {checked.available_bytes / 1e6:.0f} MB "
             f"{checked.memory} available",
             model=name, device=op.device, backend=backend, threads=threads, slots=checked.slots,
-            ctx=checked.ctx, ctx_why=checked.ctx_why,
+            ctx=checked.ctx, ctx_why=checked.ctx_why, cache_ram_mib=checked.cache_ram_mib,
             required_bytes=checked.required_bytes, available_bytes=checked.available_bytes,
         )
         worker_id = f"worker-{uuid.uuid4().hex[:12]}"
@@ -195,6 +196,7 @@ class Workers:
             "--hive-id", self.settings.hive_id, "--threads", str(threads), "--lifeline-fd", str(read_end),
             "--heartbeat-s", f"{self.settings.worker_heartbeat_s:g}",
             "--slots", str(checked.slots), "--ctx", str(checked.ctx),
+            "--cache-ram", str(checked.cache_ram_mib),
             "--spin-wait", self.spin_wait(op.device, threads),
             # drain a little less than we wait, so a busy worker finishes before our SIGKILL
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",

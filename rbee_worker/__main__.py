@@ -61,6 +61,7 @@ def main(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for generation.")] = 1,
     ctx: Annotated[int, typer.Option(min=64, help="Context length of each sequence, in tokens.")] = 2048,
     slots: Annotated[int | None, typer.Option(min=1, help="Concurrent sequences batched on one copy of the model; more requests get 503 ALL_SLOTS_BUSY. Default: 4 on a GPU or Metal; on a CPU as many as 32,768 tokens of cache hold (4 at --ctx 8192 or less).")] = None,  # noqa: E501
+    cache_ram: Annotated[int, typer.Option(min=0, help="MiB of host RAM for prompt prefixes saved from sequences about to be reused (llama.cpp): a later request sharing one has it copied back instead of computed. 0: none.")] = 0,  # noqa: E501
     spin_wait: Annotated[str, typer.Option(help="full: llama.cpp's threads spin between operations (fastest on cores nobody else uses); short: they spin briefly, then sleep (GOMP_SPINCOUNT=200), so a process that takes one of the cores costs about half the speed instead of nearly all of it (bench/threads.py).")] = "full",  # noqa: E501
     lifeline_fd: Annotated[int | None, typer.Option(help="Exit when this fd reaches EOF (the parent died).")] = None,  # noqa: E501
     heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats (and one at once on a change of state).")] = 5.0,  # noqa: E501
@@ -103,7 +104,7 @@ def main(
         model=model, model_name=model_name, device=device, backend=backend, host=host, port=port,
         worker_id=worker_id,
         hive_id=hive_id, queen_url=queen_url, threads=threads, ctx=ctx,
-        slots=slots or auto_slots(device=device, backend=backend, ctx=ctx),
+        slots=slots or auto_slots(device=device, backend=backend, ctx=ctx), cache_ram_mib=cache_ram,
         lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s, api_token=token,
         synthetic_tokens_per_s=synthetic_tokens_per_s, metrics_public=metrics_public, script=script,
     )

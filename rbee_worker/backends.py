@@ -87,13 +87,15 @@ def choose_backend(model: ResolvedModel, requested: str) -> str:
 
 
 def load_backend(
-    model: ResolvedModel, *, backend: str, device: str, threads: int, ctx: int, slots: int
+    model: ResolvedModel, *, backend: str, device: str, threads: int, ctx: int, slots: int,
+    cache_bytes: int = 0,
 ) -> Backend:
     name = choose_backend(model, backend)
     if name == "llama-cpp":
         if model.format != "gguf":
             raise BackendUnavailable("llama.cpp serves GGUF files; this model is an MLX directory.")
-        return LlamaCppBackend(model, device=device, threads=threads, ctx=ctx, slots=slots)
+        return LlamaCppBackend(model, device=device, threads=threads, ctx=ctx, slots=slots,
+                               cache_bytes=cache_bytes)
     if name == "mlx":
         if model.format != "mlx":
             raise BackendUnavailable(
@@ -171,7 +173,9 @@ class LlamaCppBackend:
     name = "llama-cpp"
     features = frozenset(FEATURES)
 
-    def __init__(self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int) -> None:
+    def __init__(
+        self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int, cache_bytes: int = 0,
+    ) -> None:
         try:
             import llama_cpp as lib
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -240,7 +244,8 @@ class LlamaCppBackend:
         self._embed_context: Any = None
         self._embed_lock = threading.Lock()
         self._engine = Engine(lib, self._context, self._vocab, slots=slots, seq_ctx=ctx, n_batch=N_BATCH,
-                              matcher=StopMatcher)
+                              matcher=StopMatcher, cache_bytes=cache_bytes)
+        self.prompt_cache = self._engine.cache
 
     def close(self) -> None:
         """Stop the engine and free the context and the weights."""

@@ -19,6 +19,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     threads: int = 1
     ctx: int = 2048
     slots: int = 1
+    cache_ram_mib: int = 0
+    """Host RAM for saved prompt prefixes (llama.cpp only; 0: none)."""
     lifeline_fd: int | None = None
     heartbeat_s: float = 5.0
     drain_s: float = 5.0

@@ -13,6 +13,13 @@ cache. A new request takes the free sequence that shares the longest prefix
 with its prompt and decodes only the rest (`tokens_cached`): a follow-up turn
 of a conversation, or a shared system prompt.
 
+A sequence about to be overwritten by a prompt it shares little with is first
+saved, its keys and values copied out (`llama_state_seq_get_data`), into a
+bounded host-RAM cache keyed by its tokens (`PromptCache`, `--cache-ram`). A
+request takes the longest prefix among the free sequences and that cache; a
+RAM hit is copied back into a sequence and only the rest is decoded
+(`tokens_cached` counts it), as `llama-server --cache-ram` does.
+
 The cache is not unified: every sequence has its own `ctx` positions
 (`kv_unified = false`), so one long prompt cannot starve the others and a
 sequence's attention never sees another's cells.
@@ -82,21 +89,90 @@ class _Sequence:
     cached: list[int] = field(default_factory=list)
     """Tokens whose keys and values are in the cache, position 0 onwards."""
     job: Job | None = None
+    used: int = 0
+    """When a job last took it (a count): of sequences sharing nothing, the least recent is reused."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
+    if n > 64:  # long prompts: compare in numpy
+        diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+        return int(diff[0]) if diff.size else n
     for i in range(n):
         if a[i] != b[i]:
             return i
     return n
 
 
+SAVE_MIN_TOKENS = 64
+"""A sequence is saved to the RAM cache before it is overwritten only when at least this many of its
+tokens would be lost: fewer cost less to decode again than to keep."""
+
+
+@dataclass(eq=False)
+class _Saved:
+    tokens: list[int]
+    data: Any
+    """The sequence's state, as `llama_state_seq_get_data` wrote it (a ctypes byte array)."""
+    size: int
+
+
+class PromptCache:
+    """Saved sequences in host RAM, least recently used first out, at most `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: list[_Saved] = []
+        """Least recently used first."""
+        self.bytes = 0
+        self.saved = self.restored = self.evicted = 0
+        self.restored_tokens = 0
+
+    def best(self, tokens: list[int]) -> tuple[_Saved | None, int]:
+        """The entry sharing the longest prefix with `tokens`, and that prefix's length."""
+        best, length = None, 0
+        for entry in self.entries:
+            n = common_prefix(entry.tokens, tokens)
+            if n > length:
+                best, length = entry, n
+        return best, length
+
+    def add(self, tokens: list[int], data: Any, size: int) -> bool:
+        """Keep a state; False when it is larger than the whole cache. An entry whose tokens are a
+        prefix of these is replaced; if an entry already holds these tokens, nothing is added."""
+        if size > self.limit:
+            return False
+        for entry in list(self.entries):
+            shared = common_prefix(entry.tokens, tokens)
+            if shared == len(tokens):  # held already (a longer or equal entry)
+                self.entries.remove(entry)
+                self.entries.append(entry)
+                return True
+            if shared == len(entry.tokens):
+                self._drop(entry)
+        while self.entries and self.bytes + size > self.limit:
+            self._drop(self.entries[0])
+            self.evicted += 1
+        self.entries.append(_Saved(list(tokens), data, size))
+        self.bytes += size
+        self.saved += 1
+        return True
+
+    def take(self, entry: _Saved) -> None:
+        """Remove an entry that goes back into a sequence (saved again when that is overwritten)."""
+        self._drop(entry)
+        self.restored += 1
+
+    def _drop(self, entry: _Saved) -> None:
+        self.entries.remove(entry)
+        self.bytes -= entry.size
+
+
 class Engine:
     """The step loop over a loaded llama.cpp context (owned by the caller)."""
 
     def __init__(self, lib: Any, ctx: Any, vocab: Any, *, slots: int, seq_ctx: int, n_batch: int,
-                 matcher: Callable[[list[str]], Any]) -> None:
+                 matcher: Callable[[list[str]], Any], cache_bytes: int = 0) -> None:
         self._lib = lib
         self._ctx = ctx
         self._vocab = vocab
@@ -107,6 +183,8 @@ class Engine:
         self._matcher = matcher
         self._batch = lib.llama_batch_init(n_batch, 0, 1)
         self._sequences = [_Sequence(i) for i in range(slots)]
+        self.cache = PromptCache(cache_bytes)
+        self._taken = 0
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -173,17 +251,67 @@ class Engine:
             if job.cancelled.is_set():
                 self._finish(job, "cancelled")
                 continue
-            seq = max(free, key=lambda s: common_prefix(s.cached, job.tokens))
-            free.remove(seq)
-            # Decode at least the prompt's last token: its logits pick the first new token.
-            keep = min(common_prefix(seq.cached, job.tokens), len(job.tokens) - 1)
-            self._lib.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
-            del seq.cached[keep:]
-            seq.job, job._seq = job, seq
-            job.tokens_cached = keep
-            job._feed = job.tokens[keep:]
-            job._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            job._matcher = self._matcher(job.stops)
+            try:
+                self._admit_one(job, free)
+            except BaseException as error:  # a bug: this job learns of it too, not only those running
+                self._finish(job, "error", error=error)
+                raise
+
+    def _admit_one(self, job: Job, free: list[_Sequence]) -> None:
+        """Give `job` a sequence: a free one with its prefix, or with the RAM cache's."""
+        seq = max(free, key=lambda s: (common_prefix(s.cached, job.tokens), -s.used))
+        in_slot = common_prefix(seq.cached, job.tokens)
+        if in_slot < min(SAVE_MIN_TOKENS, len(job.tokens) // 2):  # a chat template's few tokens:
+            seq = min(free, key=lambda s: s.used)  # keep the longer prompts, take the oldest
+            in_slot = common_prefix(seq.cached, job.tokens)
+        saved, in_ram = self.cache.best(job.tokens) if self.cache.entries else (None, 0)
+        restored = saved is not None and in_ram > in_slot
+        if saved is not None and restored:  # the prefix is in RAM: back into a sequence
+            seq = min(free, key=lambda s: s.used)
+            self.cache.take(saved)  # out first: saving the sequence it replaces may evict
+            self._save(seq, 0)
+            self._restore(seq, saved)
+        else:
+            self._save(seq, in_slot)
+        free.remove(seq)
+        # Decode at least the prompt's last token: its logits pick the first new token.
+        keep = min(common_prefix(seq.cached, job.tokens), len(job.tokens) - 1)
+        self._lib.llama_memory_seq_rm(self._memory, seq.id, keep, -1)
+        del seq.cached[keep:]
+        if restored:
+            self.cache.restored_tokens += keep
+        self._taken += 1
+        seq.used = self._taken
+        seq.job, job._seq = job, seq
+        job.tokens_cached = keep
+        job._feed = job.tokens[keep:]
+        job._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        job._matcher = self._matcher(job.stops)
+
+    def _save(self, seq: _Sequence, keep: int) -> None:
+        """Copy a sequence's state into the RAM cache before all but `keep` of its tokens go."""
+        if not self.cache.limit or len(seq.cached) - keep < SAVE_MIN_TOKENS:
+            return
+        lib = self._lib
+        size = lib.llama_state_seq_get_size(self._ctx, seq.id)
+        if size <= 0 or size > self.cache.limit:
+            return
+        data = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_seq_get_data(self._ctx, data, size, seq.id)
+        if written > 0:
+            self.cache.add(seq.cached, data, written)
+
+    def _restore(self, seq: _Sequence, saved: _Saved) -> None:
+        """Put a saved state (taken out of the cache) into `seq`, whose own tokens went to the
+        cache or were not worth keeping."""
+        self._lib.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
+        read = self._lib.llama_state_seq_set_data(self._ctx, saved.data, saved.size, seq.id)
+        if read == 0:  # llama.cpp could not place it: the sequence starts empty
+            log.warning("a saved prompt of %d tokens could not be restored", len(saved.tokens))
+            self._lib.llama_memory_seq_rm(self._memory, seq.id, -1, -1)
+            seq.cached = []
+            return
+        seq.cached = list(saved.tokens)
 
     def _step(self) -> None:
         lib, batch = self._lib, self._batch

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from rbee_common.metrics import RATE_BUCKETS, WORKER_STATES, Metrics
@@ -58,5 +59,36 @@ class WorkerMetrics(Metrics):
             for name in WORKER_STATES:
                 ready.add_metric([self.model, name], 1 if name == state else 0)
             return [used, size, ready]
+
+        self.collect_with(collect)
+
+    def watch_cache(self, cache: Callable[[], Any]) -> None:
+        """The llama.cpp engine's host-RAM prompt cache (`rbee_worker.engine.PromptCache`, or None
+        before the model is loaded and for other backends): read at each scrape."""
+
+        def collect() -> Iterable[Metric]:
+            held = cache()
+            if held is None:
+                return []
+            found: list[Metric] = []
+            for name, text, value in (
+                ("prompt_cache_bytes", "Bytes of saved prompt prefixes in host RAM.", held.bytes),
+                ("prompt_cache_limit_bytes", "The most the prompt cache may hold (--cache-ram).", held.limit),
+                ("prompt_cache_entries", "Saved prompt prefixes in host RAM.", len(held.entries)),
+            ):
+                gauge = GaugeMetricFamily(self.name(name), text, labels=["model"])
+                gauge.add_metric([self.model], value)
+                found.append(gauge)
+            for name, text, value in (
+                ("prompt_cache_saves", "Sequences saved to host RAM before being reused.", held.saved),
+                ("prompt_cache_hits", "Requests whose prefix came back from host RAM.", held.restored),
+                ("prompt_cache_hit_tokens", "Prompt tokens restored from host RAM instead of computed.",
+                 held.restored_tokens),
+                ("prompt_cache_evictions", "Saved prefixes dropped to stay within the limit.", held.evicted),
+            ):
+                counter = CounterMetricFamily(self.name(name), text, labels=["model"])
+                counter.add_metric([self.model], value)
+                found.append(counter)
+            return found
 
         self.collect_with(collect)

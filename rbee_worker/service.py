@@ -151,6 +151,7 @@ class WorkerService:
         """Ids of requests that ended, so a repeated DELETE stays a 204."""
         self.metrics = WorkerMetrics(config.served_name)
         self.metrics.watch(lambda: (len(self.active), self.config.slots, self.state))
+        self.metrics.watch_cache(lambda: getattr(self.backend, "prompt_cache", None))
 
     @property
     def state(self) -> WorkerState:

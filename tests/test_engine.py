@@ -150,3 +150,57 @@ def test_four_slots_hold_one_copy_of_the_weights(four: Daemon, tmp_path: Path) -
     # Four copies would add three models' worth (~100 MB each); one copy adds at most three caches.
     three_caches = 3 * 2048 * kv
     assert four_rss <= 1.2 * (one_rss + three_caches), (four_rss, one_rss, three_caches)
+
+
+# --- the host-RAM prompt cache --------------------------------------------------------------------
+
+TENANTS = [f"{name} sells {goods}. " * 50
+           for name, goods in (("Ada", "copper pipes"), ("Bo", "garden tools"), ("Cy", "rain boots"))]
+"""System prompts of about 300 tokens each, distinct from their first word on (the chat template's
+few tokens before it are shared)."""
+
+
+def tenant(k: int, question: str = "What do you sell?") -> dict[str, object]:
+    return {"messages": [{"role": "system", "content": TENANTS[k]}, {"role": "user", "content": question}],
+            "max_tokens": 24, "temperature": 0}
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f"rbee_worker_{name}{{"))
+
+
+def test_a_prompt_restored_from_host_ram_gives_the_tokens_it_gave_in_its_slot(isolated_dirs: Path) -> None:
+    """One slot, three tenants in turn: each tenant's prefix is overwritten by the next, saved to
+    RAM first, and comes back from there: only the last prompt token is computed, and the greedy
+    answer is token for token the one a worker without the RAM cache gives when the prefix is still
+    in the slot. (Not always a cold run's: llama.cpp computes one token alone with other kernels than
+    a batch, and the two can round apart; a slot hit and a RAM hit both decode the last token alone.)"""
+    with daemon([*worker_argv(1), "--cache-ram", "256"]) as worker:
+        cold = [stream(worker.url, tenant(k)) for k in range(3)]
+        assert all(int(c["tokens_cached"]) < 8 for c in cold), cold  # type: ignore[call-overload]
+        again = [stream(worker.url, tenant(k)) for k in range(3)]
+        assert [a["tokens_cached"] for a in again] == [int(c["tokens_in"]) - 1 for c in cold]  # type: ignore[call-overload]
+        assert metric(worker.url, "prompt_cache_hits_total") == 3
+        # another question of a tenant: its system prompt comes back, the question is computed
+        other = stream(worker.url, tenant(0, "Do you deliver?"))
+        assert 250 < int(other["tokens_cached"]) < int(other["tokens_in"]) - 3  # type: ignore[call-overload]
+    with daemon(worker_argv(1)) as plain:  # the same history, each tenant twice in its slot
+        in_slot = [(stream(plain.url, tenant(k)), stream(plain.url, tenant(k)))[1] for k in range(3)]
+    assert [s["text"] for s in in_slot] == [a["text"] for a in again]
+    assert [s["tokens_cached"] for s in in_slot] == [a["tokens_cached"] for a in again]
+    assert cold[0]["text"] == again[0]["text"]  # the first tenant's cold run was in an empty slot
+
+
+def test_the_host_ram_cache_keeps_within_its_bound(isolated_dirs: Path) -> None:
+    """A cache with room for one saved prompt (each is about 8 MB: 330 tokens x 23 KB): saving a
+    second evicts the first, whose tenant is then computed again."""
+    with daemon([*worker_argv(1), "--cache-ram", "12"]) as worker:
+        for k in range(3):  # Ada saved when Bo comes, then Bo when Cy comes: Ada is evicted, Bo kept
+            stream(worker.url, tenant(k))
+        assert metric(worker.url, "prompt_cache_entries") == 1
+        assert 0 < metric(worker.url, "prompt_cache_bytes") <= 12 << 20
+        assert metric(worker.url, "prompt_cache_evictions_total") == 1
+        assert int(stream(worker.url, tenant(1))["tokens_cached"]) > 250  # type: ignore[call-overload]
+        assert int(stream(worker.url, tenant(0))["tokens_cached"]) < 8  # type: ignore[call-overload]

@@ -94,7 +94,9 @@ def test_spawn_list_infer_stop(hive: Daemon) -> None:
     cache = 4 * 8192 * kv_bytes_per_token(gguf_metadata(model))
     assert preflight["fields"]["slots"] == 4 and preflight["fields"]["ctx"] == 8192
     assert "4 slot(s) of 8192 tokens (the model's trained context)" in preflight["human"]
-    assert preflight["fields"]["required_bytes"] == int(Path(model).stat().st_size * 1.2) + cache
+    prompt_cache = preflight["fields"]["cache_ram_mib"] << 20  # a quarter of the RAM left, at most 8 GiB
+    assert 0 < prompt_cache <= 8 << 30 and f"a prompt cache of {prompt_cache >> 20} MiB" in preflight["human"]
+    assert preflight["fields"]["required_bytes"] == int(Path(model).stat().st_size * 1.2) + cache + prompt_cache
     (worker,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
     assert worker["state"] == "ready" and psutil.pid_exists(worker["pid"])
     assert worker["slots_total"] == 4

@@ -40,4 +40,4 @@ Feature: Model Catalog
     And the hive has downloaded "hf:test-org/smol-GGUF"
     Then the catalog's size_bytes of "hf:test-org/smol-GGUF" is its file's size on disk
     When I spawn a worker of "hf:test-org/smol-GGUF" on "CPU-0"
-    Then the preflight required 1.2 times that size in RAM plus the KV cache of its slots
+    Then the preflight required 1.2 times that size in RAM plus the KV cache of its slots and its prompt cache
