@@ -58,6 +58,9 @@ class _Running:
         self.model_path = model_path
         self.exited = trio.Event()
         self.failed_checks = 0
+        self.killed = False
+        """SIGKILL was sent: a second stop only waits for the exit (reaping a process whose
+        gigabyte of cache the kernel frees takes tens of milliseconds)."""
 
 
 def tail(path: Path, lines: int = 10) -> list[str]:
@@ -326,7 +329,8 @@ class Workers:
 
     async def _kill(self, running: _Running, why: str) -> None:
         running.info.state = "draining"
-        if running.process.returncode is None:
+        if running.process.returncode is None and not running.killed:
+            running.killed = True
             info = running.info
             log.warning("killing worker %s (pid %d, SIGKILL): %s", info.worker_id, info.pid, why)
             running.process.send_signal(signal.SIGKILL)
