@@ -62,6 +62,14 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """How long a request waits for a slot before it gets 503."""
     cold_start: bool = True
     """No worker for a model: start one on the best hive."""
+    prefix_routing: bool = True
+    """Send a request to the worker that holds most of its prompt's prefix (its slots and RAM
+    cache, as its heartbeats and this queen's own requests say), unless that worker is busier than
+    the least loaded by more than `prefix_load_margin`."""
+    prefix_min_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    """The share of a prompt's characters a worker must hold for the prefix to decide."""
+    prefix_load_margin: Annotated[int, msgspec.Meta(ge=0)] = 2
+    """Requests a prefix-holding worker may run beyond the least loaded one and still be chosen."""
     infer_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     """Workers tried for one request that fails before its first token."""
     known_hosts: str = "~/.ssh/known_hosts"

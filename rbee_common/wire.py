@@ -708,5 +708,8 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     pid: Annotated[int, msgspec.Meta(ge=1)]
     ctx: Annotated[int, msgspec.Meta(ge=0)] = 0
     """Each sequence's context, in tokens (0: not said, an older worker)."""
+    prefixes: Annotated[list[int], msgspec.Meta(max_length=4096)] = msgspec.field(default_factory=list)
+    """Hashes of the prompt prefixes its sequences and RAM cache hold (`rbee_common.prefixes`),
+    the most recently used first; not in the worker's record."""
 
 

@@ -39,6 +39,7 @@ from rbee_common.errors import (
 )
 from rbee_common.http import correlation_id
 from rbee_common.jobs import JobContext
+from rbee_common.prefixes import prompt_blocks
 from rbee_common.wire import (
     DONE,
     GenerationParams,
@@ -249,6 +250,7 @@ async def _attempts(
     hive_id: str | None, headers: Callable[[WorkerRecord], dict[str, str]], deadline: str | None,
 ) -> AsyncGenerator[InferenceToken, None]:
     request = InferenceRequest(**{f: getattr(params, f) for f in GenerationParams.__struct_fields__})
+    blocks = prompt_blocks(params)
     hop = {"Content-Type": "application/json", **({deadlines.HEADER: deadline} if deadline else {})}
     excluded: set[str] = set()
     failed: tuple[str, str] | None = None
@@ -259,7 +261,8 @@ async def _attempts(
     """That refusal: the answer when no worker with room can be had."""
     for attempt in range(1, attempts + 1):
         try:
-            worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id, min_ctx=min_ctx)
+            worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id, min_ctx=min_ctx,
+                                             blocks=blocks)
         except RbeeError as error:
             if too_long is not None:  # no worker with room could start (cores, memory): say why
                 log.info("no worker with a context of %d could be had (%s)", min_ctx, error.code)

@@ -42,6 +42,9 @@ class QueenMetrics(Metrics):
         self.queue_wait = self.histogram(
             "queue_wait_seconds", "Time a request waited for a free slot (only requests that waited).",
             ["model"])
+        self.routing = self.counter(
+            "routing_decisions", "Requests placed by prefix routing, by reason: cache (the worker holding "
+            "most of the prompt's prefix) or load (the least loaded).", ["reason"])
         self.cold_starts = self.counter(
             "cold_starts", "Workers the queen started for a request, by outcome (completed, failed).",
             ["outcome"])

@@ -33,6 +33,9 @@ class WorkerRegistry:
         """worker_id -> the worker's own API token, once bound (minted at spawn or confirmed)."""
         self._routable: list[WorkerRecord] | None = None
         """Built when the set of routable workers changes, not per request."""
+        self.prefixes: dict[str, set[int]] = {}
+        """worker_id -> the prompt prefix hashes it holds (`rbee_common.prefixes`): what its last
+        heartbeat said, plus what the queen has sent it since."""
         self.on_change: Callable[[], None] = lambda: None
         self.on_drop: Callable[[str, str], None] = lambda worker_id, reason: None
         """A worker left routing, and why: `stale`, `unreachable` or `stopped` (the metrics)."""
@@ -61,6 +64,7 @@ class WorkerRegistry:
         if moved:
             self._confirmed.discard(heartbeat.worker_id)
         self._seen[heartbeat.worker_id] = (now, heartbeat)
+        self.prefixes[heartbeat.worker_id] = set(heartbeat.prefixes)
         if old is None:
             log.info("worker %s (%r on %s) registered: %r", heartbeat.worker_id, heartbeat.model,
                      heartbeat.hive_id, heartbeat.url)
@@ -103,6 +107,7 @@ class WorkerRegistry:
         self._confirmed.discard(worker_id)
         self._tokens.pop(worker_id, None)
         self._alive.pop(worker_id, None)
+        self.prefixes.pop(worker_id, None)
         if self._seen.pop(worker_id, None) is not None:
             log.warning("worker %s out of routing: %s", worker_id, why)
             self.on_drop(worker_id, reason)
@@ -125,7 +130,8 @@ class WorkerRegistry:
         self.expire()
         now = time.monotonic()
         return [
-            WorkerRecord(**msgspec.structs.asdict(beat), confirmed=worker_id in self._confirmed,
+            WorkerRecord(**{k: v for k, v in msgspec.structs.asdict(beat).items() if k != "prefixes"},
+                         confirmed=worker_id in self._confirmed,
                        last_seen_s=round(now - self._last(worker_id, seen), 2))
             for worker_id, (seen, beat) in sorted(self._seen.items())
         ]

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
+import msgspec
 import trio
 
 from rbee_common.auth import new_token
+from rbee_common.config import QueenSettings
 from rbee_common.errors import NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
 from rbee_common.jobs import JobContext
+from rbee_common.prefixes import Block, held_share
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
 from rbee_queen.hives import HiveRouter
 from rbee_queen.metrics import QueenMetrics
@@ -33,24 +36,56 @@ def serves(worker: WorkerRecord, model: str, aliases: Mapping[str, str]) -> bool
     return worker.model == model or worker.model == aliases.get(model)
 
 
+class Prefer(msgspec.Struct, frozen=True, kw_only=True):
+    """Prefix routing for one request: its prompt's blocks, what each worker holds, and the rule
+    (SGLang's cache-aware router: the cache decides above a share unless load is out of balance)."""
+
+    blocks: list[Block]
+    held: Mapping[str, Collection[int]]
+    min_share: float = 0.5
+    margin: int = 2
+
+
 def pick_worker(
     workers: Sequence[WorkerRecord], model: str, *, load: Mapping[str, int],
     aliases: Mapping[str, str] | None = None, exclude: frozenset[str] = frozenset(),
+    prefer: Prefer | None = None,
 ) -> WorkerRecord | None:
-    """The least loaded worker of `model` with a free slot, or None."""
+    """The worker of `model` with a free slot that holds most of the prompt's prefix (`prefer`)
+    while it runs at most `margin` requests more than the least loaded; else the least loaded."""
+    return pick_worker_why(workers, model, load=load, aliases=aliases, exclude=exclude, prefer=prefer)[0]
+
+
+def pick_worker_why(
+    workers: Sequence[WorkerRecord], model: str, *, load: Mapping[str, int],
+    aliases: Mapping[str, str] | None = None, exclude: frozenset[str] = frozenset(),
+    prefer: Prefer | None = None,
+) -> tuple[WorkerRecord | None, str]:
+    """`pick_worker`, and why: `cache` (it holds the prefix) or `load` (the least loaded)."""
     free = [
         w for w in workers
         if serves(w, model, aliases or {}) and w.state in ROUTABLE and w.worker_id not in exclude
         and load.get(w.worker_id, 0) < w.slots_total
     ]
     if not free:
-        return None
+        return None, "none"
 
-    def busy(worker: WorkerRecord) -> tuple[float, int, str]:
+    held = prefer.held if prefer is not None else {}
+
+    def busy(worker: WorkerRecord) -> tuple[float, int, int, str]:
+        """Its share of slots in use; among equals, the one holding the fewest prefixes (as SGLang
+        sends a request no cache matches to the smallest tree), which spreads new conversations."""
         used = load.get(worker.worker_id, 0)
-        return used / worker.slots_total, used, worker.worker_id
+        return used / worker.slots_total, used, len(held.get(worker.worker_id, ())), worker.worker_id
 
-    return min(free, key=busy)
+    least = min(free, key=busy)
+    if prefer is not None and prefer.blocks and len(free) > 1:
+        shares = {w.worker_id: held_share(prefer.blocks, prefer.held.get(w.worker_id, ())) for w in free}
+        best = max(free, key=lambda w: (shares[w.worker_id], [-x for x in busy(w)[:2]]))
+        if (shares[best.worker_id] >= prefer.min_share
+                and load.get(best.worker_id, 0) - load.get(least.worker_id, 0) <= prefer.margin):
+            return best, "cache"
+    return least, "load"
 
 
 
@@ -64,6 +99,9 @@ class Scheduler:
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cold_start_enabled = cold_start
+        self.prefix_routing = True
+        self.prefix_min_share = 0.5
+        self.prefix_load_margin = 2
         self.mint_tokens = False
         """Give each worker we start a token of its own (when the queen runs with a token)."""
         self.on_cold_start: Callable[[str, str, WorkerRecord | None, str | None, str | None], None] = (
@@ -81,6 +119,12 @@ class Scheduler:
         one, and a new request queues behind them."""
         registry.on_change = self.notify
 
+    def use_settings(self, settings: QueenSettings) -> None:
+        """The prefix routing's settings (at start and on SIGHUP)."""
+        self.prefix_routing = settings.prefix_routing
+        self.prefix_min_share = settings.prefix_min_share
+        self.prefix_load_margin = settings.prefix_load_margin
+
     def notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
@@ -96,7 +140,7 @@ class Scheduler:
 
     async def acquire(
         self, model: str, context: JobContext | None, exclude: frozenset[str], hive_id: str | None = None,
-        *, min_ctx: int = 0,
+        *, min_ctx: int = 0, blocks: list[Block] | None = None,
     ) -> WorkerRecord:
         """A worker slot for one request (on `hive_id` if given, with sequences of at least `min_ctx`
         tokens if given: a cold start makes one); call `release` when it ends."""
@@ -111,10 +155,18 @@ class Scheduler:
                 if hive_id is not None:  # workers of other hives do not count
                     exclude = given | {w.worker_id for w in self.registry.routable() if w.hive_id != hive_id}
                 first = not line or line[0] is ticket  # first come, first served
-                worker = pick_worker(self.routable(min_ctx), model, load=self.load, aliases=self.aliases,
-                                     exclude=exclude) if first else None
+                prefer = Prefer(blocks=blocks, held=self.registry.prefixes, min_share=self.prefix_min_share,
+                                margin=self.prefix_load_margin) if blocks and self.prefix_routing else None
+                worker, why = pick_worker_why(self.routable(min_ctx), model, load=self.load,
+                                              aliases=self.aliases, exclude=exclude,
+                                              prefer=prefer) if first else (None, "none")
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
+                    if blocks:  # it will hold this prompt: the next turn can find it before a heartbeat
+                        held = self.registry.prefixes.setdefault(worker.worker_id, set())
+                        held.update(block.hash for block in blocks)
+                    if self.metrics is not None and prefer is not None:
+                        self.metrics.routing.labels(why).inc()
                     return worker
                 if not self.candidates(model, exclude, min_ctx):
                     await self.cold_start(model, context, hive_id, ctx=min_ctx or None)

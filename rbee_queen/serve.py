@@ -47,6 +47,7 @@ def apply_config(
     scheduler = service.scheduler
     scheduler.queue_size, scheduler.queue_timeout_s = settings.queue_size, settings.queue_timeout_s
     scheduler.cold_start_enabled = settings.cold_start
+    scheduler.use_settings(settings)
     service.workers.stale_after_s = settings.worker_stale_s
     service.audit.max_bytes = settings.audit_max_bytes
     service.audit.max_total_bytes = settings.audit_max_total_bytes

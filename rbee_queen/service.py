@@ -115,6 +115,7 @@ class QueenService:
             queue_timeout_s=settings.queue_timeout_s, cold_start=settings.cold_start,
         )
         self.scheduler.mint_tokens = self.token is not None
+        self.scheduler.use_settings(settings)
         self.scheduler.on_cold_start = self.audit_cold_start
         self.scheduler.metrics = self.metrics
         self.metrics.watch(self.workers, lambda: self.scheduler.waiting)

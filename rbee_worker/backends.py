@@ -29,6 +29,7 @@ from rbee_common.errors import (
     RbeeError,
     ValidationFailed,
 )
+from rbee_common.prefixes import MAX_HELD, prompt_blocks
 from rbee_common.wire import MAX_EMBED_TOKENS, EmbedRequest, InferenceRequest, StopReason, TokenLogprob
 from rbee_worker import tools
 from rbee_worker.engine import Engine, Job
@@ -247,6 +248,10 @@ class LlamaCppBackend:
                               matcher=StopMatcher, cache_bytes=cache_bytes)
         self.prompt_cache = self._engine.cache
 
+    def held_prefixes(self) -> list[int]:
+        """What its sequences and RAM cache hold, for the heartbeat."""
+        return self._engine.held_prefixes(MAX_HELD)
+
     def close(self) -> None:
         """Stop the engine and free the context and the weights."""
         self._engine.close()
@@ -378,6 +383,7 @@ class LlamaCppBackend:
             tokens=tokens, max_tokens=max_tokens,
             sampler=self._sampler(request), on_piece=on_token, cancelled=cancelled,
             stops=[*template_stops, *request.stop], logprobs=request.logprobs,
+            tag=[block.hash for block in prompt_blocks(request)],
         )
         self._engine.submit(job)
         job.finished.wait()

@@ -65,6 +65,8 @@ class Job:
     stops: list[str] = field(default_factory=list)
     logprobs: int | None = None
     """Report log-probabilities with this many alternatives (None: none)."""
+    tag: list[int] = field(default_factory=list)
+    """The prompt's prefix hashes (`rbee_common.prefixes`): what its sequence will hold."""
     # --- set by the engine ---
     produced: int = 0
     stop_sequence: str | None = None
@@ -91,6 +93,8 @@ class _Sequence:
     job: Job | None = None
     used: int = 0
     """When a job last took it (a count): of sequences sharing nothing, the least recent is reused."""
+    tag: list[int] = field(default_factory=list)
+    """The prefix hashes of the prompt it holds."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -115,6 +119,7 @@ class _Saved:
     data: Any
     """The sequence's state, as `llama_state_seq_get_data` wrote it (a ctypes byte array)."""
     size: int
+    tag: list[int] = field(default_factory=list)
 
 
 class PromptCache:
@@ -137,7 +142,7 @@ class PromptCache:
                 best, length = entry, n
         return best, length
 
-    def add(self, tokens: list[int], data: Any, size: int) -> bool:
+    def add(self, tokens: list[int], data: Any, size: int, tag: list[int] | None = None) -> bool:
         """Keep a state; False when it is larger than the whole cache. An entry whose tokens are a
         prefix of these is replaced; if an entry already holds these tokens, nothing is added."""
         if size > self.limit:
@@ -153,7 +158,7 @@ class PromptCache:
         while self.entries and self.bytes + size > self.limit:
             self._drop(self.entries[0])
             self.evicted += 1
-        self.entries.append(_Saved(list(tokens), data, size))
+        self.entries.append(_Saved(list(tokens), data, size, list(tag or [])))
         self.bytes += size
         self.saved += 1
         return True
@@ -209,6 +214,19 @@ class Engine:
             self._wake.notify()
         self._thread.join()
         self._lib.llama_batch_free(self._batch)
+
+    def held_prefixes(self, limit: int) -> list[int]:
+        """The prefix hashes the sequences and the RAM cache hold, most recently used first (read
+        from another thread: a snapshot, good to a step)."""
+        tags = [s.tag for s in sorted(self._sequences, key=lambda s: -s.used)]
+        tags += [entry.tag for entry in reversed(list(self.cache.entries))]
+        seen: dict[int, None] = {}
+        for tag in tags:
+            for value in reversed(tag):  # a prompt's longest prefix first
+                seen.setdefault(value, None)
+                if len(seen) >= limit:
+                    return list(seen)
+        return list(seen)
 
     # --- the engine thread ---
 
@@ -282,6 +300,7 @@ class Engine:
             self.cache.restored_tokens += keep
         self._taken += 1
         seq.used = self._taken
+        seq.tag = job.tag
         seq.job, job._seq = job, seq
         job.tokens_cached = keep
         job._feed = job.tokens[keep:]
@@ -299,7 +318,7 @@ class Engine:
         data = (ctypes.c_uint8 * size)()
         written = lib.llama_state_seq_get_data(self._ctx, data, size, seq.id)
         if written > 0:
-            self.cache.add(seq.cached, data, written)
+            self.cache.add(seq.cached, data, written, seq.tag)
 
     def _restore(self, seq: _Sequence, saved: _Saved) -> None:
         """Put a saved state (taken out of the cache) into `seq`, whose own tokens went to the

@@ -172,6 +172,8 @@ class WorkerService:
             worker_id=c.worker_id, hive_id=c.hive_id, url=self.url, model=c.served_name,
             backend=self.backend.name if self.backend else c.backend, device=c.device,
             state=self.state, slots_total=c.slots, slots_busy=len(self.active), pid=os.getpid(), ctx=c.ctx,
+            prefixes=self.backend.held_prefixes() if self.backend is not None and hasattr(
+                self.backend, "held_prefixes") else [],
         )
 
     def begin(self, request: InferenceRequest) -> ActiveRequest:

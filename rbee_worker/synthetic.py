@@ -13,7 +13,7 @@ occurs in the prompt: `[{"when": "rbee-ok", "reply": "It printed rbee-ok."},
 Its cache is modelled on the llama.cpp engine's: a word is a token, each of
 its `slots` sequences keeps the words of its last prompt and answer, and a
 request takes the free sequence that shares the longest prefix with its
-prompt (the least recently used when none shares any); `tokens_cached` says
+prompt (the least recently used when none shares much); `tokens_cached` says
 how many words that was. So what a client sees
 of prompt caching (`cached_tokens`, `cache_read_input_tokens`) can be tested
 with prompts far longer than the built-in model's context.
@@ -31,8 +31,10 @@ import msgspec
 import trio
 
 from rbee_common.errors import ContextLengthExceeded
+from rbee_common.prefixes import MAX_HELD, prompt_blocks
 from rbee_common.wire import InferenceRequest, StopReason
 from rbee_worker.backends import Generated
+from rbee_worker.engine import SAVE_MIN_TOKENS
 
 DEFAULT_TOKENS = 16
 """Tokens per answer when the request gives no max_tokens."""
@@ -69,6 +71,8 @@ class SyntheticBackend:
         self._sequences: list[list[str]] = [[] for _ in range(min(max(slots, 1), MODELLED_SEQUENCES))]
         """Each sequence's cached words (the modelled KV cache)."""
         self._busy: set[int] = set()
+        self._tags: list[list[int]] = [[] for _ in self._sequences]
+        """Each sequence's prompt prefix hashes (`rbee_common.prefixes`), for the heartbeat."""
         self._last_used = [0] * len(self._sequences)
         """When each sequence was last taken (a count): of those sharing nothing, the least recent
         is overwritten."""
@@ -84,6 +88,14 @@ class SyntheticBackend:
         text = _prompt_text(request)
         rule = next((r for r in self.script if r.when is None or r.when in text), None)
         return re.findall(r"\S*\s*", rule.reply)[:-1] or [""] if rule is not None else [""]
+
+    def held_prefixes(self) -> list[int]:
+        """What its modelled sequences hold, the most recently used first."""
+        seen: dict[int, None] = {}
+        for i in sorted(range(len(self._tags)), key=lambda i: -self._last_used[i]):
+            for value in reversed(self._tags[i]):
+                seen.setdefault(value, None)
+        return list(seen)[:MAX_HELD]
 
     def count_tokens(self, request: InferenceRequest) -> int:
         """A word a token: the synthetic backend's modelled tokenizer."""
@@ -106,6 +118,8 @@ class SyntheticBackend:
             return n
 
         best = max(free, key=lambda i: (shared(i), -self._last_used[i]))
+        if shared(best) < min(SAVE_MIN_TOKENS, len(words) // 2):  # a few words: keep longer prompts
+            best = min(free, key=lambda i: self._last_used[i])
         self._busy.add(best)
         self._taken += 1
         self._last_used[best] = self._taken
@@ -147,5 +161,6 @@ class SyntheticBackend:
         finally:
             if sequence >= 0:
                 self._sequences[sequence] = words + "".join(pieces).split()
+                self._tags[sequence] = [block.hash for block in prompt_blocks(request)]
                 self._busy.discard(sequence)
         return Generated(tokens_in, produced, reason, tokens_cached=cached)

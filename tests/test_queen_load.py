@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,10 +21,10 @@ from tests.helpers import BIN, Daemon, daemon, gone, job_result, run_job, wait_f
 
 
 @contextlib.contextmanager
-def synthetic_queen(folder: Path, *, rate: float = 20.0, slots: int = 50) -> Iterator[Daemon]:
+def synthetic_queen(folder: Path, *, rate: float = 20.0, slots: int = 50, queen: str = "") -> Iterator[Daemon]:
     config = folder / "rbee.toml"
     config.write_text(f"[hive]\nsynthetic_backend = true\nsynthetic_slots = {slots}\n"
-                      f"synthetic_tokens_per_s = {rate}\n")
+                      f"synthetic_tokens_per_s = {rate}\n[queen]\n{queen}\n")
     env = {f"XDG_{part}_HOME": str(folder / part.lower()) for part in ("STATE", "DATA", "CONFIG", "CACHE")}
     with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)],
                 env=env) as queen:
@@ -145,3 +146,52 @@ def test_requests_waiting_for_a_slot_are_served_first_come_first_served(tmp_path
         for thread in threads:
             thread.join(timeout=60)
         assert order == list(range(12)), str(order)
+
+
+def test_each_conversation_goes_back_to_the_worker_holding_it_and_spills_when_it_is_busy(
+    tmp_path: Path,
+) -> None:
+    """Two synthetic workers of three slots (whose modelled cache reports what it reuses, a word a
+    token): four conversations of three turns, one after another, more than one worker holds. Each
+    later turn goes to the worker that holds its conversation and finds all of the turn before in
+    its cache. Then that worker is given two long answers of one conversation: with a load margin of
+    one, the next turn of it goes to the other, idle worker instead."""
+    with synthetic_queen(tmp_path, rate=200.0, slots=3, queen="prefix_load_margin = 1") as queen:
+        events, terminator = run_job(queen.url, {"operation": "worker_spawn", "model": "synthetic",
+                                                 "backend": "synthetic"})
+        assert terminator == "[DONE]", events[-3:]
+        client = httpx.Client(base_url=queen.url, timeout=60)
+
+        def turn(history: list[dict[str, str]], max_tokens: int = 4) -> dict[str, Any]:
+            answer = client.post("/v1/chat/completions", json={
+                "model": "synthetic", "messages": history, "max_tokens": max_tokens})
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            history.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+            return body
+
+        chats = [[{"role": "system", "content": f"You serve tenant {k}. " + f"Tenant {k} rules. " * 60}]
+                 for k in range(4)]
+        for number in range(3):
+            for k, chat in enumerate(chats):
+                chat.append({"role": "user", "content": f"Question {number} of tenant {k}?"})
+                before = sum(len(m["content"].split()) for m in chat[:-1])
+                usage = turn(chat)["usage"]
+                if number:  # all of the turn before (and its answer) came from the cache
+                    assert usage["prompt_tokens_details"]["cached_tokens"] >= before - 1, (number, k, usage)
+        decided = httpx.get(f"{queen.url}/metrics").text
+        assert 'rbee_queen_routing_decisions_total{reason="cache"} 8.0' in decided, [
+            line for line in decided.splitlines() if line.startswith("rbee_queen_routing")]
+
+        chat = chats[0]
+        chat.append({"role": "user", "content": "A long one, please."})
+        long_ones = [threading.Thread(target=turn, args=([*chat], 1500)) for _ in range(2)]
+        for thread in long_ones:  # 7.5 s each: the holder runs two, more than one beyond the other
+            thread.start()
+            threading.Event().wait(0.3)
+        spilled = turn([*chat[:-1], {"role": "user", "content": "And a short one?"}])
+        assert spilled["usage"]["prompt_tokens_details"]["cached_tokens"] < 10  # not the holder
+        decided = httpx.get(f"{queen.url}/metrics").text
+        assert 'rbee_queen_routing_decisions_total{reason="load"}' in decided
+        for thread in long_ones:
+            thread.join(timeout=30)

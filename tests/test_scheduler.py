@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rbee_common.wire import WorkerRecord
-from rbee_queen.scheduler import pick_worker
+from rbee_common.prefixes import Block, held_share, prompt_blocks
+from rbee_common.wire import ChatMessage, GenerationParams, WorkerRecord
+from rbee_queen.scheduler import Prefer, pick_worker, pick_worker_why
 
 
 def worker(worker_id: str, *, model: str = "smollm2-135m", slots: int = 1, state: str = "ready") -> WorkerRecord:
@@ -61,3 +62,38 @@ def test_a_prompt_refused_for_length_asks_for_a_worker_with_room(
     details = {"prompt_tokens": prompt, "context_tokens": ctx, "model_context_tokens": trained}
     assert room_for(details) == room
     assert room_for({"prompt_tokens": prompt, "context_tokens": ctx}) is None  # an older worker
+
+
+# --- prefix routing ---------------------------------------------------------------------------------
+
+def _conversation(turns: int) -> list[Block]:
+    messages = [ChatMessage("system", "You are the assistant of a hardware shop. " * 20)]
+    for k in range(turns):
+        messages += [ChatMessage("user", f"Question {k}?"), ChatMessage("assistant", f"Answer {k}.")]
+    return prompt_blocks(GenerationParams(messages=[*messages, ChatMessage("user", "And now?")]))
+
+
+def test_a_conversation_goes_where_its_prefix_is_while_load_is_balanced() -> None:
+    workers = [worker("a", slots=4), worker("b", slots=4)]
+    earlier, now = _conversation(2), _conversation(3)
+    held = {"b": {block.hash for block in earlier}}  # b served the turn before
+    prefer = Prefer(blocks=now, held=held)
+    assert held_share(now, held["b"]) > 0.9
+    assert pick_worker_why(workers, "smollm2-135m", load={"b": 2}, prefer=prefer)[0].worker_id == "b"  # type: ignore[union-attr]
+    # b runs 3 more requests than a: beyond the margin (2), the least loaded takes it
+    spilled = pick_worker_why(workers, "smollm2-135m", load={"b": 3}, prefer=prefer)
+    assert spilled[0] is not None and spilled == (workers[0], "load")
+    # a held prefix that is a small share of the prompt (a short system prompt) does not decide
+    other = prompt_blocks(GenerationParams(messages=[ChatMessage("system", "Be brief."),
+                                                     ChatMessage("user", "Summarize: " + "words " * 300)]))
+    assert pick_worker_why(workers, "smollm2-135m", load={"b": 1}, prefer=Prefer(blocks=other, held={
+        "b": {other[0].hash}}))[1] == "load"
+
+
+def test_the_chain_names_a_whole_prefix_and_only_it() -> None:
+    earlier, now = _conversation(2), _conversation(3)
+    assert [b.hash for b in now[:len(earlier) - 1]] == [b.hash for b in earlier[:-1]]  # the shared turns
+    assert now[len(earlier) - 1].hash != earlier[-1].hash  # "And now?" became an answered question
+    changed = prompt_blocks(GenerationParams(messages=[ChatMessage("system", "Another shop."),
+                                                       *[ChatMessage("user", "Question 0?")]]))
+    assert held_share(changed, {b.hash for b in earlier}) == 0  # same later messages, other start
