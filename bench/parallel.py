@@ -147,9 +147,12 @@ def llama_server(
 
 
 @contextmanager
-def rbee_worker(*, threads: int, ctx: int, slots: int) -> Iterator[tuple[str, int]]:
+def rbee_worker(
+    *, threads: int, ctx: int, slots: int, extra: list[str] | None = None,
+) -> Iterator[tuple[str, int]]:
     argv = [str(BIN / "llm-worker-rbee"), "--model", "smollm2-135m", "--device", "CPU-0",
-            "--threads", str(threads), "--ctx", str(ctx), "--slots", str(slots), "--port", "0"]
+            "--threads", str(threads), "--ctx", str(ctx), "--slots", str(slots), "--port", "0",
+            *(extra or [])]
     with daemon(argv, timeout=120) as worker:
         yield worker.url, worker.process.pid
 

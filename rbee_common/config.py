@@ -174,6 +174,9 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     starts a synthetic worker: filler tokens at a fixed rate, no model, any model name."""
     synthetic_slots: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
     synthetic_tokens_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 20.0
+    synthetic_prefill_tokens_per_s: Annotated[float, msgspec.Meta(ge=0, le=10_000_000)] = 0.0
+    """The synthetic workers' modelled prefill: each prompt token not in their modelled cache
+    costs 1/this seconds before the first token (0: free). For routing benchmarks."""
     synthetic_script: str | None = None
     """Tests only: the synthetic workers answer from this JSON file of rules (a test double for
     the model's text, `rbee_worker/synthetic.py`)."""

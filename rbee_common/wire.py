@@ -417,6 +417,9 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     """Report each token's log-probability and this many likeliest alternatives (None: none)."""
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
     """Added to a token's logit before sampling (-100 bans it)."""
+    session: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    """The client's conversation key (`prompt_cache_key`, `user`, Claude Code's session id): prefix
+    routing sends a session back to its worker when prefixes do not decide. Never shown to the model."""
 
 
 class Infer(Op[InferResult], GenerationParams, tag="infer", frozen=True, kw_only=True):

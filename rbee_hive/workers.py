@@ -207,7 +207,8 @@ class Workers:
             *(["--metrics-public"] if self.settings.metrics_public else []),
         ]
         if backend == "synthetic":
-            argv += ["--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}"]
+            argv += ["--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}",
+                     "--synthetic-prefill-tokens-per-s", f"{self.settings.synthetic_prefill_tokens_per_s:g}"]
             argv += ["--script", self.settings.synthetic_script] if self.settings.synthetic_script else []
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

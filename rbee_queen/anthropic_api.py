@@ -20,6 +20,7 @@ prefix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -245,7 +246,21 @@ def _params(request: MessagesRequest) -> GenerationParams:
     for field in ("temperature", "top_p", "top_k"):
         if (value := getattr(request, field)) is not None:
             fields[field] = value
+    fields["session"] = _session(request.metadata)
     return GenerationParams(**fields)
+
+
+def _session(metadata: dict[str, Any] | None) -> str | None:
+    """The conversation a request belongs to: `metadata.user_id`, whose JSON Claude Code fills with
+    its `session_id` (a user's sessions differ), else the id as it is."""
+    user = (metadata or {}).get("user_id")
+    if not isinstance(user, str) or not user:
+        return None
+    with contextlib.suppress(ValueError):
+        said = json.loads(user)
+        if isinstance(said, dict) and isinstance(said.get("session_id"), str):
+            return str(said["session_id"])[:256]
+    return user[:256]
 
 
 def _stop(usage: Usage, calls: list[ToolCall], stops: list[str]) -> tuple[str, str | None]:

@@ -262,7 +262,7 @@ async def _attempts(
     for attempt in range(1, attempts + 1):
         try:
             worker = await scheduler.acquire(model, context, frozenset(excluded), hive_id, min_ctx=min_ctx,
-                                             blocks=blocks)
+                                             blocks=blocks, session=params.session)
         except RbeeError as error:
             if too_long is not None:  # no worker with room could start (cores, memory): say why
                 log.info("no worker with a context of %d could be had (%s)", min_ctx, error.code)

@@ -206,6 +206,8 @@ def _params(
             fields[name] = value
     if request.user:
         log.info("request for user=%s", request.user[:64])
+    session = getattr(request, "prompt_cache_key", None) or request.user
+    fields["session"] = session[:256] if session else None
     return GenerationParams(**fields)
 
 

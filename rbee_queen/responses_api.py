@@ -254,6 +254,7 @@ def _params(request: ResponsesRequest, messages: list[ChatMessage]) -> Generatio
         "tools": tools, "tool_choice": mode if name is None else "auto", "tool_name": name,
         "parallel_tool_calls": request.parallel_tool_calls is not False,
         "response_format": response_format,
+        "session": (request.prompt_cache_key or request.user or "")[:256] or None,
     }
     for field in ("temperature", "top_p"):
         if (value := getattr(request, field)) is not None:

@@ -30,6 +30,8 @@ from rbee_queen.registry import WorkerRegistry
 
 log = logging.getLogger("rbee.queen.scheduler")
 ROUTABLE = ("ready", "busy")
+MAX_SESSIONS = 10_000
+"""Sessions whose worker the queen remembers; the oldest are forgotten first."""
 
 
 def serves(worker: WorkerRecord, model: str, aliases: Mapping[str, str]) -> bool:
@@ -44,6 +46,9 @@ class Prefer(msgspec.Struct, frozen=True, kw_only=True):
     held: Mapping[str, Collection[int]]
     min_share: float = 0.5
     margin: int = 2
+    session_worker: str | None = None
+    """Where the request's session (a client's conversation key) went last: it wins ties, and takes
+    the request when no prefix decides."""
 
 
 def pick_worker(
@@ -61,7 +66,8 @@ def pick_worker_why(
     aliases: Mapping[str, str] | None = None, exclude: frozenset[str] = frozenset(),
     prefer: Prefer | None = None,
 ) -> tuple[WorkerRecord | None, str]:
-    """`pick_worker`, and why: `cache` (it holds the prefix) or `load` (the least loaded)."""
+    """`pick_worker`, and why: `cache` (it holds the prefix), `session` (its session's worker) or
+    `load` (the least loaded)."""
     free = [
         w for w in workers
         if serves(w, model, aliases or {}) and w.state in ROUTABLE and w.worker_id not in exclude
@@ -79,12 +85,20 @@ def pick_worker_why(
         return used / worker.slots_total, used, len(held.get(worker.worker_id, ())), worker.worker_id
 
     least = min(free, key=busy)
-    if prefer is not None and prefer.blocks and len(free) > 1:
-        shares = {w.worker_id: held_share(prefer.blocks, prefer.held.get(w.worker_id, ())) for w in free}
-        best = max(free, key=lambda w: (shares[w.worker_id], [-x for x in busy(w)[:2]]))
-        if (shares[best.worker_id] >= prefer.min_share
-                and load.get(best.worker_id, 0) - load.get(least.worker_id, 0) <= prefer.margin):
-            return best, "cache"
+    if prefer is None or len(free) < 2:
+        return least, "load"
+
+    def balanced(worker: WorkerRecord) -> bool:
+        return load.get(worker.worker_id, 0) - load.get(least.worker_id, 0) <= prefer.margin
+
+    shares = {w.worker_id: held_share(prefer.blocks, prefer.held.get(w.worker_id, ())) for w in free}
+    best = max(free, key=lambda w: (shares[w.worker_id], w.worker_id == prefer.session_worker,
+                                    [-x for x in busy(w)[:2]]))
+    if shares[best.worker_id] >= prefer.min_share and balanced(best):
+        return best, "cache"
+    session = next((w for w in free if w.worker_id == prefer.session_worker), None)
+    if session is not None and balanced(session) and shares[session.worker_id] >= shares[best.worker_id]:
+        return session, "session"
     return least, "load"
 
 
@@ -102,6 +116,8 @@ class Scheduler:
         self.prefix_routing = True
         self.prefix_min_share = 0.5
         self.prefix_load_margin = 2
+        self.sessions: dict[str, str] = {}
+        """A client's session key -> the worker its last request went to (least recent first)."""
         self.mint_tokens = False
         """Give each worker we start a token of its own (when the queen runs with a token)."""
         self.on_cold_start: Callable[[str, str, WorkerRecord | None, str | None, str | None], None] = (
@@ -140,7 +156,7 @@ class Scheduler:
 
     async def acquire(
         self, model: str, context: JobContext | None, exclude: frozenset[str], hive_id: str | None = None,
-        *, min_ctx: int = 0, blocks: list[Block] | None = None,
+        *, min_ctx: int = 0, blocks: list[Block] | None = None, session: str | None = None,
     ) -> WorkerRecord:
         """A worker slot for one request (on `hive_id` if given, with sequences of at least `min_ctx`
         tokens if given: a cold start makes one); call `release` when it ends."""
@@ -155,13 +171,20 @@ class Scheduler:
                 if hive_id is not None:  # workers of other hives do not count
                     exclude = given | {w.worker_id for w in self.registry.routable() if w.hive_id != hive_id}
                 first = not line or line[0] is ticket  # first come, first served
-                prefer = Prefer(blocks=blocks, held=self.registry.prefixes, min_share=self.prefix_min_share,
-                                margin=self.prefix_load_margin) if blocks and self.prefix_routing else None
+                prefer = Prefer(
+                    blocks=blocks, held=self.registry.prefixes, min_share=self.prefix_min_share,
+                    margin=self.prefix_load_margin, session_worker=self.sessions.get(session or ""),
+                ) if blocks and self.prefix_routing else None
                 worker, why = pick_worker_why(self.routable(min_ctx), model, load=self.load,
                                               aliases=self.aliases, exclude=exclude,
                                               prefer=prefer) if first else (None, "none")
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
+                    if session:
+                        self.sessions.pop(session, None)
+                        self.sessions[session] = worker.worker_id
+                        while len(self.sessions) > MAX_SESSIONS:
+                            del self.sessions[next(iter(self.sessions))]
                     if blocks:  # it will hold this prompt: the next turn can find it before a heartbeat
                         held = self.registry.prefixes.setdefault(worker.worker_id, set())
                         held.update(block.hash for block in blocks)

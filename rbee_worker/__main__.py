@@ -67,6 +67,7 @@ def main(
     heartbeat_s: Annotated[float, typer.Option(min=0.1, help="Seconds between heartbeats (and one at once on a change of state).")] = 5.0,  # noqa: E501
     drain_s: Annotated[float, typer.Option(min=0, help="On shutdown, let requests finish this long.")] = 5.0,
     synthetic_tokens_per_s: Annotated[float, typer.Option(min=0.01, help="--backend synthetic only: tokens per second per request.")] = 20.0,  # noqa: E501
+    synthetic_prefill_tokens_per_s: Annotated[float, typer.Option(min=0, help="--backend synthetic only: prompt tokens not in its modelled cache cost 1/this seconds each before the first token (0: free).")] = 0.0,  # noqa: E501
     script: Annotated[str | None, typer.Option(help="--backend synthetic only (tests): a JSON file of scripted replies, each the `reply` of the first rule whose `when` is in the prompt.")] = None,  # noqa: E501
     metrics_public: Annotated[bool, typer.Option(help="Serve /metrics without the token (a scraper on a trusted network).")] = False,  # noqa: E501
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
@@ -107,6 +108,7 @@ def main(
         slots=slots or auto_slots(device=device, backend=backend, ctx=ctx), cache_ram_mib=cache_ram,
         lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s, api_token=token,
         synthetic_tokens_per_s=synthetic_tokens_per_s, metrics_public=metrics_public, script=script,
+        synthetic_prefill_tokens_per_s=synthetic_prefill_tokens_per_s,
     )
     code = run_daemon(
         functools.partial(serve, config),

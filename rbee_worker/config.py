@@ -26,6 +26,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     drain_s: float = 5.0
     max_body_bytes: int = 1 << 20
     synthetic_tokens_per_s: float = 20.0
+    synthetic_prefill_tokens_per_s: float = 0.0
+    """--backend synthetic only: prompt tokens not in its modelled cache cost 1/this s each (0: free)."""
     """--backend synthetic only (benchmarks and tests): its fixed token rate."""
     script: str | None = None
     """--backend synthetic only (tests): a JSON file of scripted replies (`rbee_worker/synthetic.py`)."""

@@ -111,7 +111,8 @@ async def _serve(
         if model is None:
             script = load_script(config.script) if config.script else None
             service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx,
-                                               slots=config.slots, script=script)
+                                               slots=config.slots, script=script,
+                                               prefill_tokens_per_s=config.synthetic_prefill_tokens_per_s)
         else:
             began = time.monotonic()
             service.backend = await trio.to_thread.run_sync(

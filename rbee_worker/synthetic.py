@@ -14,7 +14,9 @@ Its cache is modelled on the llama.cpp engine's: a word is a token, each of
 its `slots` sequences keeps the words of its last prompt and answer, and a
 request takes the free sequence that shares the longest prefix with its
 prompt (the least recently used when none shares much); `tokens_cached` says
-how many words that was. So what a client sees
+how many words that was. With a prefill rate (`--synthetic-prefill-tokens-per-s`)
+each word not cached costs its share of a second before the first token, so
+routing can be measured on a fleet without the CPU that real prefill takes. So what a client sees
 of prompt caching (`cached_tokens`, `cache_read_input_tokens`) can be tested
 with prompts far longer than the built-in model's context.
 """
@@ -64,8 +66,11 @@ class SyntheticBackend:
 
     def __init__(
         self, *, tokens_per_s: float, ctx: int, slots: int = 1, script: list[Rule] | None = None,
+        prefill_tokens_per_s: float = 0.0,
     ) -> None:
         self.interval = 1.0 / tokens_per_s
+        self.prefill_s = 1.0 / prefill_tokens_per_s if prefill_tokens_per_s else 0.0
+        """What each prompt token not in the modelled cache costs before the first token."""
         self.ctx = ctx
         self.script = script
         self._sequences: list[list[str]] = [[] for _ in range(min(max(slots, 1), MODELLED_SEQUENCES))]
@@ -145,7 +150,7 @@ class SyntheticBackend:
         sequence, cached = self._take(words)
         produced = 0
         reason: StopReason = "length" if scripted is None else "stop"
-        next_at = trio.current_time()
+        next_at = trio.current_time() + self.prefill_s * (tokens_in - cached)
         pieces: list[str] = []
         try:
             while produced < wanted:

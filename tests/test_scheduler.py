@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rbee_common.prefixes import Block, held_share, prompt_blocks
@@ -97,3 +99,26 @@ def test_the_chain_names_a_whole_prefix_and_only_it() -> None:
     changed = prompt_blocks(GenerationParams(messages=[ChatMessage("system", "Another shop."),
                                                        *[ChatMessage("user", "Question 0?")]]))
     assert held_share(changed, {b.hash for b in earlier}) == 0  # same later messages, other start
+
+
+def test_a_session_goes_back_to_its_worker_when_no_prefix_decides() -> None:
+    """Agents' sessions share one system prompt: every worker holds it, so the prefix ties, and
+    the session (`prompt_cache_key`, `user`, Claude Code's session id) picks; not past the margin."""
+    workers = [worker("a", slots=4), worker("b", slots=4)]
+    blocks = _conversation(1)
+    both = {"a": {blocks[0].hash}, "b": {blocks[0].hash}}
+    assert pick_worker_why(workers, "smollm2-135m", load={"b": 1}, prefer=Prefer(
+        blocks=blocks, held=both, session_worker="b")) == (workers[1], "cache")
+    assert pick_worker_why(workers, "smollm2-135m", load={"b": 1}, prefer=Prefer(
+        blocks=blocks, held={}, session_worker="b")) == (workers[1], "session")
+    assert pick_worker_why(workers, "smollm2-135m", load={"b": 3}, prefer=Prefer(
+        blocks=blocks, held={}, session_worker="b")) == (workers[0], "load")
+
+
+def test_claude_codes_session_id_is_its_session() -> None:
+    from rbee_queen.anthropic_api import _session
+
+    said = json.dumps({"device_id": "d" * 64, "account_uuid": "", "session_id": "5f1c-session"})
+    assert _session({"user_id": said}) == "5f1c-session"
+    assert _session({"user_id": "user-17"}) == "user-17"
+    assert _session(None) is None and _session({"user_id": 4}) is None

@@ -1,0 +1,367 @@
+"""Cache-aware serving: prompt prefixes kept in RAM, and requests routed to where they are.
+
+Two parts, each on this machine, one server at a time:
+
+- tenants: one worker, more tenants than slots. T tenants, each with its own
+  system prompt (about 600 tokens, distinct from its first word), take turns
+  in round robin for 3 turns on 4 slots: the time to the first token of the
+  turns after the first (p50, p90) and the share of their prompt tokens
+  reused, for `llm-worker-rbee` (`--cache-ram 8192`) and `llama-server` (its
+  default `--cache-ram`), same GGUF, threads, slots and per-slot context.
+- fleet: synthetic workers (no model; a modelled prefix cache and a prefill
+  cost per uncached prompt word) behind one queen; C conversations of N turns
+  with long distinct prefixes, each turn after an exponential pause that keeps
+  the slots about 70% busy. Least loaded (`prefix_routing = false`), prefix
+  routed, and an oracle that sends each conversation straight to its own
+  worker: TTFT p50/p90, turns per second, the share of prompt words reused,
+  and the busiest worker's share of the requests against the mean.
+
+    .venv/bin/python -m bench cache [--quick]
+    .venv/bin/python bench/cache.py [--quick] [--part tenants|fleet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.parallel import build_llama_server, llama_server, rbee_worker
+from rbee_worker.models import resolve_model
+from tests.helpers import BIN, daemon, job_result, run_job
+
+WORDS = (
+    "copper",
+    "garden",
+    "river",
+    "lantern",
+    "harbor",
+    "meadow",
+    "engine",
+    "violet",
+    "marble",
+    "summit",
+    "falcon",
+    "orchard",
+    "canyon",
+    "velvet",
+    "ember",
+    "glacier",
+    "thistle",
+    "quartz",
+    "willow",
+    "saffron",
+)
+
+
+def _text(seed: int, words: int) -> str:
+    """Distinct prose of about `words` words (a system prompt, a document)."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(words))
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+# --- tenants: one worker against llama-server -----------------------------------------------------
+
+
+def _stream_rbee(http: httpx.Client, url: str, messages: list[dict[str, str]]) -> tuple[float, str, int, int]:
+    """(seconds to the first token, text, prompt tokens, tokens reused) from a worker."""
+    body = {"messages": messages, "max_tokens": 32, "temperature": 0.0}
+    start, first, text = time.perf_counter(), 0.0, []
+    end: dict[str, Any] = {}
+    with http.stream("POST", f"{url}/v1/inference", json=body, timeout=300) as answer:
+        for line in answer.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "token":
+                first = first or time.perf_counter() - start
+                text.append(event["t"])
+            elif event["type"] == "end":
+                end = event
+    return first, "".join(text), int(end.get("tokens_in", 0)), int(end.get("tokens_cached", 0))
+
+
+def _stream_llama(
+    http: httpx.Client, url: str, messages: list[dict[str, str]]
+) -> tuple[float, str, int, int]:
+    body = {"messages": messages, "max_tokens": 32, "temperature": 0.0, "stream": True}
+    start, first, text = time.perf_counter(), 0.0, []
+    timings: dict[str, Any] = {}
+    with http.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, timeout=300, headers={"Connection": "close"}
+    ) as answer:
+        for line in answer.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            timings = chunk.get("timings") or timings
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter() - start
+                    text.append(piece)
+    cached = int(timings.get("cache_n", 0))
+    return first, "".join(text), cached + int(timings.get("prompt_n", 0)), cached
+
+
+def _tenants_on(url: str, stream: Any, tenants: int, turns: int) -> dict[str, Any]:
+    chats = [
+        [
+            {
+                "role": "system",
+                "content": f"{WORDS[t % len(WORDS)].title()} {t} speaking. " + _text(1000 + t, 450),
+            }
+        ]
+        for t in range(tenants)
+    ]
+    later_ttft: list[float] = []
+    prompt = reused = 0
+    with httpx.Client() as http:
+        for turn in range(turns):
+            for t, chat in enumerate(chats):
+                chat.append({"role": "user", "content": f"Question {turn}: what does item {t} cost?"})
+                first, text, tokens_in, cached = stream(http, url, chat)
+                chat.append({"role": "assistant", "content": text})
+                if turn:
+                    later_ttft.append(first)
+                    prompt += tokens_in
+                    reused += cached
+    return {
+        "p50": _pct(later_ttft, 0.5),
+        "p90": _pct(later_ttft, 0.9),
+        "reused": reused / max(prompt, 1),
+        "turns": len(later_ttft),
+    }
+
+
+def tenants(quick: bool) -> dict[str, Any]:
+    count, turns, threads, slots, ctx = (6, 2, 2, 4, 2048) if quick else (12, 3, 2, 4, 2048)
+    results: dict[str, Any] = {
+        "tenants": count,
+        "turns": turns,
+        "slots": slots,
+        "ctx": ctx,
+        "threads": threads,
+    }
+    with rbee_worker(threads=threads, ctx=ctx, slots=slots, extra=["--cache-ram", "8192"]) as (url, _):
+        results["rbee"] = _tenants_on(url, _stream_rbee, count, turns)
+    binary = build_llama_server()
+    model = str(resolve_model("smollm2-135m").path)
+    with llama_server(binary, model, threads=threads, ctx=ctx, slots=slots) as (url, _):
+        results["llama-server"] = _tenants_on(url, _stream_llama, count, turns)
+    return results
+
+
+# --- fleet: synthetic workers behind a queen ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fleet(
+    folder: Path, *, routing: bool, workers: int, slots: int, rate: float, prefill: float
+) -> Iterator[tuple[str, list[str]]]:
+    config = folder / "rbee.toml"
+    config.write_text(
+        f"[hive]\nsynthetic_backend = true\nsynthetic_slots = {slots}\nsynthetic_tokens_per_s = {rate}\n"
+        f"synthetic_prefill_tokens_per_s = {prefill}\nworker_ctx = 1048576\nworker_idle_timeout_s = 0\n"
+        f"[queen]\nprefix_routing = {'true' if routing else 'false'}\nqueue_size = 1000\n"
+    )
+    env = {f"XDG_{part}_HOME": str(folder / part.lower()) for part in ("STATE", "DATA", "CONFIG", "CACHE")}
+    with daemon(
+        [str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)], env=env, timeout=60
+    ) as queen:
+        for _ in range(workers):
+            events, terminator = run_job(
+                queen.url, {"operation": "worker_spawn", "model": "synthetic", "backend": "synthetic"}
+            )
+            assert terminator == "[DONE]", events[-3:]
+        listed = job_result(queen.url, {"operation": "worker_list_active"})
+        assert isinstance(listed, list)
+        yield queen.url, sorted(str(w["url"]) for w in listed)
+
+
+async def _conversation(
+    http: httpx.AsyncClient,
+    k: int,
+    turns: int,
+    prefix: int,
+    think: float,
+    oracle: str | None,
+    rng: random.Random,
+    out: dict[str, Any],
+) -> None:
+    messages = [{"role": "system", "content": f"Conversation {k}. " + _text(k, prefix)}]
+    for turn in range(turns):
+        await trio.sleep(rng.expovariate(1 / think) if think else 0)
+        messages.append({"role": "user", "content": f"Turn {turn}: " + _text(10_000 * k + turn, 40)})
+        start, first, text = time.perf_counter(), 0.0, []
+        if oracle:
+            body: dict[str, Any] = {"messages": messages, "max_tokens": 16}
+            async with http.stream("POST", f"{oracle}/v1/inference", json=body) as answer:
+                async for line in answer.aiter_lines():
+                    if line.startswith("data: {"):
+                        event = json.loads(line[6:])
+                        if event["type"] == "token":
+                            first = first or time.perf_counter() - start
+                            text.append(event["t"])
+                        elif event["type"] == "end":
+                            out["prompt"] += event["tokens_in"]
+                            out["reused"] += event["tokens_cached"]
+        else:
+            body = {
+                "model": "synthetic",
+                "messages": messages,
+                "max_tokens": 16,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+                async for line in answer.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        for choice in chunk.get("choices", []):
+                            piece = (choice.get("delta") or {}).get("content")
+                            if piece:
+                                first = first or time.perf_counter() - start
+                                text.append(piece)
+                        if chunk.get("usage"):
+                            out["prompt"] += chunk["usage"]["prompt_tokens"]
+                            out["reused"] += chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+        out["ttft"].append(first)
+        messages.append({"role": "assistant", "content": "".join(text)})
+
+
+def _fleet_run(mode: str, *, quick: bool) -> dict[str, Any]:
+    workers, slots, conversations, turns, prefix = (4, 4, 16, 4, 2000) if quick else (8, 8, 64, 10, 8000)
+    rate, prefill = 100.0, 20_000.0
+    # A turn that hits decodes 16 tokens (0.16 s); the slots are busy about 70% of the time when each
+    # conversation pauses 1/0.7 - 1 of a turn's share of the slots between turns.
+    service = 16 / rate
+    think = max(service * (conversations / (0.7 * workers * slots)) - service, 0.0)
+    out: dict[str, Any] = {"ttft": [], "prompt": 0, "reused": 0, "by_worker": {}}
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        _fleet(
+            Path(folder), routing=mode != "least", workers=workers, slots=slots, rate=rate, prefill=prefill
+        ) as (url, urls),
+    ):
+
+        async def main() -> None:
+            limits = httpx.Limits(max_connections=conversations * 2)
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http,
+                trio.open_nursery() as nursery,
+            ):
+                for k in range(conversations):
+                    oracle = urls[k % len(urls)] if mode == "oracle" else None
+                    nursery.start_soon(
+                        _conversation, http, k, turns, prefix, think, oracle, random.Random(k), out
+                    )
+
+        began = time.perf_counter()
+        trio.run(main)
+        elapsed = time.perf_counter() - began
+        for worker in urls:  # what each worker served, by its own count
+            text = httpx.get(f"{worker}/metrics").text
+            out["by_worker"][worker] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("rbee_worker_inferences_total{")
+            )
+    counts = list(out["by_worker"].values())
+    return {
+        "mode": mode,
+        "p50": _pct(out["ttft"], 0.5),
+        "p90": _pct(out["ttft"], 0.9),
+        "turns_per_s": len(out["ttft"]) / elapsed,
+        "reused": out["reused"] / max(out["prompt"], 1),
+        "max_over_mean": max(counts) / statistics.mean(counts) if counts else 0.0,
+        "workers": workers,
+        "slots": slots,
+        "conversations": conversations,
+        "turns": turns,
+        "prefix": prefix,
+    }
+
+
+def fleet(quick: bool) -> list[dict[str, Any]]:
+    return [_fleet_run(mode, quick=quick) for mode in ("least", "prefix", "oracle")]
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def run(quick: bool = False, parts: tuple[str, ...] = ("tenants", "fleet")) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if "fleet" in parts:
+        results["fleet"] = fleet(quick)
+    if "tenants" in parts:
+        results["tenants"] = tenants(quick)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "tenants" in results:
+        t = results["tenants"]
+        lines += [
+            f"One worker, {t['tenants']} tenants of ~600-token system prompts in round robin for "
+            f"{t['turns']} turns, {t['slots']} slots of {t['ctx']} tokens, {t['threads']} threads; "
+            "turns after the first:",
+            "",
+            "| server | TTFT p50 s | TTFT p90 s | prompt tokens reused |",
+            "|---|---|---|---|",
+        ]
+        for name in ("rbee", "llama-server"):
+            r = t[name]
+            lines.append(f"| {name} | {r['p50']:.3f} | {r['p90']:.3f} | {r['reused']:.1%} |")
+        lines.append(
+            f"\nrbee / llama-server TTFT p50: {t['rbee']['p50'] / max(t['llama-server']['p50'], 1e-9):.2f}"
+        )
+        lines.append("")
+    if "fleet" in results:
+        f = results["fleet"][0]
+        lines += [
+            f"Fleet: {f['workers']} synthetic workers of {f['slots']} slots, {f['conversations']} "
+            f"conversations of {f['turns']} turns with {f['prefix']}-word prefixes, slots ~70% busy:",
+            "",
+            "| routing | TTFT p50 s | TTFT p90 s | turns/s | prompt reused | busiest / mean |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["fleet"]:
+            lines.append(
+                f"| {r['mode']} | {r['p50']:.3f} | {r['p90']:.3f} | {r['turns_per_s']:.1f} | "
+                f"{r['reused']:.1%} | {r['max_over_mean']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=("tenants", "fleet"), action="append")
+    args = parser.parse_args()
+    print(table(run(args.quick, tuple(args.part or ("tenants", "fleet")))))
+
+
+if __name__ == "__main__":
+    main()
