@@ -1,6 +1,6 @@
 """Cache-aware serving: prompt prefixes kept in RAM, and requests routed to where they are.
 
-Two parts, each on this machine, one server at a time:
+Three parts, each on this machine, one server at a time:
 
 - tenants: one worker, more tenants than slots. T tenants, each with its own
   system prompt (about 600 tokens, distinct from its first word), take turns
@@ -15,9 +15,12 @@ Two parts, each on this machine, one server at a time:
   routed, and an oracle that sends each conversation straight to its own
   worker: TTFT p50/p90, turns per second, the share of prompt words reused,
   and the busiest worker's share of the requests against the mean.
+- pair: two real workers of the built-in model (one thread each) behind one
+  queen, multi-turn conversations in round robin: TTFT and reused tokens with
+  prefix routing off and on.
 
     .venv/bin/python -m bench cache [--quick]
-    .venv/bin/python bench/cache.py [--quick] [--part tenants|fleet]
+    .venv/bin/python bench/cache.py [--quick] [--part tenants|fleet|pair]
 """
 
 from __future__ import annotations
@@ -305,11 +308,87 @@ def fleet(quick: bool) -> list[dict[str, Any]]:
     return [_fleet_run(mode, quick=quick) for mode in ("least", "prefix", "oracle")]
 
 
+# --- pair: two real workers behind one queen ------------------------------------------------------
+
+
+def _pair_run(routing: bool, quick: bool) -> dict[str, Any]:
+    conversations, turns = (4, 2) if quick else (8, 3)
+    later: list[float] = []
+    prompt = reused = 0
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "rbee.toml"
+        config.write_text(
+            f"[hive]\nworker_idle_timeout_s = 0\n[queen]\nprefix_routing = {str(routing).lower()}\n"
+        )
+        env = {
+            f"XDG_{part}_HOME": str(Path(folder) / part.lower())
+            for part in ("STATE", "DATA", "CONFIG", "CACHE")
+        }
+        with daemon(
+            [str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)],
+            env=env,
+            timeout=60,
+        ) as queen:
+            for _ in range(2):
+                events, terminator = run_job(
+                    queen.url, {"operation": "worker_spawn", "model": "smollm2-135m", "threads": 1}
+                )
+                assert terminator == "[DONE]", events[-3:]
+            chats = [
+                [{"role": "system", "content": f"Shop {k}. " + _text(2000 + k, 300)}]
+                for k in range(conversations)
+            ]
+            with httpx.Client(base_url=queen.url, timeout=300) as http:
+                for turn in range(turns):
+                    for chat in chats:
+                        chat.append({"role": "user", "content": f"Question {turn}: what is on sale?"})
+                        body = {
+                            "model": "smollm2-135m",
+                            "messages": chat,
+                            "max_tokens": 16,
+                            "temperature": 0,
+                            "stream": True,
+                            "stream_options": {"include_usage": True},
+                        }
+                        start, first, text = time.perf_counter(), 0.0, []
+                        usage: dict[str, Any] = {}
+                        with http.stream("POST", "/v1/chat/completions", json=body) as answer:
+                            for line in answer.iter_lines():
+                                if not line.startswith("data: {"):
+                                    continue
+                                chunk = json.loads(line[6:])
+                                for choice in chunk.get("choices", []):
+                                    piece = (choice.get("delta") or {}).get("content")
+                                    if piece:
+                                        first = first or time.perf_counter() - start
+                                        text.append(piece)
+                                usage = chunk.get("usage") or usage
+                        chat.append({"role": "assistant", "content": "".join(text)})
+                        if turn:
+                            later.append(first)
+                            prompt += usage.get("prompt_tokens", 0)
+                            reused += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {
+        "routing": "prefix" if routing else "load",
+        "p50": _pct(later, 0.5),
+        "p90": _pct(later, 0.9),
+        "reused": reused / max(prompt, 1),
+        "conversations": conversations,
+        "turns": turns,
+    }
+
+
+def pair(quick: bool) -> list[dict[str, Any]]:
+    return [_pair_run(routing, quick) for routing in (False, True)]
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
-def run(quick: bool = False, parts: tuple[str, ...] = ("tenants", "fleet")) -> dict[str, Any]:
+def run(quick: bool = False, parts: tuple[str, ...] = ("tenants", "fleet", "pair")) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    if "pair" in parts:
+        results["pair"] = pair(quick)
     if "fleet" in parts:
         results["fleet"] = fleet(quick)
     if "tenants" in parts:
@@ -350,6 +429,18 @@ def table(results: dict[str, Any]) -> str:
                 f"| {r['mode']} | {r['p50']:.3f} | {r['p90']:.3f} | {r['turns_per_s']:.1f} | "
                 f"{r['reused']:.1%} | {r['max_over_mean']:.2f} |"
             )
+    if "pair" in results:
+        p = results["pair"][0]
+        lines += [
+            "",
+            f"Two workers of the built-in model (1 thread each) behind one queen, {p['conversations']} "
+            f"conversations of {p['turns']} turns with ~400-token system prompts; turns after the first:",
+            "",
+            "| routing | TTFT p50 s | TTFT p90 s | prompt tokens reused |",
+            "|---|---|---|---|",
+        ]
+        for r in results["pair"]:
+            lines.append(f"| {r['routing']} | {r['p50']:.3f} | {r['p90']:.3f} | {r['reused']:.1%} |")
     return "\n".join(lines)
 
 
@@ -358,9 +449,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=("tenants", "fleet"), action="append")
+    parser.add_argument("--part", choices=("tenants", "fleet", "pair"), action="append")
     args = parser.parse_args()
-    print(table(run(args.quick, tuple(args.part or ("tenants", "fleet")))))
+    print(table(run(args.quick, tuple(args.part or ("tenants", "fleet", "pair")))))
 
 
 if __name__ == "__main__":
