@@ -68,7 +68,7 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     the least loaded by more than `prefix_load_margin`."""
     prefix_min_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     """The share of a prompt's characters a worker must hold for the prefix to decide."""
-    prefix_load_margin: Annotated[int, msgspec.Meta(ge=0)] = 2
+    prefix_load_margin: Annotated[int, msgspec.Meta(ge=0)] = 4
     """Requests a prefix-holding worker may run beyond the least loaded one and still be chosen."""
     infer_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     """Workers tried for one request that fails before its first token."""

@@ -20,6 +20,9 @@ from rbee_common.errors import WorkerAlreadyRegistered
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord
 
 log = logging.getLogger("rbee.queen.workers")
+SENT_KEPT_S = 30.0
+"""How long a prefix the queen sent counts as held without a heartbeat saying so (heartbeats come
+every 5 s, and at once when a worker's state changes, maybe before it took the prompt)."""
 
 
 class WorkerRegistry:
@@ -35,7 +38,10 @@ class WorkerRegistry:
         """Built when the set of routable workers changes, not per request."""
         self.prefixes: dict[str, set[int]] = {}
         """worker_id -> the prompt prefix hashes it holds (`rbee_common.prefixes`): what its last
-        heartbeat said, plus what the queen has sent it since."""
+        heartbeat said, plus what the queen has sent it lately."""
+        self._sent: dict[str, dict[int, float]] = {}
+        """worker_id -> prefix hashes the queen sent it, and when: a heartbeat sent before the
+        worker took them must not erase them."""
         self.on_change: Callable[[], None] = lambda: None
         self.on_drop: Callable[[str, str], None] = lambda worker_id, reason: None
         """A worker left routing, and why: `stale`, `unreachable` or `stopped` (the metrics)."""
@@ -64,7 +70,11 @@ class WorkerRegistry:
         if moved:
             self._confirmed.discard(heartbeat.worker_id)
         self._seen[heartbeat.worker_id] = (now, heartbeat)
-        self.prefixes[heartbeat.worker_id] = set(heartbeat.prefixes)
+        sent = self._sent.get(heartbeat.worker_id, {})
+        for value, at in list(sent.items()):
+            if now - at > SENT_KEPT_S:
+                del sent[value]
+        self.prefixes[heartbeat.worker_id] = set(heartbeat.prefixes) | sent.keys()
         if old is None:
             log.info("worker %s (%r on %s) registered: %r", heartbeat.worker_id, heartbeat.model,
                      heartbeat.hive_id, heartbeat.url)
@@ -72,6 +82,12 @@ class WorkerRegistry:
                 heartbeat.state, heartbeat.slots_total, heartbeat.model)):
             self._changed()
         return moved
+
+    def sent(self, worker_id: str, hashes: list[int]) -> None:
+        """The queen gave this worker a prompt with these prefix hashes: it holds them from now."""
+        now = time.monotonic()
+        self.prefixes.setdefault(worker_id, set()).update(hashes)
+        self._sent.setdefault(worker_id, {}).update(dict.fromkeys(hashes, now))
 
     def touch(self, worker_id: str) -> None:
         """Data came from the worker on a stream: it lives, whatever its heartbeats are doing."""
@@ -108,6 +124,7 @@ class WorkerRegistry:
         self._tokens.pop(worker_id, None)
         self._alive.pop(worker_id, None)
         self.prefixes.pop(worker_id, None)
+        self._sent.pop(worker_id, None)
         if self._seen.pop(worker_id, None) is not None:
             log.warning("worker %s out of routing: %s", worker_id, why)
             self.on_drop(worker_id, reason)

@@ -45,7 +45,7 @@ class Prefer(msgspec.Struct, frozen=True, kw_only=True):
     blocks: list[Block]
     held: Mapping[str, Collection[int]]
     min_share: float = 0.5
-    margin: int = 2
+    margin: int = 4
     session_worker: str | None = None
     """Where the request's session (a client's conversation key) went last: it wins ties, and takes
     the request when no prefix decides."""
@@ -115,7 +115,7 @@ class Scheduler:
         self.cold_start_enabled = cold_start
         self.prefix_routing = True
         self.prefix_min_share = 0.5
-        self.prefix_load_margin = 2
+        self.prefix_load_margin = 4
         self.sessions: dict[str, str] = {}
         """A client's session key -> the worker its last request went to (least recent first)."""
         self.mint_tokens = False
@@ -186,8 +186,7 @@ class Scheduler:
                         while len(self.sessions) > MAX_SESSIONS:
                             del self.sessions[next(iter(self.sessions))]
                     if blocks:  # it will hold this prompt: the next turn can find it before a heartbeat
-                        held = self.registry.prefixes.setdefault(worker.worker_id, set())
-                        held.update(block.hash for block in blocks)
+                        self.registry.sent(worker.worker_id, [block.hash for block in blocks])
                     if self.metrics is not None and prefer is not None:
                         self.metrics.routing.labels(why).inc()
                     return worker

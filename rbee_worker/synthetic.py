@@ -148,6 +148,8 @@ class SyntheticBackend:
             wanted = min(len(scripted), self.ctx - tokens_in)
         words = _prompt_text(request).split() or [""]
         sequence, cached = self._take(words)
+        if sequence >= 0:  # it holds the prompt from now (a heartbeat may come before the end)
+            self._tags[sequence] = [block.hash for block in prompt_blocks(request)]
         produced = 0
         reason: StopReason = "length" if scripted is None else "stop"
         next_at = trio.current_time() + self.prefill_s * (tokens_in - cached)
@@ -166,6 +168,5 @@ class SyntheticBackend:
         finally:
             if sequence >= 0:
                 self._sequences[sequence] = words + "".join(pieces).split()
-                self._tags[sequence] = [block.hash for block in prompt_blocks(request)]
                 self._busy.discard(sequence)
         return Generated(tokens_in, produced, reason, tokens_cached=cached)
