@@ -119,7 +119,10 @@ class _Saved:
     data: Any
     """The sequence's state, as `llama_state_seq_get_data` wrote it (a ctypes byte array)."""
     size: int
+    """The state's bytes (what `llama_state_seq_set_data` reads)."""
     tag: list[int] = field(default_factory=list)
+    held: int = 0
+    """The room it takes in RAM (a save allots a little more than the state)."""
 
 
 class PromptCache:
@@ -145,7 +148,8 @@ class PromptCache:
     def add(self, tokens: list[int], data: Any, size: int, tag: list[int] | None = None) -> bool:
         """Keep a state; False when it is larger than the whole cache. An entry whose tokens are a
         prefix of these is replaced; if an entry already holds these tokens, nothing is added."""
-        if size > self.limit:
+        held = ctypes.sizeof(data) if isinstance(data, ctypes.Array) else size  # the room it takes
+        if held > self.limit:
             return False
         for entry in list(self.entries):
             shared = common_prefix(entry.tokens, tokens)
@@ -155,11 +159,11 @@ class PromptCache:
                 return True
             if shared == len(entry.tokens):
                 self._drop(entry)
-        while self.entries and self.bytes + size > self.limit:
+        while self.entries and self.bytes + held > self.limit:
             self._drop(self.entries[0])
             self.evicted += 1
-        self.entries.append(_Saved(list(tokens), data, size, list(tag or [])))
-        self.bytes += size
+        self.entries.append(_Saved(list(tokens), data, size, list(tag or []), held))
+        self.bytes += held
         self.saved += 1
         return True
 
@@ -170,7 +174,7 @@ class PromptCache:
 
     def _drop(self, entry: _Saved) -> None:
         self.entries.remove(entry)
-        self.bytes -= entry.size
+        self.bytes -= entry.held
 
 
 class Engine:
@@ -190,6 +194,8 @@ class Engine:
         self._sequences = [_Sequence(i) for i in range(slots)]
         self.cache = PromptCache(cache_bytes)
         self._taken = 0
+        self._state_per_token = 0.0
+        """Bytes of a saved sequence per token, as the last save measured it."""
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -312,12 +318,19 @@ class Engine:
         if not self.cache.limit or len(seq.cached) - keep < SAVE_MIN_TOKENS:
             return
         lib = self._lib
-        size = lib.llama_state_seq_get_size(self._ctx, seq.id)
-        if size <= 0 or size > self.cache.limit:
-            return
-        data = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(self._ctx, data, size, seq.id)
+        written = 0
+        if self._state_per_token:  # one pass, into room for what the last save took a token
+            size = int(len(seq.cached) * self._state_per_token * 1.1) + (1 << 16)
+            data = (ctypes.c_uint8 * size)()
+            written = lib.llama_state_seq_get_data(self._ctx, data, size, seq.id)
+        if not written:  # the first save, or that was too little room: llama.cpp measures it first
+            size = lib.llama_state_seq_get_size(self._ctx, seq.id)
+            if size <= 0 or size > self.cache.limit:
+                return
+            data = (ctypes.c_uint8 * size)()
+            written = lib.llama_state_seq_get_data(self._ctx, data, size, seq.id)
         if written > 0:
+            self._state_per_token = written / max(len(seq.cached), 1)
             self.cache.add(seq.cached, data, written, seq.tag)
 
     def _restore(self, seq: _Sequence, saved: _Saved) -> None:
