@@ -79,7 +79,7 @@ def test_a_conversation_goes_where_its_prefix_is_while_load_is_balanced() -> Non
     workers = [worker("a", slots=4), worker("b", slots=4)]
     earlier, now = _conversation(2), _conversation(3)
     held = {"b": {block.hash for block in earlier}}  # b served the turn before
-    prefer = Prefer(blocks=now, held=held)
+    prefer = Prefer(blocks=now, held=held, margin=2)
     assert held_share(now, held["b"]) > 0.9
     assert pick_worker_why(workers, "smollm2-135m", load={"b": 2}, prefer=prefer)[0].worker_id == "b"  # type: ignore[union-attr]
     # b runs 3 more requests than a: beyond the margin (2), the least loaded takes it
@@ -112,7 +112,7 @@ def test_a_session_goes_back_to_its_worker_when_no_prefix_decides() -> None:
     assert pick_worker_why(workers, "smollm2-135m", load={"b": 1}, prefer=Prefer(
         blocks=blocks, held={}, session_worker="b")) == (workers[1], "session")
     assert pick_worker_why(workers, "smollm2-135m", load={"b": 3}, prefer=Prefer(
-        blocks=blocks, held={}, session_worker="b")) == (workers[0], "load")
+        blocks=blocks, held={}, session_worker="b", margin=2)) == (workers[0], "load")
 
 
 def test_claude_codes_session_id_is_its_session() -> None:
