@@ -146,6 +146,9 @@ def test_ctrl_c_during_infer_exits_130_and_frees_the_slot(isolated_dirs: Path) -
             [str(BIN / "rbee-keeper"), "--queen-url", url, "infer", "--max-tokens", "1500", "--temperature", "0",
              "Write the numbers from 1 to 1000, separated by commas."],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # As from a terminal: a test run started in the background (`cmd &` in a script) has
+            # SIGINT ignored, and an ignored signal stays ignored in every program it starts.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert wait_for(lambda: httpx.get(f"{worker_url}/v1/ready").json()["slots_busy"] == 1, timeout=20)
         time.sleep(0.5)
