@@ -78,6 +78,11 @@ def _text(seed: int, words: int) -> str:
     return " ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(words))
 
 
+def _delta_text(chunk: dict[str, Any]) -> str:
+    """The text an OpenAI stream chunk adds (every choice's `delta.content`)."""
+    return "".join((choice.get("delta") or {}).get("content") or "" for choice in chunk.get("choices", []))
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -118,11 +123,9 @@ def _stream_llama(
                 continue
             chunk = json.loads(line[6:])
             timings = chunk.get("timings") or timings
-            for choice in chunk.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    first = first or time.perf_counter() - start
-                    text.append(piece)
+            if piece := _delta_text(chunk):
+                first = first or time.perf_counter() - start
+                text.append(piece)
     cached = int(timings.get("cache_n", 0))
     return first, "".join(text), cached + int(timings.get("prompt_n", 0)), cached
 
@@ -241,11 +244,9 @@ async def _conversation(
                 async for line in answer.aiter_lines():
                     if line.startswith("data: {"):
                         chunk = json.loads(line[6:])
-                        for choice in chunk.get("choices", []):
-                            piece = (choice.get("delta") or {}).get("content")
-                            if piece:
-                                first = first or time.perf_counter() - start
-                                text.append(piece)
+                        if piece := _delta_text(chunk):
+                            first = first or time.perf_counter() - start
+                            text.append(piece)
                         if chunk.get("usage"):
                             out["prompt"] += chunk["usage"]["prompt_tokens"]
                             out["reused"] += chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -361,11 +362,9 @@ def _pair_run(routing: bool, quick: bool) -> dict[str, Any]:
                                 if not line.startswith("data: {"):
                                     continue
                                 chunk = json.loads(line[6:])
-                                for choice in chunk.get("choices", []):
-                                    piece = (choice.get("delta") or {}).get("content")
-                                    if piece:
-                                        first = first or time.perf_counter() - start
-                                        text.append(piece)
+                                if piece := _delta_text(chunk):
+                                    first = first or time.perf_counter() - start
+                                    text.append(piece)
                                 usage = chunk.get("usage") or usage
                         chat.append({"role": "assistant", "content": "".join(text)})
                         if turn:
