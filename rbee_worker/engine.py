@@ -254,6 +254,7 @@ class Engine:
                     self._lib.llama_memory_clear(self._memory, True)
                     for seq in self._sequences:
                         seq.cached.clear()
+                        seq.tag = []  # it holds no prefix: heartbeats stop saying it does
         except BaseException as error:  # a bug: every job learns of it, and the worker is broken
             log.error("the engine stopped", exc_info=error)
             for job in [*self._running(), *self._waiting]:
