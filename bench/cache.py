@@ -8,10 +8,11 @@ Three parts, each on this machine, one server at a time:
   turns after the first (p50, p90) and the share of their prompt tokens
   reused, for `llm-worker-rbee` (`--cache-ram 8192`) and `llama-server` (its
   default `--cache-ram`), same GGUF, threads, slots and per-slot context.
-- fleet: synthetic workers (no model; a modelled prefix cache and a prefill
-  cost per uncached prompt word) behind one queen; C conversations of N turns
-  with long distinct prefixes, each turn after an exponential pause that keeps
-  the slots about 70% busy. Least loaded (`prefix_routing = false`), prefix
+- fleet: synthetic workers (no model; a modelled prefix cache, and a prefill
+  cost per uncached prompt word paid one prompt at a time, as on a device)
+  behind one queen; C conversations of N turns with long distinct prefixes,
+  their turns one Poisson process at 70% of what the fleet can prefill when
+  nothing is reused (what least-loaded routing must serve). Least loaded (`prefix_routing = false`), prefix
   routed, and an oracle that sends each conversation straight to its own
   worker: TTFT p50/p90, turns per second, the share of prompt words reused,
   and the busiest worker's share of the requests against the mean.
@@ -210,14 +211,15 @@ async def _conversation(
     k: int,
     turns: int,
     prefix: int,
-    think: float,
+    arrivals: list[float],
     oracle: str | None,
-    rng: random.Random,
     out: dict[str, Any],
 ) -> None:
+    """Turn i is sent at `arrivals[i]` (trio's clock), or when the answer before it ends if that
+    is later."""
     messages = [{"role": "system", "content": f"Conversation {k}. " + _text(k, prefix)}]
     for turn in range(turns):
-        await trio.sleep(rng.expovariate(1 / think) if think else 0)
+        await trio.sleep_until(arrivals[turn])
         messages.append({"role": "user", "content": f"Turn {turn}: " + _text(10_000 * k + turn, 40)})
         start, first, text = time.perf_counter(), 0.0, []
         if oracle:
@@ -256,13 +258,23 @@ async def _conversation(
         messages.append({"role": "assistant", "content": "".join(text)})
 
 
+LOAD = 0.7
+"""The offered load, as a share of what the fleet prefills when no prompt is reused."""
+
+
 def _fleet_run(mode: str, *, quick: bool) -> dict[str, Any]:
     workers, slots, conversations, turns, prefix = (4, 4, 16, 4, 2000) if quick else (8, 8, 64, 10, 8000)
     rate, prefill = 100.0, 10_000.0
-    # A turn that hits decodes ANSWER tokens; the slots are busy about 70% of the time when each
-    # conversation pauses 1/0.7 - 1 of a turn's share of the slots between turns.
-    service = ANSWER / rate
-    think = max(service * (conversations / (0.7 * workers * slots)) - service, 0.0)
+    # Capacity: each worker prefills `prefill` words a second, one prompt at a time (the decode's
+    # slots are never the limit here), and a turn's prompt is the prefix and the turns before it.
+    mean_prompt = prefix + (turns + 1) / 2 * (42 + ANSWER)
+    capacity = workers * prefill / mean_prompt  # turns a second with no reuse
+    # One Poisson process of turns at LOAD x capacity; its arrivals go to the conversations in
+    # turn (each conversation's turns come about `conversations` arrivals apart).
+    rng, at, gaps = random.Random(0), 0.0, []
+    for _ in range(conversations * turns):
+        at += rng.expovariate(LOAD * capacity)
+        gaps.append(at)
     out: dict[str, Any] = {"ttft": [], "turns": 0, "prompt": 0, "reused": 0, "by_worker": {}}
     with (
         tempfile.TemporaryDirectory() as folder,
@@ -273,15 +285,15 @@ def _fleet_run(mode: str, *, quick: bool) -> dict[str, Any]:
 
         async def main() -> None:
             limits = httpx.Limits(max_connections=conversations * 2)
+            start = trio.current_time()
             async with (
                 httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http,
                 trio.open_nursery() as nursery,
             ):
                 for k in range(conversations):
                     oracle = urls[k % len(urls)] if mode == "oracle" else None
-                    nursery.start_soon(
-                        _conversation, http, k, turns, prefix, think, oracle, random.Random(k), out
-                    )
+                    arrivals = [start + t for t in gaps[k::conversations]]
+                    nursery.start_soon(_conversation, http, k, turns, prefix, arrivals, oracle, out)
 
         began = time.perf_counter()
         trio.run(main)
@@ -299,6 +311,7 @@ def _fleet_run(mode: str, *, quick: bool) -> dict[str, Any]:
         "p50": _pct(out["ttft"], 0.5),
         "p90": _pct(out["ttft"], 0.9),
         "turns_per_s": out["turns"] / elapsed,
+        "offered": LOAD * capacity,
         "reused": out["reused"] / max(out["prompt"], 1),
         "max_over_mean": max(counts) / statistics.mean(counts) if counts else 0.0,
         "workers": workers,
@@ -306,6 +319,7 @@ def _fleet_run(mode: str, *, quick: bool) -> dict[str, Any]:
         "conversations": conversations,
         "turns": turns,
         "prefix": prefix,
+        "prefill": prefill,
     }
 
 
@@ -422,7 +436,8 @@ def table(results: dict[str, Any]) -> str:
         f = results["fleet"][0]
         lines += [
             f"Fleet: {f['workers']} synthetic workers of {f['slots']} slots, {f['conversations']} "
-            f"conversations of {f['turns']} turns with {f['prefix']}-word prefixes, slots ~70% busy; "
+            f"conversations of {f['turns']} turns with {f['prefix']}-word prefixes, "
+            f"Poisson arrivals at {f['offered']:.1f} turns/s (70% of the fleet's prefill with no reuse); "
             "TTFT of the turns after the first:",
             "",
             "| routing | TTFT p50 s | TTFT p90 s | turns/s | prompt reused | busiest / mean |",

@@ -15,8 +15,10 @@ its `slots` sequences keeps the words of its last prompt and answer, and a
 request takes the free sequence that shares the longest prefix with its
 prompt (the least recently used when none shares much); `tokens_cached` says
 how many words that was. With a prefill rate (`--synthetic-prefill-tokens-per-s`)
-each word not cached costs its share of a second before the first token, so
-routing can be measured on a fleet without the CPU that real prefill takes. So what a client sees
+each word not cached costs its share of a second before the first token, and
+as on a real device the worker prefills one prompt at a time (prompts that
+arrive together wait for each other's prefill), so routing can be measured on
+a fleet without the CPU that real prefill takes. So what a client sees
 of prompt caching (`cached_tokens`, `cache_read_input_tokens`) can be tested
 with prompts far longer than the built-in model's context.
 """
@@ -82,6 +84,8 @@ class SyntheticBackend:
         """When each sequence was last taken (a count): of those sharing nothing, the least recent
         is overwritten."""
         self._taken = 0
+        self._prefill_free_at = 0.0
+        """When the modelled prefill compute is next free (trio's clock): prompts queue for it."""
         if script is not None:  # its scripted text may hold calls, which the queen reads as for a model
             self.features = frozenset({"tools"})
         self.info: dict[str, Any] = {"architecture": "synthetic", "tokens_per_s": tokens_per_s}
@@ -152,7 +156,9 @@ class SyntheticBackend:
             self._tags[sequence] = [block.hash for block in prompt_blocks(request)]
         produced = 0
         reason: StopReason = "length" if scripted is None else "stop"
-        next_at = trio.current_time() + self.prefill_s * (tokens_in - cached)
+        next_at = max(trio.current_time(), self._prefill_free_at) + self.prefill_s * (tokens_in - cached)
+        if self.prefill_s:
+            self._prefill_free_at = next_at
         pieces: list[str] = []
         try:
             while produced < wanted:

@@ -232,3 +232,28 @@ def test_the_synthetic_backend_models_the_prefix_cache(isolated_dirs: Path) -> N
         again = end(system + "Second question?")
         assert again["tokens_in"] == 202 and again["tokens_cached"] == 200
         assert end("Something else entirely.")["tokens_cached"] == 2
+
+
+def test_the_synthetic_backend_prefills_one_prompt_at_a_time(isolated_dirs: Path) -> None:
+    """With a prefill cost, two uncached prompts that arrive together are prefilled in turn, as a
+    device shares its compute: the second's first token waits for both prefills (2 x 0.5 s)."""
+    argv = [str(BIN / "llm-worker-rbee"), "--model", "any", "--backend", "synthetic", "--port", "0",
+            "--slots", "2", "--synthetic-tokens-per-s", "1000", "--synthetic-prefill-tokens-per-s", "1000"]
+    with daemon(argv) as synthetic:
+        firsts: list[float] = []
+
+        def first_token(words: str) -> None:
+            start = time.perf_counter()
+            body = {"prompt": (words + " ") * 500, "max_tokens": 2}
+            with httpx.stream("POST", f"{synthetic.url}/v1/inference", json=body, timeout=30) as response:
+                for line in response.iter_lines():
+                    if '"type":"token"' in line.replace(" ", ""):
+                        firsts.append(time.perf_counter() - start)
+                        break
+
+        threads = [threading.Thread(target=first_token, args=(w,)) for w in ("alpha", "beta")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(firsts) == 2 and min(firsts) >= 0.45 and max(firsts) >= 0.95, firsts
