@@ -204,3 +204,26 @@ def test_the_host_ram_cache_keeps_within_its_bound(isolated_dirs: Path) -> None:
         assert metric(worker.url, "prompt_cache_evictions_total") == 1
         assert int(stream(worker.url, tenant(1))["tokens_cached"]) > 250  # type: ignore[call-overload]
         assert int(stream(worker.url, tenant(0))["tokens_cached"]) < 8  # type: ignore[call-overload]
+
+
+def test_the_prompt_cache_reuses_dropped_buffers_within_its_bound() -> None:
+    """A dropped entry's buffer serves the next save (its pages are mapped already), and the
+    spare buffers count against the bound: entries and spares together never pass it."""
+    import ctypes
+
+    from rbee_worker.engine import PromptCache
+
+    cache = PromptCache(limit=10_000)
+    first = cache.buffer(4_000)
+    cache.add([1, 2, 3], first, 4_000)
+    cache.add([4, 5, 6], cache.buffer(4_000), 4_000)
+    cache.add([7, 8, 9], cache.buffer(4_000), 4_000)  # evicts [1, 2, 3]; no room for a spare
+    assert [e.tokens for e in cache.entries] == [[4, 5, 6], [7, 8, 9]] and cache.evicted == 1
+    assert cache.bytes <= 10_000
+    (restored,) = [e for e in cache.entries if e.tokens == [4, 5, 6]]
+    cache.take(restored)
+    cache.release(restored.data)  # back in its sequence: the buffer is free again
+    assert cache.buffer(3_000) is restored.data  # the smallest spare that fits
+    cache.release(restored.data)
+    assert cache.buffer(5_000) is not restored.data  # too small: a new one
+    assert ctypes.sizeof(cache.buffer(5_000)) == 5_000
