@@ -8,6 +8,8 @@ Three parts, each on this machine, one server at a time:
   turns after the first (p50, p90) and the share of their prompt tokens
   reused, for `llm-worker-rbee` (`--cache-ram 8192`) and `llama-server` (its
   default `--cache-ram`), same GGUF, threads, slots and per-slot context.
+  Both run at once, each with its own copy of the chats, and every turn goes
+  to one and then the other (one request at a time: the other is idle).
 - fleet: synthetic workers (no model; a modelled prefix cache, and a prefill
   cost per uncached prompt word paid one prompt at a time, as on a device)
   behind one queen; C conversations of N turns with long distinct prefixes,
@@ -131,33 +133,34 @@ def _stream_llama(
     return first, "".join(text), cached + int(timings.get("prompt_n", 0)), cached
 
 
-def _tenants_on(url: str, stream: Any, tenants: int, turns: int) -> dict[str, Any]:
-    chats = [
-        [
-            {
-                "role": "system",
-                "content": f"{WORDS[t % len(WORDS)].title()} {t} speaking. " + _text(1000 + t, 450),
-            }
-        ]
-        for t in range(tenants)
+def _tenants_on(servers: dict[str, tuple[str, Any]], tenants: int, turns: int) -> dict[str, Any]:
+    """Each server its own copy of the tenants' chats; every turn goes to each server in turn, so
+    both meet the machine in the same state (one request at a time, the other server idle)."""
+    systems = [
+        f"{WORDS[t % len(WORDS)].title()} {t} speaking. " + _text(1000 + t, 450) for t in range(tenants)
     ]
-    later_ttft: list[float] = []
-    prompt = reused = 0
+    chats = {name: [[{"role": "system", "content": system}] for system in systems] for name in servers}
+    seen: dict[str, dict[str, Any]] = {name: {"ttft": [], "prompt": 0, "reused": 0} for name in servers}
     with httpx.Client() as http:
         for turn in range(turns):
-            for t, chat in enumerate(chats):
-                chat.append({"role": "user", "content": f"Question {turn}: what does item {t} cost?"})
-                first, text, tokens_in, cached = stream(http, url, chat)
-                chat.append({"role": "assistant", "content": text})
-                if turn:
-                    later_ttft.append(first)
-                    prompt += tokens_in
-                    reused += cached
+            for t in range(tenants):
+                for name, (url, stream) in servers.items():
+                    chat = chats[name][t]
+                    chat.append({"role": "user", "content": f"Question {turn}: what does item {t} cost?"})
+                    first, text, tokens_in, cached = stream(http, url, chat)
+                    chat.append({"role": "assistant", "content": text})
+                    if turn:
+                        seen[name]["ttft"].append(first)
+                        seen[name]["prompt"] += tokens_in
+                        seen[name]["reused"] += cached
     return {
-        "p50": _pct(later_ttft, 0.5),
-        "p90": _pct(later_ttft, 0.9),
-        "reused": reused / max(prompt, 1),
-        "turns": len(later_ttft),
+        name: {
+            "p50": _pct(s["ttft"], 0.5),
+            "p90": _pct(s["ttft"], 0.9),
+            "reused": s["reused"] / max(s["prompt"], 1),
+            "turns": len(s["ttft"]),
+        }
+        for name, s in seen.items()
     }
 
 
@@ -170,12 +173,15 @@ def tenants(quick: bool) -> dict[str, Any]:
         "ctx": ctx,
         "threads": threads,
     }
-    with rbee_worker(threads=threads, ctx=ctx, slots=slots, extra=["--cache-ram", "8192"]) as (url, _):
-        results["rbee"] = _tenants_on(url, _stream_rbee, count, turns)
     binary = build_llama_server()
     model = str(resolve_model("smollm2-135m").path)
-    with llama_server(binary, model, threads=threads, ctx=ctx, slots=slots) as (url, _):
-        results["llama-server"] = _tenants_on(url, _stream_llama, count, turns)
+    with (
+        rbee_worker(threads=threads, ctx=ctx, slots=slots, extra=["--cache-ram", "8192"]) as (rbee, _),
+        llama_server(binary, model, threads=threads, ctx=ctx, slots=slots) as (llama, _),
+    ):
+        results.update(
+            _tenants_on({"rbee": (rbee, _stream_rbee), "llama-server": (llama, _stream_llama)}, count, turns)
+        )
     return results
 
 
