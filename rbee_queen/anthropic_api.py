@@ -207,7 +207,9 @@ def _messages(request: MessagesRequest) -> list[ChatMessage]:
     return fold_system(out)
 
 
-def _params(request: MessagesRequest) -> GenerationParams:
+def _params(request: MessagesRequest, session: str | None = None) -> GenerationParams:
+    """What the worker is asked; `session` is Claude Code's `X-Claude-Code-Session-Id` header, which
+    wins over `metadata.user_id`."""
     for kind in ("thinking", "context_management", "output_config", "metadata", "cache_control"):
         if getattr(request, kind) is not None:
             note_once(kind)
@@ -246,7 +248,7 @@ def _params(request: MessagesRequest) -> GenerationParams:
     for field in ("temperature", "top_p", "top_k"):
         if (value := getattr(request, field)) is not None:
             fields[field] = value
-    fields["session"] = _session(request.metadata)
+    fields["session"] = session[:256] if session else _session(request.metadata)
     return GenerationParams(**fields)
 
 
@@ -299,7 +301,7 @@ def add_anthropic_routes(
     async def anthropic_messages() -> Response:
         try:
             request = decode_body(await read_body(), _decoder)
-            params = _params(request)
+            params = _params(request, http_request.headers.get("X-Claude-Code-Session-Id"))
             until = deadlines.from_headers(http_request.headers, default_s=default_deadline_s() or None)
             answer = Answer(generate, request.model, params, deadline=until, streams=streams)
         except RbeeError as error:

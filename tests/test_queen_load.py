@@ -195,3 +195,22 @@ def test_each_conversation_goes_back_to_the_worker_holding_it_and_spills_when_it
         assert 'rbee_queen_routing_decisions_total{reason="load"}' in decided
         for thread in long_ones:
             thread.join(timeout=30)
+
+
+def test_claude_codes_session_header_sends_a_session_back_to_its_worker(tmp_path: Path) -> None:
+    """Two workers; two turns of one Claude Code session (its `X-Claude-Code-Session-Id` header,
+    no metadata) whose prompts share nothing: no prefix decides, so the session does, and the
+    queen counts a routing decision by session."""
+    with synthetic_queen(tmp_path, rate=200.0, slots=3) as queen:
+        events, terminator = run_job(queen.url, {"operation": "worker_spawn", "model": "synthetic",
+                                                 "backend": "synthetic"})
+        assert terminator == "[DONE]", events[-3:]
+        for text in ("Hello there.", "Something else entirely, with other words."):
+            answer = httpx.post(f"{queen.url}/v1/messages", timeout=30,
+                                headers={"X-Claude-Code-Session-Id": "3f1c-session"},
+                                json={"model": "synthetic", "max_tokens": 4,
+                                      "messages": [{"role": "user", "content": text}]})
+            assert answer.status_code == 200, answer.text
+        decided = httpx.get(f"{queen.url}/metrics").text
+        assert 'rbee_queen_routing_decisions_total{reason="session"} 1.0' in decided, [
+            line for line in decided.splitlines() if line.startswith("rbee_queen_routing")]
