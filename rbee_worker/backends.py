@@ -54,6 +54,8 @@ class Generated(msgspec.Struct, frozen=True):
     tokens_cached: int = 0
     """Prompt tokens whose keys and values were already in the cache."""
     stop_sequence: str | None = None
+    tokens_restored: int = 0
+    """Of `tokens_cached`, those restored from the host-RAM prompt cache."""
 
 
 class Backend(Protocol):
@@ -390,7 +392,8 @@ class LlamaCppBackend:
         if job.error is not None:
             raise job.error
         reason: StopReason = job.reason  # type: ignore[assignment]
-        return Generated(len(tokens), job.produced, reason, job.tokens_cached, job.stop_sequence)
+        return Generated(len(tokens), job.produced, reason, job.tokens_cached, job.stop_sequence,
+                         job.tokens_restored)
 
     # --- embeddings ---
 

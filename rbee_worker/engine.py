@@ -71,6 +71,8 @@ class Job:
     produced: int = 0
     stop_sequence: str | None = None
     tokens_cached: int = 0
+    tokens_restored: int = 0
+    """Of `tokens_cached`, those that came back from the RAM cache."""
     reason: str = "length"
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
@@ -342,6 +344,7 @@ class Engine:
         del seq.cached[keep:]
         if restored:
             self.cache.restored_tokens += keep
+            job.tokens_restored = keep
         self._taken += 1
         seq.used = self._taken
         seq.tag = job.tag

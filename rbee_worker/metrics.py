@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from rbee_common.metrics import RATE_BUCKETS, WORKER_STATES, Metrics
+from rbee_worker.engine import SAVE_MIN_TOKENS
 
 
 class WorkerMetrics(Metrics):
@@ -27,12 +28,17 @@ class WorkerMetrics(Metrics):
         self.prompt_tokens = self.counter("prompt_tokens", "Prompt tokens of finished requests.", ["model"])
         self.cached_tokens = self.counter(
             "cached_prompt_tokens", "Prompt tokens reused from the cache instead of computed.", ["model"])
+        self.prefix_lookups = self.counter(
+            "prefix_lookups",
+            "Finished requests by where their prompt's prefix was found: `slot` (still in a sequence), "
+            "`ram` (the host-RAM prompt cache) or `none` (less than 64 tokens or half the prompt).",
+            ["model", "found"])
         self.completion_tokens = self.counter("completion_tokens", "Tokens generated.", ["model"])
         self.load_seconds = self.gauge("model_load_seconds", "How long loading the model took.", ["model"])
 
     def request_ended(
         self, outcome: str, *, ttft_s: float | None, generating_s: float | None,
-        tokens_in: int = 0, tokens_out: int = 0, tokens_cached: int = 0,
+        tokens_in: int = 0, tokens_out: int = 0, tokens_cached: int = 0, tokens_restored: int = 0,
     ) -> None:
         model = self.model
         self.inferences.labels(model, outcome).inc()
@@ -40,6 +46,10 @@ class WorkerMetrics(Metrics):
             self.ttft.labels(model).observe(ttft_s)
         self.prompt_tokens.labels(model).inc(tokens_in)
         self.cached_tokens.labels(model).inc(tokens_cached)
+        if tokens_in:
+            shared = tokens_cached > 0 and tokens_cached >= min(SAVE_MIN_TOKENS, tokens_in // 2)
+            found = "ram" if tokens_restored else "slot" if shared else "none"
+            self.prefix_lookups.labels(model, found).inc()
         self.completion_tokens.labels(model).inc(tokens_out)
         if generating_s is not None and generating_s > 0 and tokens_out > 1:
             self.tokens_per_second.labels(model).observe((tokens_out - 1) / generating_s)

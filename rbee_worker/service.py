@@ -330,7 +330,8 @@ class WorkerService:
                 generating_s=None if first_token_at is None else self.last_request_end - first_token_at,
                 tokens_in=generated.tokens_in if generated else 0,
                 tokens_out=generated.tokens_out if generated else index,
-                tokens_cached=generated.tokens_cached if generated else 0)
+                tokens_cached=generated.tokens_cached if generated else 0,
+                tokens_restored=generated.tokens_restored if generated else 0)
             self.recent.append(active.request_id)
             if len(self.active) == self.config.slots - 1:
                 self.state_changed.set()  # ready again

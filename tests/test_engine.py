@@ -186,6 +186,11 @@ def test_a_prompt_restored_from_host_ram_gives_the_tokens_it_gave_in_its_slot(is
         # another question of a tenant: its system prompt comes back, the question is computed
         other = stream(worker.url, tenant(0, "Do you deliver?"))
         assert 250 < int(other["tokens_cached"]) < int(other["tokens_in"]) - 3  # type: ignore[call-overload]
+        lookups = [line for line in httpx.get(f"{worker.url}/metrics").text.splitlines()
+                   if line.startswith("rbee_worker_prefix_lookups_total{")]
+        assert sorted(lookups) == [  # where each request's prefix was: none for the cold runs
+            'rbee_worker_prefix_lookups_total{found="none",model="smollm2-135m"} 3.0',
+            'rbee_worker_prefix_lookups_total{found="ram",model="smollm2-135m"} 4.0'], lookups
     with daemon(worker_argv(1)) as plain:  # the same history, each tenant twice in its slot
         in_slot = [(stream(plain.url, tenant(k)), stream(plain.url, tenant(k)))[1] for k in range(3)]
     assert [s["text"] for s in in_slot] == [a["text"] for a in again]
