@@ -468,6 +468,7 @@ def _check_anchors(
 AUDITED_OPERATIONS = {
     "hive_install": "hive.install", "hive_uninstall": "hive.uninstall", "hive_start": "hive.start",
     "hive_stop": "hive.stop", "worker_spawn": "worker.spawn", "worker_stop": "worker.stop",
+    "worker_scale": "worker.scale",
     "model_download": "model.download", "model_delete": "model.delete",
 }
 """Job operations that change the fleet, and their audit event types."""

@@ -70,6 +70,16 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """The share of a prompt's characters a worker must hold for the prefix to decide."""
     prefix_load_margin: Annotated[int, msgspec.Meta(ge=0)] = 4
     """Requests a prefix-holding worker may run beyond the least loaded one and still be chosen."""
+    replicas: bool = True
+    """Start more workers of a model while its requests wait (`scale_after_s`), and stop them when
+    idle (`replica_idle_s`)."""
+    scale_after_s: Positive = 2.0
+    """How long the oldest request waiting for a model may wait before another worker starts."""
+    max_workers_per_model: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """The most workers the queen runs of one model (0: as many devices as fit it)."""
+    replica_idle_s: Positive = 60.0
+    """A worker the queen added for a busy model stops after this long idle (the model's first
+    worker stays until its hive's idle timeout)."""
     infer_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
     """Workers tried for one request that fails before its first token."""
     known_hosts: str = "~/.ssh/known_hosts"
@@ -240,11 +250,22 @@ class HiveEntry(_Section, frozen=True, kw_only=True):
     """The hive's worker port range: the queen takes heartbeats only from workers on these ports."""
 
 
+class ModelSettings(_Section, frozen=True, kw_only=True):
+    """What the queen keeps up for one model (`[models.<id>]`)."""
+
+    min_workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    """Workers of this model the queen keeps running (started at once, again after a crash, never
+    stopped for being idle), placed as its replicas are."""
+
+
 class RbeeConfig(_Section, frozen=True, kw_only=True):
     queen: QueenSettings = QueenSettings()
     hive: HiveSettings = HiveSettings()
     keeper: KeeperSettings = KeeperSettings()
     hives: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")], HiveEntry] = (
+        msgspec.field(default_factory=dict)
+    )
+    models: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:/@-]{1,256}\Z")], ModelSettings] = (
         msgspec.field(default_factory=dict)
     )
 

@@ -352,6 +352,14 @@ class WorkerListActive(Op[list[WorkerRecord]], tag="worker_list_active", frozen=
     """Only workers of this model, or on this device."""
 
 
+class WorkerScale(Op[list[WorkerRecord]], tag="worker_scale", frozen=True, kw_only=True):
+    """At least `replicas` workers of `model` in the fleet, the missing ones placed by the queen (a
+    hive with the file, a GPU, the most free memory; one a device): the model's workers after it."""
+
+    model: ModelRef
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+
+
 ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")]
 
 
@@ -456,6 +464,8 @@ class WorkerSpawn(HiveOp[WorkerRecord], tag="worker_spawn", frozen=True, kw_only
     worker_token: Secret | None = None
     """The new worker's own API token, minted by the queen (DESIGN §8: separate tokens). The hive
     hands it to the worker in its environment; without one, a hive with a token mints one."""
+    keep: bool = False
+    """Not stopped by the hive's idle timeout: the queen keeps it (`[models.<id>] min_workers`)."""
 
 
 class WorkerList(HiveOp[list[WorkerRecord]], tag="worker_list", frozen=True, kw_only=True):
@@ -499,6 +509,7 @@ Operation = (
     | HiveRefreshCapabilities
     | SshTest
     | WorkerListActive
+    | WorkerScale
     | Infer
     | Embed
     | WorkerSpawn
@@ -513,7 +524,7 @@ Operation = (
 
 QUEEN_OPERATIONS: Final = (
     Status, HiveList, HiveGet, HiveInstall, HiveUninstall, HiveStart, HiveStop, HiveStatus,
-    HiveRefreshCapabilities, SshTest, WorkerListActive, Infer, Embed,
+    HiveRefreshCapabilities, SshTest, WorkerListActive, WorkerScale, Infer, Embed,
 )
 HIVE_OPERATIONS: Final = (
     WorkerSpawn, WorkerList, WorkerGet, WorkerStop, ModelDownload, ModelList, ModelGet, ModelDelete,

@@ -58,6 +58,8 @@ class _Running:
         self.model_path = model_path
         self.exited = trio.Event()
         self.failed_checks = 0
+        self.keep = False
+        """Spared by the idle timeout (`WorkerSpawn.keep`)."""
         self.killed = False
         """SIGKILL was sent: a second stop only waits for the exit (reaping a process whose
         gigabyte of cache the kernel frees takes tens of milliseconds)."""
@@ -235,6 +237,7 @@ class Workers:
             token_sha256=token_sha256(token) if token else None,
         )
         running = _Running(info, process, write_end, model_arg, token)
+        running.keep = op.keep
         self.running[worker_id] = running
         self.nursery.start_soon(self._supervise, running)
         started = time.monotonic()
@@ -373,7 +376,7 @@ class Workers:
         info.idle_s = float(ready.get("idle_s", 0.0))
         info.state = "busy" if ready.get("state") == "busy" else "ready"
         timeout = self.settings.worker_idle_timeout_s
-        if timeout and info.slots_busy == 0 and info.idle_s >= timeout:
+        if timeout and info.slots_busy == 0 and info.idle_s >= timeout and not running.keep:
             log.info("worker %s idle for %.0f s (limit %g s): stopping it",
                      info.worker_id, info.idle_s, timeout)
             info.state = "draining"

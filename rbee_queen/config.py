@@ -10,6 +10,7 @@ from rbee_common.auth import TokenSource, require_token_for_bind
 from rbee_common.config import (
     HiveEntry,
     HiveSettings,
+    ModelSettings,
     QueenSettings,
     RbeeConfig,
     changed_fields,
@@ -35,6 +36,8 @@ class QueenConfig(msgspec.Struct, kw_only=True):
     hives: dict[str, HiveEntry]
     hive: HiveSettings = msgspec.field(default_factory=HiveSettings)
     """The `[hive]` section: the in-process hive's settings under --local-hive."""
+    models: dict[str, ModelSettings] = msgspec.field(default_factory=dict)
+    """The `[models.<id>]` sections (`min_workers`)."""
     api_token: str | None = None
     """Wanted from clients on every endpoint but /health (`--api-token-file`, $RBEE_API_TOKEN)."""
     api_token_file: str | None = None
@@ -62,7 +65,8 @@ class QueenConfig(msgspec.Struct, kw_only=True):
         token = TokenSource(api_token_file).current
         require_token_for_bind(settings.host, token, "queen-rbee")
         log.info("config_load %s hives=%d", describe_source(path), len(hives))
-        return cls(settings=settings, hives=hives, hive=config.hive, api_token=token, config_path=path,
+        return cls(settings=settings, hives=hives, hive=config.hive, models=dict(config.models),
+                   api_token=token, config_path=path,
                    from_file=True, api_token_file=api_token_file,
                    overrides={"host": host, "port": port, "local_hive": local_hive})
 
@@ -91,6 +95,9 @@ class QueenConfig(msgspec.Struct, kw_only=True):
         self.hives.clear()
         self.hives.update(fresh.hives)
         applied += [f"hives.{alias}" for alias in changed_hives]
+        applied += [f"models.{name}" for name in sorted(set(self.models) | set(fresh.models))
+                    if self.models.get(name) != fresh.models.get(name)]
+        self.models = fresh.models
         log.info("config_reload %s changed=%s", describe_source(self.config_path),
                  ",".join(applied) or "nothing")
         if restart:

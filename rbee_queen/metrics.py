@@ -51,6 +51,9 @@ class QueenMetrics(Metrics):
         self.cold_start_duration = self.histogram(
             "cold_start_duration_seconds", "From deciding on a cold start to the worker being ready.",
             ["model"])
+        self.replicas = self.counter(
+            "replicas", "Workers the queen added for a model whose requests waited, and stopped when idle, "
+            "by event (started, failed, stopped).", ["model", "event"])
         self.heartbeats = self.counter(
             "heartbeats", "Worker heartbeats received, by outcome (accepted, refused).", ["outcome"])
         self.workers_dropped = self.counter(
@@ -99,6 +102,10 @@ class QueenMetrics(Metrics):
                                       labels=["model"])
             for model, count in sorted(waiting().items()):
                 depth.add_metric([model], count)
-            return [by_state, busy, total, depth]
+            per_model = GaugeMetricFamily(self.name("model_workers"), "Workers serving each model.",
+                                          labels=["model"])
+            for model in sorted({w.model for w in workers}):
+                per_model.add_metric([model], sum(1 for w in workers if w.model == model))
+            return [by_state, busy, total, depth, per_model]
 
         self.collect_with(collect)

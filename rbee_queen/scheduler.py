@@ -26,12 +26,23 @@ from rbee_common.prefixes import Block, held_share
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
 from rbee_queen.hives import HiveRouter
 from rbee_queen.metrics import QueenMetrics
+from rbee_queen.placement import gather, place
 from rbee_queen.registry import WorkerRegistry
 
 log = logging.getLogger("rbee.queen.scheduler")
 ROUTABLE = ("ready", "busy")
 MAX_SESSIONS = 10_000
 """Sessions whose worker the queen remembers; the oldest are forgotten first."""
+
+
+class Ticket:
+    """A request waiting in its model's line: whom to tell what the queen does about the wait."""
+
+    __slots__ = ("context", "since")
+
+    def __init__(self, context: JobContext | None) -> None:
+        self.context = context
+        self.since = time.monotonic()
 
 
 def serves(worker: WorkerRecord, model: str, aliases: Mapping[str, str]) -> bool:
@@ -125,12 +136,14 @@ class Scheduler:
         """(model, hive_id, the spawn's result or None, error code or None, job id): the audit log."""
         self.metrics: QueenMetrics | None = None
         self.load: dict[str, int] = {}
+        self.last_used: dict[str, float] = {}
+        """worker_id -> when a request last took or gave back one of its slots (monotonic)."""
         self.waiting: dict[str, int] = {}
         self.aliases: dict[str, str] = {}
         """Requested model -> the name its workers report (a catalog id)."""
         self._changed = trio.Event()
         self._cold: dict[str, trio.Event] = {}
-        self._lines: dict[str, list[object]] = {}
+        self.lines: dict[str, list[Ticket]] = {}
         """Per model, the requests waiting for a slot, first come first: only the first may take
         one, and a new request queues behind them."""
         registry.on_change = self.notify
@@ -164,10 +177,10 @@ class Scheduler:
         queued = False
         queued_at = 0.0
         given = exclude
-        ticket = object()
+        ticket = Ticket(context)
         try:
             while True:
-                line = self._lines.setdefault(model, [])
+                line = self.lines.setdefault(model, [])
                 if hive_id is not None:  # workers of other hives do not count
                     exclude = given | {w.worker_id for w in self.registry.routable() if w.hive_id != hive_id}
                 first = not line or line[0] is ticket  # first come, first served
@@ -180,6 +193,7 @@ class Scheduler:
                                               prefer=prefer) if first else (None, "none")
                 if worker is not None:
                     self.load[worker.worker_id] = self.load.get(worker.worker_id, 0) + 1
+                    self.last_used[worker.worker_id] = time.monotonic()
                     if session:
                         self.sessions.pop(session, None)
                         self.sessions[session] = worker.worker_id
@@ -201,6 +215,7 @@ class Scheduler:
                         )
                     self.waiting[model] = self.waiting.get(model, 0) + 1
                     queued, queued_at = True, time.monotonic()
+                    ticket.since = queued_at
                     line.append(ticket)
                     if context is not None:
                         context.narrate("queued", "Every worker of this model is busy; waiting for a slot")
@@ -215,16 +230,17 @@ class Scheduler:
         finally:
             if queued:
                 self.waiting[model] -= 1
-                line = self._lines[model]
+                line = self.lines[model]
                 line.remove(ticket)
                 if not line:
-                    del self._lines[model]
+                    del self.lines[model]
                 self.notify()  # the next in line may go
                 if self.metrics is not None:
                     self.metrics.queue_wait.labels(model).observe(time.monotonic() - queued_at)
 
     def release(self, worker_id: str) -> None:
         self.load[worker_id] = max(self.load.get(worker_id, 0) - 1, 0)
+        self.last_used[worker_id] = time.monotonic()
         self.notify()
 
     async def cold_start(
@@ -253,24 +269,38 @@ class Scheduler:
             log.info("%s", said)
             if context is not None:
                 context.narrate("cold_start", said, hive_id=hive_id, device=device)
-            token = new_token() if self.mint_tokens else None
             try:
-                spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token, ctx=ctx)
-                spawned = await self.router.get(hive_id).run(spawn, context)
-            except RbeeError as error:
-                self.on_cold_start(model, hive_id, None, error.code, context.job_id if context else None)
+                await self.start_worker(model, hive_id, device, context, ctx=ctx)
+            except RbeeError:
                 if self.metrics is not None:  # (no model label: a failed one may name no model at all)
                     self.metrics.cold_starts.labels("failed").inc()
                 raise
-            self.on_cold_start(model, hive_id, spawned, None, context.job_id if context else None)
             if self.metrics is not None:
                 self.metrics.cold_starts.labels("completed").inc()
                 self.metrics.cold_start_duration.labels(model).observe(time.monotonic() - began)
-            self.register_spawned(model, hive_id, spawned, token)
         finally:
             del self._cold[key]
             done.set()
             self.notify()
+
+    async def start_worker(
+        self, model: str, hive_id: str, device: str, context: JobContext | None, *, ctx: int | None = None,
+        keep: bool = False,
+    ) -> WorkerRecord:
+        """Spawn a worker of `model` on `device` of `hive_id` (audited) and route to it at once;
+        `keep`: its hive does not stop it when idle."""
+        token = new_token() if self.mint_tokens else None
+        job_id = context.job_id if context else None
+        try:
+            spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token, ctx=ctx,
+                                keep=keep)
+            spawned = await self.router.get(hive_id).run(spawn, context)
+        except RbeeError as error:
+            self.on_cold_start(model, hive_id, None, error.code, job_id)
+            raise
+        self.on_cold_start(model, hive_id, spawned, None, job_id)
+        self.register_spawned(model, hive_id, spawned, token)
+        return spawned
 
     def register_spawned(self, model: str, hive_id: str, spawned: WorkerRecord, token: str | None) -> None:
         """Route to a worker we started at once, without waiting for its first heartbeat.
@@ -284,31 +314,14 @@ class Scheduler:
             slots_total=spawned.slots_total, slots_busy=0, pid=spawned.pid, ctx=spawned.ctx,
         ))
         self.registry.confirm(spawned.worker_id, token)
+        self.last_used[spawned.worker_id] = time.monotonic()
 
     async def best_hive(self, model: str, only: str | None = None) -> tuple[str, str]:
-        """A hive with the model in its catalog first, then the most free memory; its best device."""
-        options: list[tuple[bool, int, str, str]] = []
-
-        async def consider(hive_id: str) -> None:
-            try:
-                hive = self.router.get(hive_id)
-                caps = await hive.capabilities()
-                has = await hive.has_model(model)
-            except RbeeError as error:
-                log.info("hive %s cannot take a cold start: %s", hive_id, error.code)
-                return
-            gpus = [d for d in caps.devices if d.kind in ("cuda", "metal")]
-            best = max(gpus or caps.devices, key=lambda d: d.memory_free_bytes, default=None)
-            if best is not None:
-                options.append((has, best.memory_free_bytes, hive_id, best.id))
-
-        async with trio.open_nursery() as nursery:
-            for hive_id in [only] if only else self.router.ids():
-                nursery.start_soon(consider, hive_id)
-        if not options:
+        """The best device of the fleet for a first worker of `model` (`placement.place`)."""
+        picks = place(await gather(self.router, model, only=only), 1, taken=set(), cpu_hives=set())
+        if not picks:
             raise NoHive(
                 "No hive is reachable to start a worker on.",
                 hint="Start a hive (`rbee-keeper hive start`), or run the queen with --local-hive.",
             )
-        _, _, hive_id, device = max(options)
-        return hive_id, device
+        return picks[0].hive_id, picks[0].device

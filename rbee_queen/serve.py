@@ -92,6 +92,7 @@ async def serve(
         service = QueenService(config, http=http, nursery=children, remote=remote, local_hives=local,
                                tokens=tokens, lanes=lanes)
         children.start_soon(service.workers.expire_forever)
+        children.start_soon(service.replicas.run)
         children.start_soon(flush_audit_forever, service.auth_failures)
         try:
             async with trio.open_nursery() as nursery:

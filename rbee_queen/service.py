@@ -60,6 +60,7 @@ from rbee_common.wire import (
     WorkerList,
     WorkerListActive,
     WorkerRecord,
+    WorkerScale,
     WorkerSpawn,
     WorkerStop,
     check_embed_inputs,
@@ -73,6 +74,7 @@ from rbee_queen.inference import WORKER_TIMEOUT, Served, WorkerLanes, generate
 from rbee_queen.metrics import QueenMetrics
 from rbee_queen.registry import WorkerRegistry
 from rbee_queen.remote import Remote
+from rbee_queen.replicas import Replicas
 from rbee_queen.responses_api import ResponseStore
 from rbee_queen.scheduler import Scheduler
 
@@ -119,6 +121,7 @@ class QueenService:
         self.scheduler.on_cold_start = self.audit_cold_start
         self.scheduler.metrics = self.metrics
         self.metrics.watch(self.workers, lambda: self.scheduler.waiting)
+        self.replicas = Replicas(self.scheduler, lambda: self.config.settings, lambda: self.config.models)
         self.heartbeats = Heartbeats(
             self.workers, nursery=nursery, queen_token=lambda: self.token, hive_token=self.hive_token,
             hive_ids=self.router.ids, placement=lambda hive_id: self.router.get(hive_id).placement(),
@@ -162,6 +165,8 @@ class QueenService:
                 return await self.status(context)
             case WorkerListActive(model=model, device=device):
                 return self.worker_list_active(context, model=model, device=device)
+            case WorkerScale(model=model, replicas=replicas):
+                return await self.replicas.ensure(model, replicas, context)
             case HiveList():
                 self.config.reload_hives()
                 return [HiveListing(hive_id=hive.hive_id, url=hive.url, local=hive.in_process,
