@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.wire import WorkerGet, WorkerList, WorkerSpawn, WorkerStop
+from rbee_common.wire import WorkerGet, WorkerList, WorkerScale, WorkerSpawn, WorkerStop
 from rbee_keeper import lifecycle
 from rbee_keeper.common import (
     HiveOption,
@@ -33,13 +33,20 @@ def worker_spawn(
     backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: the hive's free cores).")] = None,  # noqa: E501
     keep_queen: KeepQueen = False,
+    replicas: Annotated[int | None, typer.Option(min=1, max=64, help="At least this many workers of the model across the fleet, placed by the queen (a hive with the file, a GPU, the most free memory; one a device); --hive, --device, --backend and --threads do not apply.")] = None,  # noqa: E501
 ) -> None:
-    """Start a worker for a model on a hive, with its progress."""
+    """Start a worker for a model on a hive, with its progress (or, with --replicas, as many as
+    asked over the fleet)."""
     c = keeper_context(ctx)
-    operation = build(WorkerSpawn, model=model, device=device, hive_id=hive, backend=backend, threads=threads)
     if not keep_queen and not lifecycle.is_healthy(c.queen_url):
         say("No queen runs: one starts for this command, and the worker stops with it at the end.")
         say("To keep the worker: `rbee-keeper queen start` first, or pass --keep-queen.")
+    if replicas is not None:
+        scaled = run_with_queen(c, build(WorkerScale, model=model, replicas=replicas), keep_queen=keep_queen)
+        rows = [[w.worker_id, w.model, w.hive_id, w.device, w.url, str(w.pid)] for w in scaled]
+        print_table(rows, ["WORKER", "MODEL", "HIVE", "DEVICE", "URL", "PID"])
+        return
+    operation = build(WorkerSpawn, model=model, device=device, hive_id=hive, backend=backend, threads=threads)
     worker = run_with_queen(c, operation, keep_queen=keep_queen)
     print(f"{worker.worker_id}  {worker.model}  {worker.device}  {worker.url}  (pid {worker.pid})")
 
