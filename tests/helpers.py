@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import selectors
 import signal
@@ -201,6 +202,39 @@ def job_result(url: str, operation: dict[str, object], timeout: float = 120.0,
     results = [e["value"] for e in events if e["type"] == "result"]
     assert len(results) == 1, events
     return results[0]
+
+
+def loopback_hive_argv(folder: Path, k: int) -> list[str]:
+    """How `loopback_fleet` starts hive `h<k>` (again, after a test killed it: same port and data)."""
+    return [str(BIN / "rbee-hive"), "--config", str(folder / f"h{k}" / "rbee.toml")]
+
+
+@contextlib.contextmanager
+def loopback_fleet(
+    folder: Path, hives: int, *, hive: str, queen: str = "", models: str = "", env: dict[str, str] | None = None,
+) -> Iterator[Daemon]:
+    """A queen with its local hive and `hives` more `rbee-hive` processes on loopback (`h1`, ...),
+    reached over HTTP as a remote hive is; each hive's [hive] section gets `hive`, the queen's
+    config `queen` in its [queen] section and `models` at its end. Each has its own XDG folders
+    (`isolated_env(folder / "h<k>")`), port and worker ports; `env` is added to every process's."""
+    queen_port = free_port()
+    base = random.randrange(20_000, 60_000, 100)
+    entries = []
+    with contextlib.ExitStack() as stack:
+        for k in range(1, hives + 1):
+            own = folder / f"h{k}"
+            own.mkdir()
+            low, high, port = base + 10 * k, base + 10 * k + 9, free_port()
+            (own / "rbee.toml").write_text(
+                f'[hive]\nhive_id = "h{k}"\nport = {port}\nqueen_url = "http://127.0.0.1:{queen_port}"\n'
+                f"worker_port_min = {low}\nworker_port_max = {high}\n{hive}")
+            stack.enter_context(daemon(loopback_hive_argv(folder, k), env={**isolated_env(own), **(env or {})}))
+            entries.append(f'[hives.h{k}]\nhost = "127.0.0.1"\nhive_port = {port}\n'
+                           f"worker_port_min = {low}\nworker_port_max = {high}\n")
+        config = folder / "queen.toml"
+        config.write_text(f"[hive]\n{hive}[queen]\n{queen}\n" + "".join(entries) + models)
+        yield stack.enter_context(daemon([str(BIN / "queen-rbee"), "--port", str(queen_port), "--local-hive",
+                                          "--config", str(config)], env={**isolated_env(folder / "q"), **(env or {})}))
 
 
 def isolated_env(root: Path) -> dict[str, str]:

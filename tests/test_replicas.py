@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import threading
@@ -20,7 +19,7 @@ import httpx
 
 from rbee_queen.placement import Option, place
 from rbee_queen.replicas import wanted
-from tests.helpers import BIN, Daemon, daemon, free_port, job_result, run_job, wait_for
+from tests.helpers import BIN, Daemon, job_result, loopback_fleet, run_job, wait_for
 
 # --- the decision and the placement, as functions ------------------------------------------------
 
@@ -53,43 +52,16 @@ def test_placement_prefers_the_file_then_a_gpu_then_free_memory_and_never_double
 # --- a fleet of three hives ----------------------------------------------------------------------
 
 
-HIVE = """synthetic_backend = true
-synthetic_slots = 2
-synthetic_tokens_per_s = {rate}
-worker_idle_timeout_s = {idle}
-"""
-
-
 @contextlib.contextmanager
 def three_hives(
     tmp_path: Path, queen: str, *, rate: float = 8.0, idle: float = 0, models: str = "",
 ) -> Iterator[Daemon]:
     """A queen with its local hive and hives `h1` and `h2` over HTTP, each with synthetic workers of
-    two slots, idle `idle` seconds before their hive stops them (0: never); the queen's config gets
-    `queen` in its [queen] section, and `models` at its end."""
-    queen_port = free_port()
-    base = random.randrange(20_000, 60_000, 100)
-    entries = []
-    with contextlib.ExitStack() as stack:
-        for k in (1, 2):
-            folder = tmp_path / f"h{k}"
-            folder.mkdir()
-            low, high = base + 10 * k, base + 10 * k + 9
-            config = folder / "rbee.toml"
-            config.write_text(f'[hive]\nhive_id = "h{k}"\nqueen_url = "http://127.0.0.1:{queen_port}"\n'
-                              f"worker_port_min = {low}\nworker_port_max = {high}\n" + HIVE.format(rate=rate, idle=idle))
-            env = {f"XDG_{part}_HOME": str(folder / part.lower()) for part in ("STATE", "DATA", "CONFIG", "CACHE")}
-            hive = stack.enter_context(daemon([str(BIN / "rbee-hive"), "--port", "0", "--config", str(config)],
-                                              env=env))
-            port = hive.url.rsplit(":", 1)[1]
-            entries.append(f'[hives.h{k}]\nhost = "127.0.0.1"\nhive_port = {port}\n'
-                           f"worker_port_min = {low}\nworker_port_max = {high}\n")
-        config = tmp_path / "queen.toml"
-        config.write_text("[hive]\n" + HIVE.format(rate=rate, idle=idle) + f"[queen]\n{queen}\n" + "".join(entries)
-                          + models)
-        env = {f"XDG_{part}_HOME": str(tmp_path / "q" / part.lower()) for part in ("STATE", "DATA", "CONFIG", "CACHE")}
-        yield stack.enter_context(daemon([str(BIN / "queen-rbee"), "--port", str(queen_port), "--local-hive",
-                                          "--config", str(config)], env=env))
+    two slots, idle `idle` seconds before their hive stops them (0: never)."""
+    hive = f"synthetic_backend = true\nsynthetic_slots = 2\nsynthetic_tokens_per_s = {rate}\n" \
+           f"worker_idle_timeout_s = {idle}\n"
+    with loopback_fleet(tmp_path, 2, hive=hive, queen=queen, models=models) as fleet:
+        yield fleet
 
 
 def workers(queen: Daemon) -> list[dict[str, object]]:
