@@ -469,7 +469,7 @@ AUDITED_OPERATIONS = {
     "hive_install": "hive.install", "hive_uninstall": "hive.uninstall", "hive_start": "hive.start",
     "hive_stop": "hive.stop", "worker_spawn": "worker.spawn", "worker_stop": "worker.stop",
     "worker_scale": "worker.scale",
-    "model_download": "model.download", "model_delete": "model.delete",
+    "model_download": "model.download", "model_delete": "model.delete", "model_share": "model.share",
 }
 """Job operations that change the fleet, and their audit event types."""
 

@@ -256,7 +256,8 @@ def install_auth(
 ) -> None:
     """Require the token on every route but `public` ones.
 
-    `own_check` routes accept other credentials and check them themselves; the
+    `own_check` routes (a path, or a prefix ending in `/`) accept other credentials and check
+    them themselves; the
     header must still be there and well formed, for every method, before any
     body is read (401 first, never 400 or 405 to a stranger). `on_success` and
     `on_failure` see each outcome (the audit log): a fingerprint, never a token.
@@ -283,7 +284,7 @@ def install_auth(
             return None
         try:
             presented = presented_token()
-            if request.path in own:
+            if request.path in own or any(p.endswith("/") and request.path.startswith(p) for p in own):
                 return None
             if not matches(presented, (source.current,)):
                 raise refuse_token(presented)

@@ -161,6 +161,8 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     download_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
     disk_reserve_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 << 20
     """Downloads leave at least this much of the data disk free."""
+    share_max_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """The most this hive sends a second to each hive copying a model from it (0: no limit)."""
     audit_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 10 * 1024 * 1024
     """The audit log is archived (and its chain continued in a new file) at this size."""
     audit_max_total_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 100 * 1024 * 1024

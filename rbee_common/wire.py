@@ -107,6 +107,8 @@ class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
     """`hf:org/repo:file` with the exact file, and the revision it came from."""
     context_length: int | None = None
     """What the model was trained for (its GGUF header, or config.json), as the hive lists it."""
+    sha256: dict[str, str] | None = None
+    """Each file's sha256 (hex), as its download verified it: what a copy to another hive checks."""
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -480,7 +482,43 @@ class WorkerStop(HiveOp[WorkerRecord], tag="worker_stop", frozen=True, kw_only=T
     worker_id: Ident
 
 
+class CopySource(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a hive copies a model from instead of the Hub: another hive's files, with a ticket
+    that hive gave the queen for this model alone (`model_share`)."""
+
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[A-Za-z0-9.:\[\]_-]{1,300}\Z")]
+    """The source hive's base URL."""
+    hive_id: Ident
+    ticket: Secret
+    entry: CatalogEntry
+    """The source's catalog entry: the files and their sha256."""
+    sizes: dict[str, int]
+    """Each file's size in bytes."""
+
+
 class ModelDownload(HiveOp[CatalogEntry], tag="model_download", frozen=True, kw_only=True):
+    model: ModelRef
+    from_hive: Ident | None = None
+    """Copy it from this hive (the queen finds one that has it when not given; the Hub is the
+    fallback only when not given)."""
+    source: CopySource | None = None
+    """Set by the queen for the hive that copies; never by a client."""
+
+
+class CopyGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """What a hive that has a model gives the queen so that another hive can copy it."""
+
+    entry: CatalogEntry
+    sizes: dict[str, int]
+    """Each file's size in bytes."""
+    ticket: Secret
+    """Good for this model's files only, for `expires_s`."""
+    expires_s: float
+
+
+class ModelShare(HiveOp[CopyGrant], tag="model_share", frozen=True, kw_only=True):
+    """A ticket for another hive to copy a model of this hive's catalog (the queen asks)."""
+
     model: ModelRef
 
 
@@ -520,6 +558,7 @@ Operation = (
     | ModelList
     | ModelGet
     | ModelDelete
+    | ModelShare
 )
 
 QUEEN_OPERATIONS: Final = (
@@ -528,6 +567,7 @@ QUEEN_OPERATIONS: Final = (
 )
 HIVE_OPERATIONS: Final = (
     WorkerSpawn, WorkerList, WorkerGet, WorkerStop, ModelDownload, ModelList, ModelGet, ModelDelete,
+    ModelShare,
 )
 OPERATION_NAMES: Final[tuple[str, ...]] = tuple(
     str(cls.__struct_config__.tag) for cls in (*QUEEN_OPERATIONS, *HIVE_OPERATIONS)
@@ -535,6 +575,7 @@ OPERATION_NAMES: Final[tuple[str, ...]] = tuple(
 
 HiveOperation = (
     WorkerSpawn | WorkerList | WorkerGet | WorkerStop | ModelDownload | ModelList | ModelGet | ModelDelete
+    | ModelShare
 )
 """The operations a hive runs."""
 

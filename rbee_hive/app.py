@@ -13,6 +13,7 @@ from rbee_common.http import add_shutdown_route, create_app, json_response
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.webui import add_ui_routes
 from rbee_hive.service import HiveService
+from rbee_hive.sharing import add_file_route
 
 
 def build_app(
@@ -30,7 +31,7 @@ def build_app(
         service.auth_failures.refused(request_source(), reason, identity, path)
 
     install_auth(
-        app, token, public=("/health", *pages, *metrics),
+        app, token, public=("/health", *pages, *metrics), own_check=("/v1/models/",),
         on_success=lambda identity: service.audit.record("auth.success", actor=identity, outcome="ok"),
         on_failure=refused,
     )
@@ -47,6 +48,9 @@ def build_app(
     async def capabilities() -> Response:
         return json_response(await trio.to_thread.run_sync(service.capabilities))
 
+    add_file_route(app, service.catalog, service.tickets,
+                   token if isinstance(token, TokenSource) else TokenSource.fixed(token),
+                   lambda: service.settings.share_max_bytes_per_s)
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

@@ -165,9 +165,9 @@ def _trained(fmt: str, path: str, _mtime_ns: int, _size: int) -> int | None:
 
 def new_entry(
     *, model_id: str, reference: str, provider: Provider, fmt: ModelFormat, path: Path, files: list[str],
-    size: int, source: str | None,
+    size: int, source: str | None, sha256: dict[str, str] | None = None,
 ) -> CatalogEntry:
     return CatalogEntry(
         id=model_id, reference=reference, provider=provider, format=fmt, path=str(path), size_bytes=size,
-        files=files, added_at=time.time(), source=source,
+        files=files, added_at=time.time(), source=source, sha256=sha256,
     )

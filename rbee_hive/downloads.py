@@ -8,8 +8,13 @@ timeout, and `hf_hub_download` is one blocking call with none of those.
 
 A download lands in `<models>/.partial/<id>/` and resumes from there with a
 `Range` request; only when every file is complete and its sha256 matches are
-the files moved into the catalog and `meta.json` written. Concurrent requests
-for one model share one transfer.
+the files moved into the catalog and `meta.json` written (with each file's
+sha256). Concurrent requests for one model share one transfer.
+
+A model another hive of the fleet has is copied from that hive instead
+(`copy`, with the `CopySource` the queen got from it: `rbee_hive/sharing.py`):
+the same partial files, resume, progress and checks, against the sha256 of
+the source's catalog entry.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -44,6 +51,7 @@ from rbee_common.errors import (
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     CatalogEntry,
+    CopySource,
     ModelFormat,
 )
 from rbee_hive.catalog import Catalog, HfRef, catalog_id, new_entry, parse_hf
@@ -180,12 +188,12 @@ def resolve_plan(ref: str, hf: HfRef) -> Plan:
 
 
 class Transfer:
-    def __init__(self, ref: str) -> None:
+    def __init__(self, ref: str, first: str = "Resolving the model on the Hub") -> None:
         self.ref = ref
         self.done = 0
         self.total: int | None = None
         self.started = time.monotonic()
-        self.notes: list[str] = ["Resolving the model on the Hub"]
+        self.notes: list[str] = [first]
         """What happened so far, narrated to every job that waits for it."""
         self.wake = trio.Event()
         self.finished = trio.Event()
@@ -230,11 +238,29 @@ class Downloader:
                 "model_download", f"Model {existing.id} is already in the catalog", model=existing.id
             )
             return existing
-        key = catalog_id(ref)
+        return await self._follow(catalog_id(ref), Transfer(ref), lambda t: self._transfer(t, hf), context)
+
+    async def copy(self, source: CopySource, context: JobContext) -> CatalogEntry:
+        """A model from another hive of the fleet (`model_download` with the queen's `source`)."""
+        entry = source.entry
+        existing = self.catalog.find(entry.id)
+        if existing is not None:
+            context.narrate("model_download", f"Model {existing.id} is already in the catalog",
+                            model=existing.id)
+            return existing
+        first = f"Copying {entry.id} from hive {source.hive_id} (over the LAN, not from the Hub)"
+        return await self._follow(entry.id, Transfer(entry.reference, first),
+                                  lambda t: self._copy(t, source), context)
+
+    async def _follow(
+        self, key: str, fresh: Transfer, work: Callable[[Transfer], Awaitable[CatalogEntry]],
+        context: JobContext,
+    ) -> CatalogEntry:
+        """Start `fresh` (or join the transfer of `key` under way) and narrate it to the end."""
         transfer = self.transfers.get(key)
         if transfer is None:
-            transfer = self.transfers[key] = Transfer(ref)
-            self.nursery.start_soon(self._run, key, transfer, hf)
+            transfer = self.transfers[key] = fresh
+            self.nursery.start_soon(self._run, key, transfer, work)
         else:
             context.narrate("model_download", "Joining the download already in progress", model=key)
         transfer.waiters += 1
@@ -262,10 +288,12 @@ class Downloader:
             if transfer.waiters == 0 and not transfer.finished.is_set():
                 transfer.scope.cancel()  # nobody waits for it any more; the partial file stays
 
-    async def _run(self, key: str, transfer: Transfer, hf: HfRef) -> None:
+    async def _run(
+        self, key: str, transfer: Transfer, work: Callable[[Transfer], Awaitable[CatalogEntry]],
+    ) -> None:
         try:
             with transfer.scope:
-                transfer.entry = await self._transfer(transfer, hf)
+                transfer.entry = await work(transfer)
         except RbeeError as error:
             transfer.error = error
         except Exception as error:
@@ -283,6 +311,46 @@ class Downloader:
 
     async def _transfer(self, transfer: Transfer, hf: HfRef) -> CatalogEntry:
         plan = await trio.to_thread.run_sync(resolve_plan, transfer.ref, hf)
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        def url(file: RemoteFile) -> str:
+            return str(hf_hub_url(plan.repo, file.name, revision=plan.revision, endpoint=endpoint()))
+
+        source = f"hf:{plan.repo}:{plan.files[0].name}" if plan.format == "gguf" else f"hf:{plan.repo}"
+
+        def register(path: Path, sums: dict[str, str]) -> CatalogEntry:
+            return self.catalog.register(new_entry(
+                model_id=plan.model_id, reference=plan.reference, provider="hf", fmt=plan.format,
+                path=path, files=[f.name for f in plan.files], size=plan.total, source=source, sha256=sums,
+            ))
+
+        return await self._pull(plan, transfer, url, build_hf_headers(), "the Hub", register)
+
+    async def _copy(self, transfer: Transfer, source: CopySource) -> CatalogEntry:
+        entry = source.entry
+        sums = entry.sha256 or {}
+        files = [RemoteFile(name, source.sizes[name], sums[name]) for name in entry.files]
+        plan = Plan(model_id=entry.id, reference=entry.reference, repo="", revision="", files=files,
+                    format=entry.format)
+        origin = f"hive {source.hive_id}"
+
+        def url(file: RemoteFile) -> str:
+            return f"{source.url}/v1/models/{entry.id}/files/{quote(file.name)}"
+
+        def register(path: Path, sums: dict[str, str]) -> CatalogEntry:
+            return self.catalog.register(msgspec.structs.replace(
+                entry, path=str(path), added_at=time.time(), sha256=sums, context_length=None))
+
+        return await self._pull(plan, transfer, url, {"Authorization": f"Bearer {source.ticket}"}, origin,
+                                register)
+
+    async def _pull(
+        self, plan: Plan, transfer: Transfer, url: Callable[[RemoteFile], str], headers: dict[str, str],
+        origin: str, register: Callable[[Path, dict[str, str]], CatalogEntry],
+    ) -> CatalogEntry:
+        """Fetch the plan's files into `.partial/` (resuming), check each against its sha256, move
+        them into the catalog and `register` them (with every file's sha256)."""
         partial = inside(self.catalog.partial_root, self.catalog.partial_root / plan.model_id)
         partial.mkdir(parents=True, exist_ok=True)
         for file in plan.files:
@@ -299,20 +367,17 @@ class Downloader:
                 hint=f"Free at least {_mb(needed - free)} MB on the hive's data disk.",
             )
         transfer.total, transfer.done = plan.total, have
-        transfer.say(f"Downloading {len(plan.files)} file(s), {_mb(plan.total)} MB" + (
+        transfer.say(f"Downloading {len(plan.files)} file(s), {_mb(plan.total)} MB from {origin}" + (
             f", resuming at {_mb(have)} MB" if have else ""))
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
-
-        headers = build_hf_headers()
         timeout = httpx.Timeout(30.0, read=self.stall_s)
+        sums: dict[str, str] = {}
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as http:
             for file in plan.files:
-                url = hf_hub_url(plan.repo, file.name, revision=plan.revision, endpoint=endpoint())
                 dest = partial / (file.name + ".partial")
                 for check in range(2):  # a checksum mismatch deletes the file and downloads it once more
-                    await self._fetch(http, url, headers, dest, file, transfer)
-                    if not file.sha256 or await trio.to_thread.run_sync(_sha256, dest) == file.sha256:
+                    await self._fetch(http, url(file), headers, dest, file, transfer, origin)
+                    sums[file.name] = await trio.to_thread.run_sync(_sha256, dest)
+                    if not file.sha256 or sums[file.name] == file.sha256:
                         break
                     await trio.to_thread.run_sync(_remove, dest)
                     transfer.done -= file.size
@@ -329,16 +394,11 @@ class Downloader:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial / (file.name + ".partial"), target)
         shutil.rmtree(partial, ignore_errors=True)
-        path = final / plan.files[0].name if plan.format == "gguf" else final
-        source = f"hf:{plan.repo}:{plan.files[0].name}" if plan.format == "gguf" else f"hf:{plan.repo}"
-        return self.catalog.register(new_entry(
-            model_id=plan.model_id, reference=plan.reference, provider="hf", fmt=plan.format,
-            path=path, files=[f.name for f in plan.files], size=plan.total, source=source,
-        ))
+        return register(final / plan.files[0].name if plan.format == "gguf" else final, sums)
 
     async def _fetch(
         self, http: httpx.AsyncClient, url: str, headers: dict[str, str], dest: Path, file: RemoteFile,
-        transfer: Transfer,
+        transfer: Transfer, origin: str,
     ) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         problem: RbeeError = DownloadFailed("The download failed.")
@@ -355,14 +415,15 @@ class Downloader:
                 return
             request_headers = {**headers, **({"Range": f"bytes={have}-"} if have else {})}
             try:
-                with map_transport_errors("the Hub"):
+                with map_transport_errors(origin):
                     async with http.stream("GET", url, headers=request_headers) as response:
                         if response.status_code in (401, 403):
                             raise _access_denied()
                         if response.status_code == 404:
                             raise _not_found("That file is not in the repository.")
                         if response.status_code not in (200, 206):
-                            problem = DownloadFailed(f"The Hub answered HTTP {response.status_code}.")
+                            problem = DownloadFailed(f"{origin[0].upper()}{origin[1:]} answered HTTP "
+                                                     f"{response.status_code}.")
                             continue
                         if response.status_code == 200 and have:  # the server ignored Range: start over
                             transfer.done -= have
@@ -374,8 +435,8 @@ class Downloader:
                                 async for chunk in response.aiter_bytes():
                                     if received + len(chunk) > file.size:  # never more than the Hub announced
                                         chunk = chunk[: file.size - received]
-                                        log.warning("the Hub sent more of %r than its %d announced bytes: "
-                                                    "cut off", file.name, file.size)
+                                        log.warning("%s sent more of %r than its %d announced bytes: "
+                                                    "cut off", origin, file.name, file.size)
                                     pending += chunk
                                     received += len(chunk)
                                     transfer.done += len(chunk)
@@ -406,7 +467,7 @@ class Downloader:
                 ) from None
             except TransportError:
                 problem = DownloadFailed(
-                    "The connection to the Hub broke.", hint="Run it again; it resumes where it stopped."
+                    f"The connection to {origin} broke.", hint="Run it again; it resumes where it stopped."
                 )
             log.warning("download attempt %d of %s failed: %s", attempt + 1, file.name, problem.message)
         problem.details.setdefault("hint", "Run the download again; it resumes where it stopped.")

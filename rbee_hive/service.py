@@ -14,11 +14,13 @@ from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     Capabilities,
     CatalogEntry,
+    CopySource,
     Infer,
     ModelDelete,
     ModelDownload,
     ModelGet,
     ModelList,
+    ModelShare,
     Op,
     WorkerGet,
     WorkerList,
@@ -29,6 +31,7 @@ from rbee_hive.catalog import Catalog
 from rbee_hive.devices import available_backends, detect_devices, disk_free
 from rbee_hive.downloads import Downloader
 from rbee_hive.metrics import HiveMetrics
+from rbee_hive.sharing import Tickets, grant
 from rbee_hive.workers import Workers
 
 
@@ -45,6 +48,8 @@ class HiveService:
         self.audit = AuditLog.of_daemon(f"hive-{settings.hive_id}.jsonl", component="hive", settings=settings)
         self.auth_failures = AuthFailures(self.audit, settings.audit_failure_window_s)
         self.metrics = HiveMetrics()
+        self.tickets = Tickets()
+        """What this hive gave the queen for other hives to copy its models (`model_share`)."""
         self.downloads.metrics = self.workers.metrics = self.metrics
         self.metrics.watch(detect_devices, self.workers.list, lambda: {
             model: (transfer.done, transfer.total) for model, transfer in self.downloads.transfers.items()})
@@ -72,8 +77,15 @@ class HiveService:
                 return self.workers.get(worker_id)
             case WorkerStop(worker_id=worker_id):
                 return await self.workers.stop(worker_id, context)
-            case ModelDownload(model=model):
+            case ModelDownload(model=model, source=None):
                 return await self.downloads.download(model, context)
+            case ModelDownload(source=CopySource() as source):
+                return await self.downloads.copy(source, context)
+            case ModelShare(model=model):
+                given = await trio.to_thread.run_sync(grant, self.catalog, self.tickets, model)
+                context.narrate("model_share", f"{given.entry.id} may be copied from this hive for "
+                                f"{given.expires_s / 60:.0f} min", model=given.entry.id)
+                return given
             case ModelList(provider=provider):
                 models = [m for m in self.catalog.list() if provider is None or m.provider == provider]
                 context.narrate("model_list", f"{len(models)} model(s) in the catalog")

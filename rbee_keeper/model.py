@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from rbee_common.wire import ModelDelete, ModelDownload, ModelGet, ModelList
@@ -20,9 +22,14 @@ model_cli = typer.Typer(no_args_is_help=True, help="Download, list and delete mo
 
 @model_cli.command("download")
 @handles_errors
-def model_download(ctx: typer.Context, model: str, hive: HiveOption = "localhost") -> None:
-    """Download hf:<org>/<repo>[:<file or quant>] into a hive's catalog, with progress."""
-    entry = run_with_queen(keeper_context(ctx), build(ModelDownload, model=model, hive_id=hive))
+def model_download(
+    ctx: typer.Context, model: str, hive: HiveOption = "localhost",
+    from_hive: Annotated[str | None, typer.Option(help="Copy it from this hive over the LAN (by default the queen copies from any hive that has it, else downloads from the Hub).")] = None,  # noqa: E501
+) -> None:
+    """Download hf:<org>/<repo>[:<file or quant>] into a hive's catalog, with progress: copied from
+    another hive of the fleet when one has it, else from the Hub."""
+    operation = build(ModelDownload, model=model, hive_id=hive, from_hive=from_hive)
+    entry = run_with_queen(keeper_context(ctx), operation)
     print(f"{entry.id}  {entry.size_bytes / 1e6:.0f} MB  {entry.path}")
 
 

@@ -28,8 +28,9 @@ import trio
 
 from rbee_common.config import ModelSettings, QueenSettings
 from rbee_common.errors import RbeeError
-from rbee_common.jobs import JobContext
-from rbee_common.wire import WorkerRecord, WorkerStop
+from rbee_common.jobs import JobContext, detached_context
+from rbee_common.wire import ModelDownload, WorkerRecord, WorkerStop
+from rbee_queen.copies import Copies
 from rbee_queen.placement import Option, gather, place
 from rbee_queen.scheduler import Scheduler, serves
 
@@ -76,6 +77,8 @@ class Replicas:
         """(model, hive, device) -> until when that device is not tried again for that model; with
         no hive and device, until when no device is looked for (none was free)."""
         self.stopping: set[str] = set()
+        self.copies: Copies | None = None
+        """Gets the model onto a hive that lacks it before a worker starts there."""
         self.placing: set[tuple[str, str, str]] = set()
         """(model, hive, device) of the workers being started: taken as if running."""
 
@@ -205,6 +208,9 @@ class Replicas:
         for job in [*told, *([context] if context is not None else [])]:
             job.narrate("scale_out", said, model=model, hive_id=pick.hive_id, device=pick.device)
         try:
+            if not pick.has_model and self.copies is not None:  # from a hive that has it, else the Hub
+                fetch = ModelDownload(model=model, hive_id=pick.hive_id)
+                await self.copies.download(fetch, context or detached_context(fetch, "queen (replica)"))
             spawned = await scheduler.start_worker(model, pick.hive_id, pick.device, context, keep=keep)
         except RbeeError as error:
             log.warning("another worker of %s on %s %s failed to start: %s (%s)", model, pick.hive_id,

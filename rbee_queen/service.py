@@ -52,6 +52,7 @@ from rbee_common.wire import (
     ModelDownload,
     ModelGet,
     ModelList,
+    ModelShare,
     Op,
     QueenStatus,
     SshTest,
@@ -67,6 +68,7 @@ from rbee_common.wire import (
 )
 from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
+from rbee_queen.copies import Copies
 from rbee_queen.dialects import Usage
 from rbee_queen.heartbeats import Heartbeats
 from rbee_queen.hives import HiveRouter, InProcessHive
@@ -121,7 +123,9 @@ class QueenService:
         self.scheduler.on_cold_start = self.audit_cold_start
         self.scheduler.metrics = self.metrics
         self.metrics.watch(self.workers, lambda: self.scheduler.waiting)
+        self.copies = Copies(self.router)
         self.replicas = Replicas(self.scheduler, lambda: self.config.settings, lambda: self.config.models)
+        self.replicas.copies = self.copies
         self.heartbeats = Heartbeats(
             self.workers, nursery=nursery, queen_token=lambda: self.token, hive_token=self.hive_token,
             hive_ids=self.router.ids, placement=lambda hive_id: self.router.get(hive_id).placement(),
@@ -206,8 +210,10 @@ class QueenService:
                 stopped = await self.router.get(hive_id).run(operation, context)
                 self.workers.forget(worker_id, "stopped through the queen", "stopped")
                 return stopped
-            case WorkerSpawn() | WorkerList() | WorkerGet() | ModelDownload() | ModelList() | ModelGet() \
-                    | ModelDelete():
+            case ModelDownload():
+                return await self.copies.download(operation, context)
+            case WorkerSpawn() | WorkerList() | WorkerGet() | ModelList() | ModelGet() | ModelDelete() \
+                    | ModelShare():
                 return await self.router.get(operation.hive_id).run(operation, context)
         raise NotImplementedYet(  # unreachable while every operation has its case: mypy checks it
             f"This queen does not handle the operation `{operation.name}`.",

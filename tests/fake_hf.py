@@ -44,6 +44,8 @@ class FakeHub:
         self.trailing_junk = b""
         self.file_requests: list[tuple[str, str | None]] = []
         """(file path, Range header) for every GET of a file."""
+        self.requests: list[str] = []
+        """The path of every request, API and files."""
         self.bytes_sent = 0
         self.lock = threading.Lock()
         self.stalled = threading.Event()
@@ -120,6 +122,8 @@ class FakeHub:
 
     def handle(self, request: BaseHTTPRequestHandler, *, head: bool) -> None:
         path = request.path.split("?", 1)[0]
+        with self.lock:
+            self.requests.append(path)
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path):
             folder = self._repo(request, match[1], head)
             if folder is not None:
