@@ -7,8 +7,8 @@
 
 Sections: latency (the queen against LiteLLM), parallel (tokens/s against llama-server),
 hive_ops (local hive against HTTP hive), scale, cold_start, main_job, cache (prompt prefixes
-in RAM and prefix routing). Run it on a quiet machine, never beside a test run; every server it
-starts, it stops.
+in RAM and prefix routing), fleet (replicas for a burst). Run it on a quiet machine, never beside
+a test run; every server it starts, it stops.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench import cache, cold_start, hive_ops, latency, main_job, parallel, scale
+from bench import cache, cold_start, fleet, hive_ops, latency, main_job, parallel, scale
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +66,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[bool], str]]] = {
     "cold_start": ("Cold start per model size", cold_start.__doc__ or "", _simple(cold_start)),
     "main_job": ("The main job end to end", main_job.__doc__ or "", _simple(main_job)),
     "cache": ("Cache-aware serving", cache.__doc__ or "", _simple(cache)),
+    "fleet": ("Use the whole fleet", fleet.__doc__ or "", _simple(fleet)),
 }
 
 
