@@ -155,6 +155,20 @@ class QueenStatus(msgspec.Struct, frozen=True, kw_only=True):
     them and not yet seen finish (a heartbeat lags by up to one period)."""
     queues: dict[str, int] = msgspec.field(default_factory=dict)
     """Model -> requests waiting for a free slot of it (models with none waiting are left out)."""
+    oldest_wait_s: dict[str, float] = msgspec.field(default_factory=dict)
+    """Model -> how long the first request in its line has waited."""
+    added: dict[str, int] = msgspec.field(default_factory=dict)
+    """Model -> workers the queen added for its waiting requests (stopped again when idle)."""
+    copies: list[CopyUnderWay] = msgspec.field(default_factory=list)
+    """Models being copied from one hive to another, through this queen."""
+
+
+class CopyUnderWay(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    hive_id: str
+    from_hive: str
+    since_s: float
+    """How long ago it started."""
 
 
 class HiveListing(msgspec.Struct, frozen=True, kw_only=True):

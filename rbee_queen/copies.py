@@ -1,12 +1,13 @@
 """Models copied between hives instead of downloaded again from the Hub.
 
-When a hive is to download a model (`model_download`, or before a worker
-starts on a hive without it), the queen looks for another hive that has it
-and is reached over HTTP; that hive gives a ticket for the model's files
-(`model_share`) and the hive that needs it copies them over the LAN, resuming
-and checking each file's sha256 (`rbee_hive/sharing.py`, `Downloader.copy`).
-The Hub is the fallback when no hive has it, or when the copy fails, unless
-the operator named the source (`model download --from-hive`).
+When a hive is to download a model (`model_download`), the queen looks for
+another hive that has it and is reached over HTTP; that hive gives a ticket
+for the model's files (`model_share`) and the hive that needs it copies them
+over the LAN, resuming and checking each file's sha256
+(`rbee_hive/sharing.py`, `Downloader.copy`). The Hub is the fallback when no
+hive has it, or when the copy fails, unless the operator named the source
+(`model download --from-hive`). A replica placed on a hive without its model
+(`replicas.py`) has it copied from a hive that has it, never downloaded.
 
 A download of the same model already under way on another hive (started
 through this queen) is waited for, and then copied: a LAN copy of a finished
@@ -17,13 +18,14 @@ downloads of one model leave the building at once.
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
 import trio
 
 from rbee_common.errors import RbeeError, ValidationFailed
 from rbee_common.jobs import JobContext
-from rbee_common.wire import CatalogEntry, CopySource, ModelDownload, ModelShare
+from rbee_common.wire import CatalogEntry, CopySource, CopyUnderWay, ModelDownload, ModelShare
 from rbee_queen.hives import HiveRouter
 
 log = logging.getLogger("rbee.queen.copies")
@@ -33,7 +35,9 @@ class Copies:
     def __init__(self, router: HiveRouter) -> None:
         self.router = router
         self.fetching: dict[str, tuple[str, trio.Event]] = {}
-        """catalog id -> (the hive downloading it through this queen, set when that ends)."""
+        """model -> (the hive downloading it through this queen, set when that ends)."""
+        self.under_way: dict[tuple[str, str], tuple[str, float]] = {}
+        """(model, target hive) -> (source hive, when it started): the copies in progress."""
 
     async def download(self, operation: ModelDownload, context: JobContext) -> CatalogEntry:
         """`model_download` on `operation.hive_id`: from another hive when one has it, else the Hub."""
@@ -46,13 +50,13 @@ class Copies:
         key = operation.model  # (two spellings of one model are two keys: only a wait is lost)
         origin = operation.from_hive
         if origin is None:
-            origin = await self._holder(operation.model, operation.hive_id)
+            origin = await self.holder(operation.model, operation.hive_id)
         if origin is None and key in self.fetching and self.fetching[key][0] != operation.hive_id:
             fetcher, done = self.fetching[key]
             context.narrate("model_download", f"Hive {fetcher} is downloading {key} already: waiting for "
                             "it to finish, then copying from it", model=key, hive_id=fetcher)
             await done.wait()
-            origin = await self._holder(operation.model, operation.hive_id)
+            origin = await self.holder(operation.model, operation.hive_id)
         if origin is not None:
             try:
                 return await self.copy(operation, origin, context)
@@ -87,9 +91,18 @@ class Copies:
         source = CopySource(url=source_hive.url, hive_id=origin, ticket=grant.ticket, entry=grant.entry,
                             sizes=grant.sizes)
         copied = msgspec.structs.replace(operation, from_hive=None, source=source)
-        return await self.router.get(operation.hive_id).run(copied, context)
+        self.under_way[(operation.model, operation.hive_id)] = (origin, time.monotonic())
+        try:
+            return await self.router.get(operation.hive_id).run(copied, context)
+        finally:
+            self.under_way.pop((operation.model, operation.hive_id), None)
 
-    async def _holder(self, model: str, target: str) -> str | None:
+    def listing(self) -> list[CopyUnderWay]:
+        now = time.monotonic()
+        return [CopyUnderWay(model=model, hive_id=target, from_hive=origin, since_s=round(now - began, 1))
+                for (model, target), (origin, began) in sorted(self.under_way.items())]
+
+    async def holder(self, model: str, target: str) -> str | None:
         """A hive reached over HTTP, other than `target`, whose catalog has `model`."""
         found: list[str] = []
 

@@ -208,9 +208,11 @@ class Replicas:
         for job in [*told, *([context] if context is not None else [])]:
             job.narrate("scale_out", said, model=model, hive_id=pick.hive_id, device=pick.device)
         try:
-            if not pick.has_model and self.copies is not None:  # from a hive that has it, else the Hub
+            copies = None if pick.has_model else self.copies
+            holder = await copies.holder(model, pick.hive_id) if copies is not None else None
+            if copies is not None and holder is not None:  # copied from a hive that has it first
                 fetch = ModelDownload(model=model, hive_id=pick.hive_id)
-                await self.copies.download(fetch, context or detached_context(fetch, "queen (replica)"))
+                await copies.copy(fetch, holder, context or detached_context(fetch, "queen (replica)"))
             spawned = await scheduler.start_worker(model, pick.hive_id, pick.device, context, keep=keep)
         except RbeeError as error:
             log.warning("another worker of %s on %s %s failed to start: %s (%s)", model, pick.hive_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 
@@ -397,6 +398,11 @@ class QueenService:
                 tokens_per_s=_round(self.metrics.worker_rate.get(worker.worker_id)))
                 for worker in self.workers.active()],
             queues={model: count for model, count in sorted(self.scheduler.waiting.items()) if count},
+            oldest_wait_s={model: round(time.monotonic() - line[0].since, 1)
+                           for model, line in sorted(self.scheduler.lines.items()) if line},
+            added={model: sum(1 for m in self.replicas.added.values() if m == model)
+                   for model in sorted(set(self.replicas.added.values()))},
+            copies=self.copies.listing(),
         )
 
     def worker_list_active(

@@ -252,6 +252,9 @@ def test_queen_dashboard_takes_the_token_once_and_chats_in_the_playground(
     row = page.locator("#workers tr", has_text="smollm2-135m")
     expect(row).to_contain_text("ready")
     expect(row.locator("td").nth(6)).to_have_text(re.compile(r"^\d+\.\d$"))  # its tokens/s
+    per_model = page.locator("#queues tr", has_text="smollm2-135m")  # its workers and its line
+    expect(per_model.locator("td").nth(1)).to_have_text("1")
+    expect(per_model.locator("td").nth(2)).to_have_text("0")
     screenshot(page, tmp_path, "queen-dashboard")
 
 

@@ -62,9 +62,23 @@ function renderWorkers() {
 }
 
 function renderQueues() {
-  const queues = Object.entries(state.status.queues || {});
-  const rows = queues.map(([model, waiting]) => el("tr", {}, el("td", {}, model), el("td", { class: "num" }, waiting)));
-  $("#queues .body").replaceChildren(table(["Model", "Waiting"], rows, "No request is waiting for a slot."));
+  // Per model: its workers (and how many the queen added for its line), its line and how long the
+  // first in it has waited; then the copies of models between hives under way.
+  const status = state.status;
+  const queues = status.queues || {};
+  const counts = {};
+  for (const worker of status.workers || []) counts[worker.model] = (counts[worker.model] || 0) + 1;
+  const models = [...new Set([...Object.keys(counts), ...Object.keys(queues)])].sort();
+  const rows = models.map((model) => el("tr", {},
+    el("td", {}, model),
+    el("td", { class: "num" }, `${counts[model] || 0}` + ((status.added || {})[model] ? ` (${status.added[model]} added)` : "")),
+    el("td", { class: "num" }, queues[model] || 0),
+    el("td", { class: "num" }, model in (status.oldest_wait_s || {}) ? `${status.oldest_wait_s[model]} s` : "")));
+  const copies = (status.copies || []).map((copy) => el("tr", {},
+    el("td", {}, copy.model), el("td", {}, `${copy.from_hive} → ${copy.hive_id}`), el("td", { class: "num" }, `${copy.since_s} s`)));
+  $("#queues .body").replaceChildren(
+    table(["Model", "Workers", "Waiting", "Oldest wait"], rows, "No worker, and no request waiting."),
+    ...(copies.length ? [table(["Copying", "From → to", "For"], copies, "")] : []));
 }
 
 function renderModels() {
