@@ -49,7 +49,11 @@ def test_openai_client_streams_with_usage_after_a_cold_start(queen: Daemon) -> N
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) >= 5
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == 30 and chunks[-1].usage.prompt_tokens > 5
+    # 30 tokens, or fewer when the model ended its answer itself (it samples: no seed here)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    produced = chunks[-1].usage.completion_tokens
+    assert (finish, produced == 30) in (("length", True), ("stop", False)) and produced > 0, (finish, produced)
+    assert chunks[-1].usage.prompt_tokens > 5
     assert [w["model"] for w in active(queen)] == ["smollm2-135m"]
     assert "local-hive" in httpx.get(f"{queen.url}/v1/build-info").json()["features"]
     # The next turn of the conversation: the worker still holds the first prompt in its cache.
