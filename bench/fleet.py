@@ -4,7 +4,7 @@ Four hives on this machine: a queen with its local hive and three
 `rbee-hive` processes on loopback, reached over HTTP as remote hives are,
 each able to run one synthetic worker (no model: 8 slots, 20 tokens a second
 a stream, so the CPU is not what limits it). One worker of the model is
-running; then 64 streams of 256 tokens start at once. With replicas (the
+running; then 64 streams of 512 tokens start at once. With replicas (the
 queen's defaults, `scale_after_s = 2`; `replica_idle_s = 10` to see the way
 back in a short run) and with `replicas = false`: when the 2nd, 3rd and 4th
 workers served, the burst's aggregate tokens a second, the wait for each
@@ -144,7 +144,7 @@ def copies(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    streams, tokens = (32, 64) if quick else (64, 256)
+    streams, tokens = (32, 64) if quick else (64, 512)
     return {"burst": [_burst(True, streams, tokens), _burst(False, streams, tokens)], "copies": copies(quick)}
 
 

@@ -1,10 +1,11 @@
 """More workers for a busy model, and fewer when it is quiet again.
 
 The queen watches its lines: when the oldest request waiting for a model has
-waited `[queen] scale_after_s`, it starts more workers of that model, as many
-as the line would keep busy (its length over a worker's slots, less those
-already starting), at most `max_workers_per_model` (0: as many as there are
-devices to put them on). Each goes on the best free device of the fleet: a hive
+waited `[queen] scale_after_s` (a quarter of it when the line is a whole round
+deep: as many requests as the model's workers have slots), it starts more
+workers of that model, as many as the line would keep busy (its length over a
+worker's slots, less those already starting), at most `max_workers_per_model`
+(0: as many as there are devices to put them on). Each goes on the best free device of the fleet: a hive
 that already has the model's file first, then a GPU before a CPU, then the
 most free memory; never a second worker of the model on one device, nor a
 second CPU worker on one hive's cores. The waiting requests stay in line and go
@@ -100,15 +101,18 @@ class Replicas:
         self.starting[model] = self.starting.get(model, 0) + count
 
     def scale_out(self, nursery: trio.Nursery, settings: QueenSettings) -> None:
-        """Workers for the lines whose first request has waited `scale_after_s`."""
+        """Workers for the lines whose first request has waited `scale_after_s`, or a quarter of it
+        when a whole round waits (as many requests as the model's workers have slots)."""
         now = time.monotonic()
         for model, line in list(self.scheduler.lines.items()):
-            if (not line or now - line[0].since < settings.scale_after_s
-                    or self.failed.get((model, "", ""), 0.0) > now):
+            if not line or self.failed.get((model, "", ""), 0.0) > now:
                 continue
             workers = self.workers_of(model)
             if not workers:
                 continue  # a cold start is the scheduler's
+            deep = len(line) >= sum(w.slots_total for w in workers)
+            if now - line[0].since < settings.scale_after_s / (4 if deep else 1):
+                continue
             count = wanted(len(line), workers=len(workers), starting=self.starting.get(model, 0),
                            slots=max(w.slots_total for w in workers), limit=settings.max_workers_per_model)
             if not count:
@@ -263,6 +267,8 @@ class Replicas:
         try:
             await self.scheduler.router.get(worker.hive_id).run(
                 WorkerStop(worker_id=worker.worker_id, hive_id=worker.hive_id), None)
+            # out again: a heartbeat it sent while stopping brought it back until it went stale
+            self.scheduler.registry.forget(worker.worker_id, "stopped by the queen (idle)", "stopped")
             self.count(model, "stopped")
         except RbeeError as error:
             log.warning("stopping idle worker %s failed: %s", worker.worker_id, error.message)

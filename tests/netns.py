@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +128,9 @@ def _wait_port(address: str, port: int, process: subprocess.Popen[bytes], timeou
     raise RuntimeError(f"sshd on {address}:{port} did not listen within {timeout} s")
 
 
-def _sshd_config(host: Host, authorized: Path) -> str:
+def _sshd_config(host: Host, authorized: Path, env: dict[str, str]) -> str:
     return "\n".join([
+        *(f"SetEnv {name}={value}" for name, value in env.items()),
         "Port 22",
         f"ListenAddress {host.address}",
         f"HostKey {host.dir / 'host_key'}",
@@ -166,8 +167,11 @@ def _remove_host(host: Host) -> None:
 
 
 @contextlib.contextmanager
-def fleet(count: int, root: Path) -> Iterator[Fleet]:
-    """`count` namespace hosts with sshd, removed on exit."""
+def fleet(
+    count: int, root: Path, env: Callable[[str], dict[str, str]] = lambda gateway: {},
+) -> Iterator[Fleet]:
+    """`count` namespace hosts with sshd, removed on exit; `env(gateway)`: variables every SSH
+    session (and so every hive started over SSH) gets, given the root namespace's address."""
     subnet = _subnet()
     # Fresh names every time: a deleted namespace lingers in the kernel while its sockets
     # time out, and with it the old veth pair, so reusing a name would collide.
@@ -204,7 +208,7 @@ def fleet(count: int, root: Path) -> Iterator[Fleet]:
             _ip("-n", host.netns, "link", "set", "lo", "up")
             _keygen(host.dir / "host_key")
             config = host.dir / "sshd_config"
-            config.write_text(_sshd_config(host, authorized))
+            config.write_text(_sshd_config(host, authorized, env(f"10.231.{subnet}.1")))
             with open(host.dir / "sshd.log", "wb") as log:
                 host.sshd = subprocess.Popen(
                     ["ip", "netns", "exec", host.netns, SSHD, "-D", "-e", "-f", str(config)],

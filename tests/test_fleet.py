@@ -21,15 +21,28 @@ import psutil
 import pytest
 
 from tests import netns
+from tests.fake_hf import FakeHub
 from tests.fleet import Site, altered_wheelhouse, make_site
 from tests.helpers import gone, wait_for
 
 pytestmark = netns.fleet_mark()
 
 
+HUB_REPO, HUB_FILE, HUB_SIZE = "test-org/tiny-GGUF", "tiny.Q4_K_M.gguf", 3_000_000
+
+
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netns.Fleet]:
-    with netns.fleet(2, tmp_path_factory.mktemp("fleet")) as made:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    """The fake Hub, on every address of the root namespace: the hosts reach it over the bridge."""
+    with FakeHub(tmp_path_factory.mktemp("hub"), host="0.0.0.0") as running:
+        running.add_file(HUB_REPO, HUB_FILE, os.urandom(HUB_SIZE))
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[netns.Fleet]:
+    with netns.fleet(2, tmp_path_factory.mktemp("fleet"),
+                     env=lambda gateway: {"HF_ENDPOINT": f"http://{gateway}:{hub.port}"}) as made:
         yield made
 
 
@@ -87,7 +100,7 @@ def install_fails(site: Site, alias: str) -> str:
 
 
 def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(
-    installed_site: tuple[Site, dict[str, subprocess.CompletedProcess[str]]],
+    installed_site: tuple[Site, dict[str, subprocess.CompletedProcess[str]]], hub: FakeHub,
 ) -> None:
     site, results = installed_site
     h1, h2 = site.host("h1"), site.host("h2")
@@ -129,6 +142,16 @@ def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(
         # the worker's API wants the hive's token: the network cannot use it without one
         worker_url = spawned.stdout.split()[3]
         assert httpx.get(f"{worker_url}/v1/ready", timeout=5).status_code == 401
+
+        # a model h1 downloads from the Hub, h2 copies from h1 across the bridge: no Hub request
+        got = site.keeper("model", "download", f"hf:{HUB_REPO}", "--hive", "h1")
+        assert got.returncode == 0, got.stderr
+        asked = len(hub.requests)
+        copied = site.keeper("model", "download", f"hf:{HUB_REPO}", "--hive", "h2")
+        assert copied.returncode == 0, copied.stderr
+        assert "from hive h1 instead of the Hub" in copied.stderr and len(hub.requests) == asked
+        on_h2 = Path(copied.stdout.split()[-1])
+        assert on_h2.read_bytes() == (hub.root / HUB_REPO / HUB_FILE).read_bytes()
 
         ours = {**on_h1, **rbee_processes(h2)}
         os.kill(queen.process.pid, signal.SIGKILL)
