@@ -43,6 +43,18 @@ def _workers(url: str) -> list[dict[str, Any]]:
     return listed
 
 
+def _waiting(url: str) -> int:
+    """Requests waiting for a slot, as the queen's /metrics say."""
+    text = httpx.get(f"{url}/metrics").text
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("rbee_queen_queue_depth{")
+        )
+    )
+
+
 def _burst(replicas: bool, streams: int, tokens: int) -> dict[str, Any]:
     queen = (
         f"replicas = {'true' if replicas else 'false'}\nreplica_idle_s = 10\nqueue_size = 1000\n"
@@ -77,11 +89,15 @@ def _burst(replicas: bool, streams: int, tokens: int) -> dict[str, Any]:
             firsts.append(first)
             produced.append(count)
 
-        def watch() -> None:  # when each worker count was first reached
+        depth: list[int] = []
+
+        def watch() -> None:  # when each worker count was first reached; the line every 5 s
             while not done.wait(0.25):
                 at = time.perf_counter() - began
                 for n in range(1, len(_workers(q.url)) + 1):
                     serving.setdefault(n, at)
+                if at >= 5 * len(depth):
+                    depth.append(_waiting(q.url))
 
         began = time.perf_counter()
         threads = [threading.Thread(target=stream) for _ in range(streams)]
@@ -112,6 +128,7 @@ def _burst(replicas: bool, streams: int, tokens: int) -> dict[str, Any]:
         "wait_p90": ordered[int(0.9 * len(ordered))],
         "serving": {n: round(t, 1) for n, t in sorted(serving.items())},
         "back_to_one_s": back,
+        "depth": depth,
     }
 
 
@@ -165,6 +182,10 @@ def table(results: dict[str, Any]) -> str:
             f"| {'on' if r['replicas'] else 'off'} | {at} | {r['elapsed']:.1f} s | {r['tokens_per_s']:.0f} | "
             f"{r['wait_p50']:.1f} / {r['wait_p90']:.1f} s | {r['complete']}/{r['streams']} | {back} |"
         )
+    lines += ["", "Requests waiting for a slot, every 5 s from the start:", ""]
+    for r in results["burst"]:
+        series = ", ".join(str(d) for d in r["depth"])
+        lines.append(f"- replicas {'on' if r['replicas'] else 'off'}: {series}")
     lines += [
         "",
         f"Replicas on / off: aggregate tokens/s {on['tokens_per_s'] / off['tokens_per_s']:.2f} x, "
