@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -93,6 +93,14 @@ class Replicas:
                     self.scale_out(nursery, settings)
                     self.scale_in(nursery, settings)
 
+    @staticmethod
+    async def _safely(work: Callable[[], Awaitable[object]]) -> None:
+        """A task of the loop: a bug in it is logged, and neither the loop nor the queen ends."""
+        try:
+            await work()
+        except Exception as error:
+            log.error("adding or stopping workers failed", exc_info=error)
+
     def workers_of(self, model: str) -> list[WorkerRecord]:
         scheduler = self.scheduler
         return [w for w in scheduler.registry.routable() if serves(w, model, scheduler.aliases)]
@@ -125,7 +133,7 @@ class Replicas:
                         f"worker on {pick.hive_id} {pick.device}")
 
             self._reserve(model, count)
-            nursery.start_soon(functools.partial(self.grow, model, count, said, line=True))
+            nursery.start_soon(self._safely, functools.partial(self.grow, model, count, said, line=True))
 
     def keep_up(self, nursery: trio.Nursery) -> None:
         """Start the workers `[models.<id>] min_workers` wants and does not have (at start, after a
@@ -141,7 +149,7 @@ class Replicas:
                         f"worker on {pick.hive_id} {pick.device}")
 
             self._reserve(model, missing)
-            nursery.start_soon(functools.partial(self.grow, model, missing, said, keep=True))
+            nursery.start_soon(self._safely, functools.partial(self.grow, model, missing, said, keep=True))
 
     async def ensure(self, model: str, replicas: int, context: JobContext) -> list[WorkerRecord]:
         """`worker_scale`: at least `replicas` workers of `model`, the missing ones placed as a
@@ -260,7 +268,7 @@ class Replicas:
             log.info("worker %s of %s idle for %.0f s: stopping it (%d other(s) serve %s)", worker_id,
                      model, idle_s, len(others), model)
             scheduler.registry.forget(worker_id, f"idle for {idle_s:.0f} s, stopped by the queen", "stopped")
-            nursery.start_soon(self.stop, worker, model)
+            nursery.start_soon(self._safely, functools.partial(self.stop, worker, model))
 
     async def stop(self, worker: WorkerRecord, model: str) -> None:
         """Stop a worker already out of routing (no request holds it)."""

@@ -109,7 +109,7 @@ def test_a_queue_starts_workers_on_the_other_hives_and_they_stop_when_idle(tmp_p
         log = queen.log_path.read_text()
         assert "for synthetic waited" in log and "starting a second worker on" in log, log[-2000:]
         assert wait_for(lambda: [w["worker_id"] for w in workers(queen)] == [first["worker_id"]], timeout=20)
-        assert replicas_metric(queen, "stopped") == 2
+        assert wait_for(lambda: replicas_metric(queen, "stopped") == 2, timeout=20)  # its hive stopped them
 
 
 def test_the_per_model_limit_holds_however_long_the_line(tmp_path: Path) -> None:
@@ -149,6 +149,6 @@ def test_min_workers_are_started_and_started_again_after_a_crash(tmp_path: Path)
         os.kill(int(str(victim["pid"])), signal.SIGKILL)
         assert wait_for(lambda: len(workers(queen)) == 2
                         and victim["worker_id"] not in [w["worker_id"] for w in workers(queen)], timeout=40)
-        kept = sorted(str(w["worker_id"]) for w in workers(queen))
-        threading.Event().wait(3)  # three idle timeouts of the local hive
-        assert sorted(str(w["worker_id"]) for w in workers(queen)) == kept
+        threading.Event().wait(3)  # three idle timeouts of their hives: none stops (and none restarts)
+        assert len(workers(queen)) == 2 and replicas_metric(queen, "started") == 3, (
+            workers(queen), queen.log_path.read_text()[-3000:])
