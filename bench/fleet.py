@@ -30,29 +30,16 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fake_hf import FakeHub
-from tests.helpers import job_result, loopback_fleet, run_job
+from tests.helpers import active_workers, loopback_fleet, metric_samples, metric_total, run_job
 
 HIVE = (
     "synthetic_backend = true\nsynthetic_slots = 8\nsynthetic_tokens_per_s = 20\nworker_idle_timeout_s = 0\n"
 )
 
 
-def _workers(url: str) -> list[dict[str, Any]]:
-    listed = job_result(url, {"operation": "worker_list_active"})
-    assert isinstance(listed, list)
-    return listed
-
-
 def _waiting(url: str) -> int:
     """Requests waiting for a slot, as the queen's /metrics say."""
-    text = httpx.get(f"{url}/metrics").text
-    return int(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("rbee_queen_queue_depth{")
-        )
-    )
+    return int(metric_total(metric_samples(url), "rbee_queen_queue_depth"))
 
 
 def _burst(replicas: bool, streams: int, tokens: int) -> dict[str, Any]:
@@ -94,7 +81,7 @@ def _burst(replicas: bool, streams: int, tokens: int) -> dict[str, Any]:
         def watch() -> None:  # when each worker count was first reached; the line every 5 s
             while not done.wait(0.25):
                 at = time.perf_counter() - began
-                for n in range(1, len(_workers(q.url)) + 1):
+                for n in range(1, len(active_workers(q.url)) + 1):
                     serving.setdefault(n, at)
                 if at >= 5 * len(depth):
                     depth.append(_waiting(q.url))
@@ -113,7 +100,7 @@ def _burst(replicas: bool, streams: int, tokens: int) -> dict[str, Any]:
         back = 0.0
         if replicas:
             ended = time.perf_counter()
-            while len(_workers(q.url)) > 1 and time.perf_counter() - ended < 120:
+            while len(active_workers(q.url)) > 1 and time.perf_counter() - ended < 120:
                 time.sleep(0.25)
             back = time.perf_counter() - ended
     ordered = sorted(firsts)

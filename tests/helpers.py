@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -235,6 +236,13 @@ def loopback_fleet(
         config.write_text(f"[hive]\n{hive}[queen]\n{queen}\n" + "".join(entries) + models)
         yield stack.enter_context(daemon([str(BIN / "queen-rbee"), "--port", str(queen_port), "--local-hive",
                                           "--config", str(config)], env={**isolated_env(folder / "q"), **(env or {})}))
+
+
+def active_workers(url: str) -> list[dict[str, Any]]:
+    """The workers a queen has heard from recently (`worker_list_active`)."""
+    listed = job_result(url, {"operation": "worker_list_active"})
+    assert isinstance(listed, list)
+    return listed
 
 
 def isolated_env(root: Path) -> dict[str, str]:

@@ -35,7 +35,7 @@ from rbee_common.grammar_limits import MAX_REPEAT
 from rbee_common.sizing import GgufError, gguf_metadata
 from rbee_common.wire import MAX_EMBED_INPUTS, MAX_EMBED_TOKENS
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, isolated_env, job_result, run_job, wait_for
+from tests.helpers import BIN, Daemon, active_workers, daemon, isolated_env, job_result, run_job, wait_for
 from tests.test_auth import TOKEN, token_file
 
 MODEL = "smollm2-135m"
@@ -71,9 +71,7 @@ def queen(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub) -> Iterator[Da
 
 
 def active(queen: Daemon) -> list[dict[str, Any]]:
-    value = job_result(queen.url, {"operation": "worker_list_active"})
-    assert isinstance(value, list)
-    return value
+    return active_workers(queen.url)
 
 
 def worker_log(queen: Daemon, worker_id: str) -> str:

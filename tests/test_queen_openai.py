@@ -16,7 +16,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.helpers import BIN, Daemon, daemon, gone, job_result, run_job, wait_for
+from tests.helpers import BIN, Daemon, active_workers, daemon, gone, job_result, run_job, wait_for
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -32,9 +32,7 @@ def client(queen: Daemon) -> OpenAI:
 
 
 def active(queen: Daemon) -> list[dict[str, object]]:
-    value = job_result(queen.url, {"operation": "worker_list_active"})
-    assert isinstance(value, list)
-    return value
+    return active_workers(queen.url)
 
 
 

@@ -19,7 +19,16 @@ import httpx
 
 from rbee_queen.placement import Option, place
 from rbee_queen.replicas import wanted
-from tests.helpers import BIN, Daemon, job_result, loopback_fleet, run_job, wait_for
+from tests.helpers import (
+    BIN,
+    Daemon,
+    active_workers,
+    loopback_fleet,
+    metric_samples,
+    metric_total,
+    run_job,
+    wait_for,
+)
 
 # --- the decision and the placement, as functions ------------------------------------------------
 
@@ -65,15 +74,11 @@ def three_hives(
 
 
 def workers(queen: Daemon) -> list[dict[str, object]]:
-    listed = job_result(queen.url, {"operation": "worker_list_active"})
-    assert isinstance(listed, list)
-    return listed
+    return active_workers(queen.url)
 
 
 def replicas_metric(queen: Daemon, event: str) -> float:
-    text = httpx.get(f"{queen.url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("rbee_queen_replicas_total{") and f'event="{event}"' in line)
+    return metric_total(metric_samples(queen.url), "rbee_queen_replicas_total", event=event)
 
 
 def burst(queen: Daemon, count: int, tokens: int) -> list[int]:
