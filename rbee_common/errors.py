@@ -30,6 +30,7 @@
     │   ├── ModelNotFound               MODEL_NOT_FOUND
     │   ├── WorkerNotFound              WORKER_NOT_FOUND
     │   ├── DeviceNotFound              DEVICE_NOT_FOUND
+    │   ├── RpcServerNotFound           RPC_SERVER_NOT_FOUND
     │   └── RequestNotFound             REQUEST_NOT_FOUND
     ├── DeadlineExceeded                REQUEST_TIMEOUT            408
     ├── Conflict                        CONFLICT                   409
@@ -400,6 +401,10 @@ class WorkerNotFound(NotFound):
 
 class DeviceNotFound(NotFound):
     code = "DEVICE_NOT_FOUND"
+
+
+class RpcServerNotFound(NotFound):
+    code = "RPC_SERVER_NOT_FOUND"
 
 
 class RequestNotFound(NotFound):

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 
+from rbee_common.gpus import CUDA_BUILD, cpu_build_problem, llama_gpu_offload
 from rbee_common.wire import Device
 
 log = logging.getLogger("rbee.hive.devices")
@@ -81,6 +83,14 @@ def metal_devices() -> list[Device]:
 
 def detect_devices() -> list[Device]:
     return [cpu_device(), *nvidia_devices(), *metal_devices()]
+
+
+def mark_unusable(devices: list[Device]) -> list[Device]:
+    """The devices, each CUDA GPU marked unusable when llama-cpp-python here cannot offload to it."""
+    if not any(d.kind == "cuda" for d in devices) or llama_gpu_offload() is not False:
+        return devices
+    why = f"{cpu_build_problem('a GPU')} Fix: {CUDA_BUILD}"
+    return [msgspec.structs.replace(d, unusable=why) if d.kind == "cuda" else d for d in devices]
 
 
 def available_backends() -> list[str]:

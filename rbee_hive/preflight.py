@@ -22,8 +22,11 @@ from rbee_common.errors import (
     InsufficientVram,
     ModelNotFound,
     ModelPathNotAllowed,
+    ValidationFailed,
     WorkerBinaryNotFound,
 )
+from rbee_common.ggml import RPC_BUILD
+from rbee_common.gpus import CUDA_BUILD, cpu_build_problem, llama_gpu_offload, llama_rpc, shares
 from rbee_common.sizing import (
     UNKNOWN_CTX,
     GgufError,
@@ -35,7 +38,7 @@ from rbee_common.sizing import (
     trained_context,
     worker_bytes,
 )
-from rbee_common.wire import WorkerSpawn
+from rbee_common.wire import Device, WorkerSpawn
 from rbee_hive.catalog import Catalog, check_reference
 from rbee_hive.devices import available_backends, detect_devices
 
@@ -55,6 +58,8 @@ class Preflight(msgspec.Struct, frozen=True, kw_only=True):
     """Where that context comes from, for the spawn's narration."""
     cache_ram_mib: int = 0
     """Host RAM for the worker's prompt cache (llama.cpp), counted in `required_bytes` on a CPU."""
+    tensor_split: list[float] = []
+    """A worker over several GPUs: each one's share of the layers, in proportion to its free VRAM."""
 
 
 
@@ -120,13 +125,8 @@ def preflight(
     if op.backend == "synthetic" or (op.backend == "auto" and settings.synthetic_backend):
         return _synthetic(settings, op)
     name, model_arg, fmt, size = resolve_model(settings, catalog, op.model)
-    devices = {d.id: d for d in detect_devices()}
-    device = devices.get(op.device)
-    if device is None:
-        raise DeviceNotFound(
-            "This hive has no such device.",
-            details={"devices": sorted(devices)}, hint=f"Use one of: {', '.join(sorted(devices))}.",
-        )
+    chosen = _devices(op.device)
+    device = chosen[0]
     backends = available_backends()
     backend = op.backend if op.backend != "auto" else ("mlx" if fmt == "mlx" else "llama-cpp")
     problem = None
@@ -141,6 +141,12 @@ def preflight(
             problem, details={"available_backends": backends},
             hint=f"Available here: {', '.join(backends) or 'none'}.",
         )
+    if op.rpc and backend != "llama-cpp":
+        raise BackendUnavailable(f"Only llama.cpp splits a model over hives, not {backend}.")
+    if op.rpc and not llama_rpc():
+        raise BackendUnavailable(
+            "llama-cpp-python on this hive was built without the RPC backend: it cannot use other "
+            "hives' devices.", hint=f"On this hive: {RPC_BUILD}")
     kv_per_token, trained = 0, trained_context(fmt, model_arg) if fmt == "mlx" else None
     if fmt == "gguf":
         try:
@@ -151,7 +157,17 @@ def preflight(
         except (OSError, GgufError):
             pass  # llama.cpp will say what is wrong with the file
     kind = "VRAM" if device.kind == "cuda" else "RAM"
-    free = device.memory_free_bytes if device.kind == "cuda" else psutil.virtual_memory().available
+    free = (sum(d.memory_free_bytes for d in chosen) if device.kind == "cuda"
+            else psutil.virtual_memory().available)
+    split = list(op.tensor_split) or (
+        shares([d.memory_free_bytes for d in chosen]) if len(chosen) > 1 else [])
+    if op.rpc and not split:
+        split = [1.0] * (len(chosen) + len(op.rpc))  # even, as llama.cpp would
+    if split and len(split) != len(chosen) + len(op.rpc):
+        raise ValidationFailed(
+            f"tensor_split needs {len(chosen) + len(op.rpc)} shares: one for each device of "
+            f"{op.device}, then one for each RPC server.", details={"tensor_split": split})
+    here = sum(split[:len(chosen)]) / sum(split) if op.rpc else 1.0  # the rest is on the RPC servers
     if op.ctx or settings.worker_ctx:
         ctx = op.ctx or settings.worker_ctx
         slots = settings.worker_slots or auto_slots(device=op.device, backend=backend, ctx=ctx)
@@ -161,7 +177,7 @@ def preflight(
             trained=trained if isinstance(trained, int) and trained > 0 else None,
             slots=settings.worker_slots or None, device=op.device, backend=backend, model_bytes=size,
             kv_per_token=kv_per_token, free_bytes=free, memory=kind)
-    needed = worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx)
+    needed = round(worker_bytes(size, kv_per_token=kv_per_token, slots=slots, ctx=ctx) * here)
     cache_ram = 0
     if backend == "llama-cpp":
         ram_left = psutil.virtual_memory().available - (needed if kind == "RAM" else 0)
@@ -180,6 +196,22 @@ def preflight(
             hint="Stop a worker, pick a smaller quantization, use another device, or lower "
                  "[hive] worker_slots, worker_ctx or worker_cache_ram.",
         )
+    for gpu, share in zip(chosen if device.kind == "cuda" else [], split, strict=False):
+        share /= sum(split[:len(chosen)])
+        if needed * share > gpu.memory_free_bytes:  # (shares follow free memory: only by rounding)
+            raise InsufficientVram(
+                f"Not enough VRAM on {gpu.id}: its share ({share:.0%}) of the model needs "
+                f"{needed * share / 1e6:.0f} MB and {gpu.memory_free_bytes / 1e6:.0f} MB are free.",
+                details={"required_bytes": int(needed * share),
+                         "available_bytes": gpu.memory_free_bytes, "device": gpu.id, "model": name},
+                hint="Stop a worker on it, or split over other GPUs.",
+            )
+    if backend == "llama-cpp" and device.kind == "cuda" and llama_gpu_offload() is False:
+        raise BackendUnavailable(  # (after the memory check: that answer holds whatever the build)
+            cpu_build_problem(op.device), details={"available_backends": backends, "device": op.device},
+            hint=f"Build it with CUDA on this machine: {CUDA_BUILD} (or reinstall the hive from a "
+                 "CUDA wheelhouse: rbee-keeper hive install <alias> --force); or use CPU-0.",
+        )
     threads = op.threads or 1
     if op.device == "CPU-0":
         total, used = cpu_budget
@@ -194,7 +226,19 @@ def preflight(
             )
     return Preflight(name=name, model_arg=model_arg, backend=backend, threads=threads,
                      required_bytes=needed, available_bytes=free, memory=kind, slots=slots, ctx=ctx,
-                     ctx_why=why, cache_ram_mib=cache_ram >> 20)
+                     ctx_why=why, cache_ram_mib=cache_ram >> 20, tensor_split=split)
+
+
+def _devices(wanted: str) -> list[Device]:
+    """The devices a spawn names (one, or several GPUs), as this machine has them."""
+    devices = {d.id: d for d in detect_devices()}
+    missing = [name for name in wanted.split(",") if name not in devices]
+    if missing:
+        raise DeviceNotFound(
+            f"This hive has no device {', '.join(missing)}.",
+            details={"devices": sorted(devices)}, hint=f"Use one of: {', '.join(sorted(devices))}.",
+        )
+    return [devices[name] for name in wanted.split(",")]
 
 def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
     """The synthetic backend (benchmarks and tests): no model to find, no memory to check."""
@@ -205,7 +249,9 @@ def _synthetic(settings: HiveSettings, op: WorkerSpawn) -> Preflight:
             hint="Set [hive] synthetic_backend = true on a test hive.",
         )
     check_reference(op.model)
+    chosen = _devices(op.device) if "," in op.device else []
     return Preflight(name=op.model, model_arg=op.model, backend="synthetic", threads=1,
+                     tensor_split=shares([d.memory_free_bytes for d in chosen]) if chosen else [],
                      required_bytes=0, available_bytes=psutil.virtual_memory().available, memory="RAM",
                      slots=settings.synthetic_slots, ctx=op.ctx or settings.worker_ctx or UNKNOWN_CTX,
                      ctx_why="[hive] worker_ctx" if op.ctx or settings.worker_ctx else

@@ -36,6 +36,7 @@ from rbee_common.errors import (
     WorkerReadyTimeout,
     WorkerStartFailed,
 )
+from rbee_common.gpus import format_split, gpu_environment
 from rbee_common.jobs import JobContext
 from rbee_common.wire import CatalogEntry, WorkerRecord, WorkerSpawn
 from rbee_hive.catalog import Catalog
@@ -88,6 +89,8 @@ class Workers:
         self.on_idle_stop: Callable[[WorkerRecord], None] = lambda worker: None
         """A worker the hive stops by itself (idle timeout): the audit log."""
         self.metrics: HiveMetrics | None = None
+        self.extra_cpu_threads: Callable[[], int] = lambda: 0
+        """CPU threads taken outside the workers (this hive's RPC servers)."""
 
     def http(self, timeout: float = 5.0) -> httpx.AsyncClient:
         """A client for talking to our workers (each request carries that worker's token).
@@ -115,7 +118,7 @@ class Workers:
         total = self.settings.cpu_threads or physical_cores()
         used = sum(r.info.threads or 0 for r in self.running.values()
                    if r.info.device == "CPU-0" and r.info.backend != "synthetic")
-        return total, used
+        return total, used + self.extra_cpu_threads()
 
     def spin_wait(self, device: str, threads: int) -> str:
         """`short` for a CPU worker that takes every core: the hive, the queen or anything else that
@@ -152,6 +155,12 @@ class Workers:
         checked = await trio.to_thread.run_sync(self.preflight, op)
         name, backend, threads = checked.name, checked.backend, checked.threads
         cache = f", a prompt cache of {checked.cache_ram_mib} MiB in RAM" if checked.cache_ram_mib else ""
+        if checked.tensor_split:
+            holders = op.device.split(",") + [f"hive {helper}" for helper in op.helpers]
+            total = sum(checked.tensor_split)
+            cache += ", the layers split " + " / ".join(
+                f"{share / total:.0%} on {holder}"
+                for holder, share in zip(holders, checked.tensor_split, strict=True))
         context.narrate(
             "worker_preflight",
             f"Preflight passed: {name} on {op.device} with {backend}, {threads} thread(s), "
@@ -160,6 +169,7 @@ class Workers:
             f"{checked.memory} available",
             model=name, device=op.device, backend=backend, threads=threads, slots=checked.slots,
             ctx=checked.ctx, ctx_why=checked.ctx_why, cache_ram_mib=checked.cache_ram_mib,
+            tensor_split=checked.tensor_split,
             required_bytes=checked.required_bytes, available_bytes=checked.available_bytes,
         )
         worker_id = f"worker-{uuid.uuid4().hex[:12]}"
@@ -207,6 +217,8 @@ class Workers:
             "--drain-s", f"{max(self.settings.worker_stop_grace_s - 1.0, 0.5):g}",
             *(["--queen-url", self.settings.queen_url] if self.settings.queen_url else []),
             *(["--metrics-public"] if self.settings.metrics_public else []),
+            *(["--tensor-split", format_split(checked.tensor_split)] if checked.tensor_split else []),
+            *(["--rpc", ",".join(op.rpc)] if op.rpc else []),
         ]
         if backend == "synthetic":
             argv += ["--synthetic-tokens-per-s", f"{self.settings.synthetic_tokens_per_s:g}",
@@ -216,7 +228,7 @@ class Workers:
         try:
             # from trio's own thread, so that PR_SET_PDEATHSIG follows the hive (see child.py)
             # the token goes in the environment, not argv: `ps` shows argv to every user
-            env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+            env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | gpu_environment(op.device)
             if token:
                 env[TOKEN_ENV] = token
             process = spawn_child(argv, stderr=log_fd, pass_fds=(read_end,), env=env)
@@ -234,7 +246,7 @@ class Workers:
             worker_id=worker_id, hive_id=self.settings.hive_id, model=name, device=op.device, backend=backend,
             threads=threads, pid=process.pid, port=port, url=f"http://{self.settings.host}:{port}",
             state="loading", slots_total=checked.slots, ctx=checked.ctx, started_at=time.time(),
-            token_sha256=token_sha256(token) if token else None,
+            token_sha256=token_sha256(token) if token else None, helpers=list(op.helpers) or None,
         )
         running = _Running(info, process, write_end, model_arg, token)
         running.keep = op.keep

@@ -70,6 +70,10 @@ class Hive(Protocol):
 
     async def has_model(self, model: str) -> bool: ...
 
+    async def model_bytes(self, model: str) -> int | None:
+        """The size of its file of `model`, or None when it has none."""
+        ...
+
     def credential(self) -> str | None:
         """The token the hive and its workers want from the queen (None: no token)."""
         ...
@@ -141,11 +145,14 @@ class HttpHive:
                           version=version)
 
     async def has_model(self, model: str) -> bool:
+        return await self.model_bytes(model) is not None
+
+    async def model_bytes(self, model: str) -> int | None:
         try:
-            await self.run(ModelGet(model=model, hive_id=self.hive_id), None)
+            entry = await self.run(ModelGet(model=model, hive_id=self.hive_id), None)
         except RbeeError:
-            return False
-        return True
+            return None
+        return entry.size_bytes
 
     def credential(self) -> str | None:
         return self._token_for(self.hive_id)
@@ -183,6 +190,10 @@ class InProcessHive:
 
     async def has_model(self, model: str) -> bool:
         return self.service.catalog.find(model) is not None
+
+    async def model_bytes(self, model: str) -> int | None:
+        entry = self.service.catalog.find(model)
+        return entry.size_bytes if entry is not None else None
 
     def credential(self) -> str | None:
         return self._token()  # its workers are the queen's own children: they use the queen's token

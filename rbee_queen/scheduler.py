@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import msgspec
 import trio
@@ -21,12 +21,12 @@ import trio
 from rbee_common.auth import new_token
 from rbee_common.config import QueenSettings
 from rbee_common.errors import NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
-from rbee_common.jobs import JobContext
+from rbee_common.jobs import JobContext, detached_context
 from rbee_common.prefixes import Block, held_share
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
 from rbee_queen.hives import HiveRouter
 from rbee_queen.metrics import QueenMetrics
-from rbee_queen.placement import gather, place
+from rbee_queen.placement import Option, gather, need_bytes, place, plan_beyond_one_device
 from rbee_queen.registry import WorkerRegistry
 
 log = logging.getLogger("rbee.queen.scheduler")
@@ -121,6 +121,8 @@ class Scheduler:
     ) -> None:
         self.registry = registry
         self.router = router
+        self.split: Callable[[WorkerSpawn, JobContext], Awaitable[WorkerRecord]] = self._no_split
+        """Spawns a worker whose layers span hives (`rbee_queen.split`, set by the queen)."""
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cold_start_enabled = cold_start
@@ -262,15 +264,17 @@ class Scheduler:
         done = self._cold[key] = trio.Event()
         began = time.monotonic()
         try:
-            hive_id, device = await self.best_hive(model, only=hive_id)
+            pick = await self.best_hive(model, only=hive_id)
+            hive_id, device = pick.hive_id, pick.device
             why = (f"No worker of {model} has room for a prompt of this length; starting one with a "
                    f"context of {ctx} tokens" if ctx else f"No worker serves {model}; starting one")
-            said = f"{why} on hive {hive_id} ({device})"
+            said = f"{why} on hive {hive_id} ({device})" + (f": {pick.why}" if pick.why else "")
             log.info("%s", said)
             if context is not None:
-                context.narrate("cold_start", said, hive_id=hive_id, device=device)
+                context.narrate("cold_start", said, hive_id=hive_id, device=device,
+                                helpers=list(pick.helpers))
             try:
-                await self.start_worker(model, hive_id, device, context, ctx=ctx)
+                await self.start_worker(model, hive_id, device, context, ctx=ctx, helpers=pick.helpers)
             except RbeeError:
                 if self.metrics is not None:  # (no model label: a failed one may name no model at all)
                     self.metrics.cold_starts.labels("failed").inc()
@@ -285,16 +289,19 @@ class Scheduler:
 
     async def start_worker(
         self, model: str, hive_id: str, device: str, context: JobContext | None, *, ctx: int | None = None,
-        keep: bool = False,
+        keep: bool = False, helpers: Sequence[str] = (),
     ) -> WorkerRecord:
         """Spawn a worker of `model` on `device` of `hive_id` (audited) and route to it at once;
-        `keep`: its hive does not stop it when idle."""
+        `keep`: its hive does not stop it when idle; `helpers`: hives that hold part of its layers."""
         token = new_token() if self.mint_tokens else None
         job_id = context.job_id if context else None
         try:
             spawn = WorkerSpawn(model=model, device=device, hive_id=hive_id, worker_token=token, ctx=ctx,
-                                keep=keep)
-            spawned = await self.router.get(hive_id).run(spawn, context)
+                                keep=keep, helpers=list(helpers))
+            if helpers:
+                spawned = await self.split(spawn, context or detached_context(spawn, "queen (cold start)"))
+            else:
+                spawned = await self.router.get(hive_id).run(spawn, context)
         except RbeeError as error:
             self.on_cold_start(model, hive_id, None, error.code, job_id)
             raise
@@ -316,12 +323,23 @@ class Scheduler:
         self.registry.confirm(spawned.worker_id, token)
         self.last_used[spawned.worker_id] = time.monotonic()
 
-    async def best_hive(self, model: str, only: str | None = None) -> tuple[str, str]:
-        """The best device of the fleet for a first worker of `model` (`placement.place`)."""
-        picks = place(await gather(self.router, model, only=only), 1, taken=set(), cpu_hives=set())
+    async def _no_split(self, spawn: WorkerSpawn, context: JobContext) -> WorkerRecord:
+        raise NoHive("This queen cannot split a model over hives.", hint="Give the model a hive with room.")
+
+    async def best_hive(self, model: str, only: str | None = None) -> Option:
+        """The best device of the fleet for a first worker of `model` (`placement.place`), among those
+        with room for it; for a model no device holds, a hive's GPUs together or several hives
+        (`placement.plan_beyond_one_device`); else the best there is (its preflight then says why)."""
+        options = await gather(self.router, model, only=only)
+        need = need_bytes(options)
+        roomy = [o for o in options if need is None or o.free_bytes >= need]
+        picks = place(roomy, 1, taken=set(), cpu_hives=set())
+        if not picks and need is not None and (plan := plan_beyond_one_device(options, need)) is not None:
+            return plan
+        picks = picks or place(options, 1, taken=set(), cpu_hives=set())
         if not picks:
             raise NoHive(
                 "No hive is reachable to start a worker on.",
                 hint="Start a hive (`rbee-keeper hive start`), or run the queen with --local-hive.",
             )
-        return picks[0].hive_id, picks[0].device
+        return picks[0]

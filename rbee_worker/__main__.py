@@ -22,6 +22,7 @@ from rbee_common.daemon import (
     run_daemon,
 )
 from rbee_common.errors import ConfigError
+from rbee_common.gpus import check_device, gpu_environment, gpu_indices, parse_split
 from rbee_common.sizing import auto_slots
 from rbee_worker.config import WorkerConfig
 from rbee_worker.serve import serve
@@ -51,7 +52,9 @@ def die_with_parent() -> None:
 def main(
     model: Annotated[str, typer.Option(help="smollm2-135m, file:///abs/path.gguf, a .gguf path, or an MLX model dir.")],  # noqa: E501
     model_name: Annotated[str | None, typer.Option(help="The name to report in heartbeats and events (default: --model).")] = None,  # noqa: E501
-    device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
+    device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0; several GPUs of this machine as GPU-0,GPU-1 (the layers split by --tensor-split).")] = "CPU-0",  # noqa: E501
+    tensor_split: Annotated[str | None, typer.Option(help="llama.cpp: each device's share of the layers, in order: this machine's (CPU-0, or each GPU of --device), then each --rpc server's; as 0.6,0.4. Default: even.")] = None,  # noqa: E501
+    rpc: Annotated[str | None, typer.Option(help="llama.cpp: RPC servers (host:port,...) that hold part of the layers; reached through tunnels, never over an open network.")] = None,  # noqa: E501
     backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx; synthetic (benchmarks and tests only: fixed-rate filler tokens, no model).")] = "auto",  # noqa: E501
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to bind; 0 picks a free one.")] = 0,
@@ -74,9 +77,22 @@ def main(
 ) -> None:
     """llm-worker-rbee: serves one model, streaming tokens over SSE."""
     configure_logging("worker")
-    problem = None
-    if not re.fullmatch(r"CPU-0|METAL-0|GPU-[0-9]{1,3}", device):
-        problem = "--device must be CPU-0, METAL-0 or GPU-<n>."
+    problem: str | None = None
+    rpc_servers = [server.strip() for server in (rpc or "").split(",") if server.strip()]
+    split: list[float] = []
+    devices = len(gpu_indices(device)) or 1
+    if tensor_split is not None:
+        try:
+            split = parse_split(tensor_split)
+        except ValueError as error:
+            problem = f"--tensor-split: {error}."
+    if problem is None and (bad := check_device(device)):
+        problem = bad
+    elif problem is None and split and len(split) != devices + len(rpc_servers):
+        problem = (f"--tensor-split needs {devices + len(rpc_servers)} shares: one for each device "
+                   "of --device, then one for each --rpc server.")
+    elif problem is None and any(not re.fullmatch(r"127\.0\.0\.1:[0-9]{1,5}", s) for s in rpc_servers):
+        problem = "--rpc servers must be 127.0.0.1:<port>: tunnels, never an open network."
     elif backend not in ("auto", "llama-cpp", "mlx", "synthetic"):
         problem = "--backend must be auto, llama-cpp, mlx or synthetic."
     elif model_name is not None and not re.fullmatch(r"[A-Za-z0-9._:/@+=-]{1,512}", model_name):
@@ -88,8 +104,8 @@ def main(
     if problem:
         typer.echo(f"llm-worker-rbee: error: {problem}", err=True)
         raise typer.Exit(2)
-    if device.startswith("GPU-"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.removeprefix("GPU-")
+    for key, value in gpu_environment(device).items():
+        os.environ.setdefault(key, value)  # (its hive sets both; this is for a worker run by hand)
     if spin_wait == "short" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
         os.environ["GOMP_SPINCOUNT"] = SHORT_SPIN  # read when llama.cpp's OpenMP runtime loads
     die_with_parent()
@@ -109,6 +125,7 @@ def main(
         lifeline_fd=lifeline_fd, heartbeat_s=heartbeat_s, drain_s=drain_s, api_token=token,
         synthetic_tokens_per_s=synthetic_tokens_per_s, metrics_public=metrics_public, script=script,
         synthetic_prefill_tokens_per_s=synthetic_prefill_tokens_per_s,
+        tensor_split=split, rpc=rpc_servers,
     )
     code = run_daemon(
         functools.partial(serve, config),

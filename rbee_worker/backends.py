@@ -28,11 +28,15 @@ from rbee_common.errors import (
     ModelLoadFailed,
     RbeeError,
     ValidationFailed,
+    WorkerFailed,
 )
+from rbee_common.ggml import Ggml
+from rbee_common.gpus import CUDA_BUILD, cpu_build_problem, gpu_indices, llama_gpu_offload
 from rbee_common.prefixes import MAX_HELD, prompt_blocks
+from rbee_common.sizing import gguf_metadata
 from rbee_common.wire import MAX_EMBED_TOKENS, EmbedRequest, InferenceRequest, StopReason, TokenLogprob
 from rbee_worker import tools
-from rbee_worker.engine import Engine, Job
+from rbee_worker.engine import Engine, EngineError, Job
 from rbee_worker.models import ResolvedModel
 
 log = logging.getLogger("rbee.worker.backend")
@@ -91,14 +95,16 @@ def choose_backend(model: ResolvedModel, requested: str) -> str:
 
 def load_backend(
     model: ResolvedModel, *, backend: str, device: str, threads: int, ctx: int, slots: int,
-    cache_bytes: int = 0,
+    cache_bytes: int = 0, split: list[float] | None = None, rpc: list[str] | None = None,
 ) -> Backend:
     name = choose_backend(model, backend)
     if name == "llama-cpp":
         if model.format != "gguf":
             raise BackendUnavailable("llama.cpp serves GGUF files; this model is an MLX directory.")
         return LlamaCppBackend(model, device=device, threads=threads, ctx=ctx, slots=slots,
-                               cache_bytes=cache_bytes)
+                               cache_bytes=cache_bytes, split=split or [], rpc=rpc or [])
+    if rpc or len(split or []) > 1:
+        raise BackendUnavailable(f"Only llama.cpp splits a model over devices, not {name}.")
     if name == "mlx":
         if model.format != "mlx":
             raise BackendUnavailable(
@@ -166,6 +172,38 @@ def _metadata(lib: Any, model: Any) -> dict[str, str]:
     return meta
 
 
+def _place_layers(
+    lib: Any, model: ResolvedModel, params: Any, device: str, split: list[float], rpc: list[str],
+) -> Any:
+    """Set where the layers go: over this machine's GPUs and the RPC servers' devices, in `split`'s
+    shares (this machine's devices first, then each server's). llama.cpp lists RPC devices before
+    local GPUs; on a CPU, the layers it keeps are the first ones, and the rest are offloaded.
+    Returns the float array `params` points into (keep it alive until the model has loaded)."""
+    gpus = len(gpu_indices(device))
+    local = max(gpus, 1)
+    if not split:
+        split = [1.0] * (local + len(rpc))
+    counts = Ggml().add_rpc_servers(rpc) if rpc else []
+    # a server lending several GPUs: its share, evenly over them (llama.cpp sees each one)
+    remote = [share / count for share, count in zip(split[local:], counts, strict=True) for _ in range(count)]
+    split = split[:local] + remote
+    if len(split) == 1:
+        return None
+    total = sum(split)
+    if gpus:
+        order = split[gpus:] + split[:gpus]  # llama.cpp's order: RPC devices, then local GPUs
+    else:  # the CPU keeps its share of the layers; the rest go to the RPC devices
+        meta = gguf_metadata(model.path)
+        blocks = int(meta.get(f"{meta.get('general.architecture')}.block_count") or 0)
+        if blocks <= 0:
+            raise BackendUnavailable("This GGUF does not say how many layers it has: it cannot be split.")
+        params.n_gpu_layers = max(1, min(blocks, round(blocks * (1 - split[0] / total))))
+        order = split[1:]
+    shares = (ctypes.c_float * len(order))(*(share / sum(order) for share in order))
+    params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
+    return shares
+
+
 class LlamaCppBackend:
     """llama.cpp with continuous batching: the weights once, one context, `slots` sequences.
 
@@ -178,6 +216,7 @@ class LlamaCppBackend:
 
     def __init__(
         self, model: ResolvedModel, *, device: str, threads: int, ctx: int, slots: int, cache_bytes: int = 0,
+        split: list[float] | None = None, rpc: list[str] | None = None,
     ) -> None:
         try:
             import llama_cpp as lib
@@ -193,13 +232,17 @@ class LlamaCppBackend:
         import llama_cpp._logger  # installs the log callback that reads this level
 
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load chatter
+        if device.startswith("GPU-") and not llama_gpu_offload():
+            raise BackendUnavailable(f"{cpu_build_problem(device)}", hint=f"{CUDA_BUILD}; or use CPU-0.")
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = -1 if device.startswith("GPU-") else 0
+        self._split = _place_layers(lib, model, model_params, device, split or [], rpc or [])
         self._model = lib.llama_model_load_from_file(model.path.encode(), model_params)
         if not self._model:
+            vram = f" (on {device}: not enough VRAM, CUDA out of memory)" if device.startswith("GPU-") else ""
             raise ModelLoadFailed(
-                "llama.cpp could not load the model: not a valid GGUF file, or too little memory.",
+                f"llama.cpp could not load the model: not a valid GGUF file, or too little memory{vram}.",
                 hint="Check the file (a finished download, a GGUF this llama.cpp reads) and free memory.",
             )
         context_params = lib.llama_context_default_params()
@@ -389,6 +432,9 @@ class LlamaCppBackend:
         )
         self._engine.submit(job)
         job.finished.wait()
+        if isinstance(job.error, EngineError):  # this batch failed; the worker goes on
+            raise WorkerFailed(str(job.error), hint="Retry; if it persists, lower the worker's slots or "
+                               "context ([hive] worker_slots, worker_ctx), or free the device's memory.")
         if job.error is not None:
             raise job.error
         reason: StopReason = job.reason  # type: ignore[assignment]

@@ -31,6 +31,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """--backend synthetic only (benchmarks and tests): its fixed token rate."""
     script: str | None = None
     """--backend synthetic only (tests): a JSON file of scripted replies (`rbee_worker/synthetic.py`)."""
+    tensor_split: list[float] = []
+    """llama.cpp: each device's share of the layers (this machine's, then each RPC server's)."""
+    rpc: list[str] = []
+    """llama.cpp: RPC servers (127.0.0.1:port, tunnels) that hold part of the layers."""
     metrics_public: bool = False
     """Serve /metrics without the token (its hive's `metrics_public`)."""
     api_token: str | None = None

@@ -47,6 +47,18 @@ OnPiece = Callable[[str, "list[TokenLogprob] | None"], None]
 of the tokens it came from); must not block."""
 
 
+def decode_failure(status: int) -> str:
+    """What a failed `llama_decode` means, for the requests it ends (llama.h's codes)."""
+    if status == 1:
+        return "llama.cpp found no room in the KV cache for this batch (llama_decode: 1)."
+    if status == 2:
+        return "llama.cpp aborted the batch (llama_decode: 2)."
+    if status == -1:
+        return "llama.cpp refused the batch as invalid (llama_decode: -1)."
+    return (f"llama.cpp could not compute the batch (llama_decode: {status}): the device ran out of memory "
+            "(on a GPU: CUDA out of memory) or failed.")
+
+
 class EngineError(Exception):
     """llama.cpp could not decode a batch (out of memory, a broken context)."""
 
@@ -422,7 +434,7 @@ class Engine:
         batch.n_tokens = n
         status = lib.llama_decode(self._ctx, batch)
         if status != 0:
-            raise EngineError(f"llama_decode returned {status}")
+            raise EngineError(decode_failure(status))
         for seq, chunk in added:
             seq.cached.extend(chunk)
         for seq, job, index in outputs:

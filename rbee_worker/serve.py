@@ -119,7 +119,7 @@ async def _serve(
                 functools.partial(
                     load_backend, model, backend=config.backend, device=config.device,
                     threads=config.threads, ctx=config.ctx, slots=config.slots,
-                    cache_bytes=config.cache_ram_mib << 20,
+                    cache_bytes=config.cache_ram_mib << 20, split=config.tensor_split, rpc=config.rpc,
                 )
             )
             service.metrics.load_seconds.labels(config.served_name).set(time.monotonic() - began)
