@@ -40,7 +40,11 @@ ModelRef = Annotated[
 ]
 """`hf:org/repo[:file]`, `file:///abs/path.gguf` or a catalog id (DESIGN §5)."""
 
-DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3})\Z")]
+DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3}(,GPU-[0-9]{1,3}){0,15})\Z")]
+"""One device, or several GPUs of one hive that one worker splits a model over (`GPU-0,GPU-1`)."""
+
+RpcEndpoint = Annotated[str, msgspec.Meta(pattern=r"^127\.0\.0\.1:[0-9]{1,5}\Z")]
+"""An RPC server as a worker reaches it: a tunnel's end on its own loopback, never a network address."""
 
 Backend = Literal["auto", "llama-cpp", "mlx", "synthetic"]
 
@@ -84,6 +88,8 @@ class WorkerRecord(msgspec.Struct, kw_only=True):
     tokens_per_s: float | None = None
     """The queen's (`status`): generation speed of its recent requests, a moving average (None
     before its first request through this queen)."""
+    helpers: list[str] | None = None
+    """Hives whose devices hold part of its layers (llama.cpp RPC through tunnels), if any."""
 
 
 Provider = Literal["hf", "file", "builtin"]
@@ -122,6 +128,9 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Physical cores (CPU only)."""
     logical_cores: int | None = None
     compute_capability: str | None = None
+    unusable: str | None = None
+    """Why llama.cpp cannot use this device here (a GPU beside a llama-cpp-python built without GPU
+    offload), with the fix; the scheduler passes it over."""
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -482,6 +491,42 @@ class WorkerSpawn(HiveOp[WorkerRecord], tag="worker_spawn", frozen=True, kw_only
     hands it to the worker in its environment; without one, a hive with a token mints one."""
     keep: bool = False
     """Not stopped by the hive's idle timeout: the queen keeps it (`[models.<id>] min_workers`)."""
+    rpc: Annotated[list[RpcEndpoint], msgspec.Meta(max_length=15)] = []
+    """llama.cpp RPC servers on other hives that hold part of the layers, each through a tunnel that
+    ends on this hive's loopback (the queen opens them: `rbee_queen/split.py`)."""
+    tensor_split: Annotated[list[Annotated[float, msgspec.Meta(gt=0)]], msgspec.Meta(max_length=32)] = []
+    """Each device's share of the layers: this hive's (CPU-0, or each GPU of `device`), then each RPC
+    server's. Empty: over several GPUs, in proportion to their free VRAM."""
+    helpers: Annotated[list[Ident], msgspec.Meta(max_length=15)] = []
+    """The hives behind `rpc`, in order (for narration and status)."""
+
+
+class RpcServer(msgspec.Struct, frozen=True, kw_only=True):
+    """A llama.cpp RPC server a hive runs on its loopback, lending a device to a worker elsewhere."""
+
+    server_id: str
+    hive_id: str
+    device: str
+    port: int
+    """On 127.0.0.1 of its hive, only."""
+    pid: int
+    threads: int
+    free_bytes: int
+    """What its device had free when it started (the queen splits a model in proportion)."""
+    started_at: float
+
+
+class RpcServe(HiveOp[RpcServer], tag="rpc_serve", frozen=True, kw_only=True):
+    """Start an RPC server on this hive's loopback for `device` (the queen then tunnels to it)."""
+
+    device: DeviceName | None = None
+    """Default: the hive's GPUs that llama.cpp can use there, else its CPU."""
+    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None = None
+    """CPU threads (default: those CPU workers leave free)."""
+
+
+class RpcStop(HiveOp[RpcServer], tag="rpc_stop", frozen=True, kw_only=True):
+    server_id: Ident
 
 
 class WorkerList(HiveOp[list[WorkerRecord]], tag="worker_list", frozen=True, kw_only=True):
@@ -573,6 +618,8 @@ Operation = (
     | ModelGet
     | ModelDelete
     | ModelShare
+    | RpcServe
+    | RpcStop
 )
 
 QUEEN_OPERATIONS: Final = (
@@ -581,7 +628,7 @@ QUEEN_OPERATIONS: Final = (
 )
 HIVE_OPERATIONS: Final = (
     WorkerSpawn, WorkerList, WorkerGet, WorkerStop, ModelDownload, ModelList, ModelGet, ModelDelete,
-    ModelShare,
+    ModelShare, RpcServe, RpcStop,
 )
 OPERATION_NAMES: Final[tuple[str, ...]] = tuple(
     str(cls.__struct_config__.tag) for cls in (*QUEEN_OPERATIONS, *HIVE_OPERATIONS)
@@ -589,7 +636,7 @@ OPERATION_NAMES: Final[tuple[str, ...]] = tuple(
 
 HiveOperation = (
     WorkerSpawn | WorkerList | WorkerGet | WorkerStop | ModelDownload | ModelList | ModelGet | ModelDelete
-    | ModelShare
+    | ModelShare | RpcServe | RpcStop
 )
 """The operations a hive runs."""
 

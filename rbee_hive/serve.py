@@ -23,7 +23,9 @@ from rbee_hive.service import HiveService
 async def _stop_workers_on(stop: trio.Event, service: HiveService) -> None:
     """On SIGTERM, stop the workers while HTTP drains, not after: they drain their own requests."""
     await stop.wait()
-    await service.workers.stop_all()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.workers.stop_all)
+        nursery.start_soon(service.rpc.stop_all)
 
 
 @contextlib.asynccontextmanager
@@ -47,6 +49,7 @@ async def open_hive_service(
         finally:
             close_audit(service.auth_failures)
             with trio.CancelScope(shield=True), trio.move_on_after(settings.worker_stop_grace_s + 3):
+                await service.rpc.stop_all()
                 await service.workers.stop_all()
             service.workers.kill_all()  # anything that outlived the deadline
             children.cancel_scope.cancel()

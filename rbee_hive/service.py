@@ -22,15 +22,18 @@ from rbee_common.wire import (
     ModelList,
     ModelShare,
     Op,
+    RpcServe,
+    RpcStop,
     WorkerGet,
     WorkerList,
     WorkerSpawn,
     WorkerStop,
 )
 from rbee_hive.catalog import Catalog
-from rbee_hive.devices import available_backends, detect_devices, disk_free
+from rbee_hive.devices import available_backends, detect_devices, disk_free, mark_unusable
 from rbee_hive.downloads import Downloader
 from rbee_hive.metrics import HiveMetrics
+from rbee_hive.rpc import RpcServers
 from rbee_hive.sharing import Tickets, grant
 from rbee_hive.workers import Workers
 
@@ -45,6 +48,9 @@ class HiveService:
             reserve_bytes=settings.disk_reserve_bytes,
         )
         self.workers = Workers(settings, self.catalog, nursery, log_dir=state_dir() / "workers", token=token)
+        self.rpc = RpcServers(settings, nursery, log_dir=state_dir() / "rpc")
+        """llama.cpp RPC servers lending this hive's devices to workers on other hives."""
+        self.workers.extra_cpu_threads = self.rpc.cpu_threads
         self.audit = AuditLog.of_daemon(f"hive-{settings.hive_id}.jsonl", component="hive", settings=settings)
         self.auth_failures = AuthFailures(self.audit, settings.audit_failure_window_s)
         self.metrics = HiveMetrics()
@@ -86,6 +92,11 @@ class HiveService:
                 context.narrate("model_share", f"{given.entry.id} may be copied from this hive for "
                                 f"{given.expires_s / 60:.0f} min", model=given.entry.id)
                 return given
+            case RpcServe():
+                total, used = self.workers.cpu_budget()
+                return await self.rpc.serve(operation, context, free_threads=total - used)
+            case RpcStop(server_id=server_id):
+                return await self.rpc.stop(server_id, context)
             case ModelList(provider=provider):
                 models = [m for m in self.catalog.list() if provider is None or m.provider == provider]
                 context.narrate("model_list", f"{len(models)} model(s) in the catalog")
@@ -122,7 +133,9 @@ class HiveService:
     def capabilities(self) -> Capabilities:
         """Blocking (NVML, disk): call it in a thread."""
         return Capabilities(  # the counts are this hive's, the devices this machine's
-            hive_id=self.settings.hive_id, devices=detect_devices(), backends=available_backends(),
+            hive_id=self.settings.hive_id, backends=available_backends(),
+            # a hive of synthetic workers (tests, benchmarks) needs no llama.cpp on its GPUs
+            devices=detect_devices() if self.settings.synthetic_backend else mark_unusable(detect_devices()),
             disk_free_bytes=disk_free(self.catalog.root), models=len(self.catalog.list()),
             workers=len(self.workers.list()),
         )

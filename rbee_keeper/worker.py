@@ -28,8 +28,9 @@ worker_cli = typer.Typer(no_args_is_help=True, help="Start, list and stop worker
 def worker_spawn(
     ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", "-m", help="A model in the hive's catalog, or file:///abs/path.gguf.")],
-    device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0.")] = "CPU-0",
+    device: Annotated[str, typer.Option(help="CPU-0, GPU-<n> or METAL-0; several GPUs of the hive as GPU-0,GPU-1 (the layers split by free VRAM).")] = "CPU-0",  # noqa: E501
     hive: HiveOption = "localhost",
+    helper: Annotated[list[str] | None, typer.Option("--helper", help="Another hive that holds part of the layers (llama.cpp RPC through SSH tunnels the queen opens; shares follow free memory). Repeat for more.")] = None,  # noqa: E501
     backend: Annotated[str, typer.Option(help="auto, llama-cpp or mlx.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: the hive's free cores).")] = None,  # noqa: E501
     keep_queen: KeepQueen = False,
@@ -46,9 +47,11 @@ def worker_spawn(
         rows = [[w.worker_id, w.model, w.hive_id, w.device, w.url, str(w.pid)] for w in scaled]
         print_table(rows, ["WORKER", "MODEL", "HIVE", "DEVICE", "URL", "PID"])
         return
-    operation = build(WorkerSpawn, model=model, device=device, hive_id=hive, backend=backend, threads=threads)
+    operation = build(WorkerSpawn, model=model, device=device, hive_id=hive, backend=backend, threads=threads,
+                      helpers=helper or [])
     worker = run_with_queen(c, operation, keep_queen=keep_queen)
-    print(f"{worker.worker_id}  {worker.model}  {worker.device}  {worker.url}  (pid {worker.pid})")
+    helped = f"  (part of its layers on {', '.join(worker.helpers)})" if worker.helpers else ""
+    print(f"{worker.worker_id}  {worker.model}  {worker.device}  {worker.url}  (pid {worker.pid}){helped}")
 
 
 @worker_cli.command("list")

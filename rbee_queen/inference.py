@@ -90,17 +90,22 @@ def room_for(details: dict[str, object]) -> int | None:
 
 def _died(
     worker: WorkerRecord, request_id: str, sent_any: bool, why: str, context: JobContext | None,
+    helpers: list[str] | None = None,
 ) -> WorkerDied:
     """The worker ended while it held this request: logged with the request's ids, never retried."""
     log.error("worker %s died while serving request_id=%s correlation_id=%s (%s); not retried",
               worker.worker_id, request_id, _correlation_id(context), why)
+    split = (f" Part of its layers were on hive {', '.join(helpers)}: losing a helper hive ends the worker."
+             if helpers else "")
     if sent_any:
-        return WorkerDied("The worker stopped in the middle of the answer.",
-                          hint="Retry the request; the queen routes around the failed worker.")
+        return WorkerDied("The worker stopped in the middle of the answer." + split,
+                          hint="Retry the request; the queen routes around the failed worker.",
+                          details={"helpers": helpers} if helpers else None)
     return WorkerDied(
         "The worker ended while it was serving this request; the request was not tried again, since "
-        "a request that crashes a worker would crash the next one too.",
+        "a request that crashes a worker would crash the next one too." + split,
         hint="If this request is ordinary, retry it; otherwise see the worker's log on its hive.",
+        details={"helpers": helpers} if helpers else None,
     )
 
 
@@ -348,7 +353,7 @@ async def _attempts(
                     if not ended:
                         registry.forget(worker.worker_id, "its stream ended without an end event")
                         raise _died(worker, request_id, sent_any, "its stream ended without an end event",
-                                    context)
+                                    context, registry.helpers.get(worker.worker_id))
                     return
         except TransportError as error:
             failure = error.message
@@ -362,7 +367,8 @@ async def _attempts(
                 # Out of routing until its next heartbeat says it lives.
                 registry.forget(worker.worker_id, failure)
             if taken:
-                raise _died(worker, request_id, sent_any, failure, context) from error
+                raise _died(worker, request_id, sent_any, failure, context,
+                            registry.helpers.get(worker.worker_id)) from error
         except _Retry as retry:
             failure = str(retry)
         except _Grow as grow:

@@ -23,6 +23,7 @@ from rbee_common.errors import (
     RbeeError,
     RequestTimedOut,
     TransportError,
+    ValidationFailed,
     WorkerDied,
     WorkerFailed,
     error_from_response,
@@ -80,6 +81,7 @@ from rbee_queen.remote import Remote
 from rbee_queen.replicas import Replicas
 from rbee_queen.responses_api import ResponseStore
 from rbee_queen.scheduler import Scheduler
+from rbee_queen.split import Splits
 
 _PRIVATE_FIELDS = frozenset({"identity_file", "token_file", "wheelhouse"})
 """Paths on the queen's machine (keys, tokens): the operator's config has them, API clients do not."""
@@ -125,6 +127,9 @@ class QueenService:
         self.scheduler.metrics = self.metrics
         self.metrics.watch(self.workers, lambda: self.scheduler.waiting)
         self.copies = Copies(self.router)
+        self.splits = Splits(self.router, remote, nursery, self.scheduler.registry)
+        self.scheduler.split = self.splits.spawn
+        """Workers whose layers span hives (llama.cpp RPC): their servers and SSH tunnels."""
         self.replicas = Replicas(self.scheduler, lambda: self.config.settings, lambda: self.config.models)
         self.replicas.copies = self.copies
         self.heartbeats = Heartbeats(
@@ -201,6 +206,18 @@ class QueenService:
                 return caps
             case SshTest() | HiveInstall() | HiveUninstall() | HiveStart() | HiveStop():
                 return await self.lifecycle(operation, context)
+            case WorkerSpawn(helpers=helpers) if helpers:
+                if operation.rpc or operation.tensor_split:
+                    raise ValidationFailed(
+                        "rpc and tensor_split are the queen's to set: name the helper hives only.",
+                        details={"operation": "worker_spawn"})
+                token = new_token() if self.token is not None else None
+                spawned = await self.splits.spawn(
+                    msgspec.structs.replace(operation, worker_token=operation.worker_token or token),
+                    context)
+                if token is not None and operation.worker_token is None:
+                    self.workers.bind(spawned.worker_id, token)
+                return spawned
             case WorkerSpawn(hive_id=hive_id) if self.token is not None and operation.worker_token is None:
                 token = new_token()  # the worker's own credential, which it cannot use as its hive's
                 spawned = await self.router.get(hive_id).run(

@@ -255,6 +255,34 @@ class Session:
         except (asyncssh.Error, OSError) as error:
             raise _lost(self.target, error) from None
 
+    async def forward_local(self, remote_port: int) -> int:
+        """A port on our loopback that reaches 127.0.0.1:`remote_port` on the host, through this
+        connection (open while it is)."""
+        try:
+            listener = await _aio(self.connection.forward_local_port, "127.0.0.1", 0, "127.0.0.1",
+                                  remote_port)
+        except (asyncssh.Error, OSError) as error:
+            raise _lost(self.target, error) from None
+        return int(listener.get_port())
+
+    async def forward_remote(self, local_port: int) -> int:
+        """A port on the host's loopback that reaches 127.0.0.1:`local_port` here, through this
+        connection (open while it is; sshd binds it to loopback unless GatewayPorts says otherwise,
+        and we ask for loopback)."""
+        try:
+            listener = await _aio(self.connection.forward_remote_port, "127.0.0.1", 0, "127.0.0.1",
+                                  local_port)
+        except (asyncssh.Error, OSError) as error:
+            raise _lost(self.target, error) from None
+        if listener is None:
+            raise SshFailed(f"The SSH server of {self.target.where} refused to forward a port.",
+                            details={"hive_id": self.target.alias},
+                            hint="Allow it in its sshd_config: AllowTcpForwarding yes (or remote).")
+        return int(listener.get_port())
+
+    def closed(self) -> bool:
+        return self.connection.is_closed()
+
     @contextlib.asynccontextmanager
     async def process(self, command: str) -> AsyncIterator[Process]:
         """A long-running remote command whose stdin we hold open (its lifeline)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,8 +23,8 @@ import pytest
 
 from tests import netns
 from tests.fake_hf import FakeHub
-from tests.fleet import Site, altered_wheelhouse, make_site
-from tests.helpers import gone, wait_for
+from tests.fleet import TOKEN, Site, altered_wheelhouse, make_site
+from tests.helpers import BIN, gone, wait_for
 
 pytestmark = netns.fleet_mark()
 
@@ -83,6 +84,8 @@ def rbee_processes(host: netns.Host) -> dict[int, str]:
         for program in ("rbee-hive", "llm-worker-rbee"):
             if f"bin/{program}" in cmdline:
                 found[pid] = program
+        if "-m rbee_worker.rpc_server" in cmdline:
+            found[pid] = "rpc-server"
     return found
 
 
@@ -159,6 +162,90 @@ def test_install_start_spawn_infer_on_two_hosts_then_sigkill_the_queen(
         assert wait_for(lambda: all(gone(pid) for pid in ours), timeout=5.0), {
             pid: program for pid, program in ours.items() if not gone(pid)}
         print(f"hives and worker gone {time.monotonic() - began:.2f} s after SIGKILL of the queen")
+
+
+def listening(host: netns.Host) -> list[tuple[str, int, int | None]]:
+    """The TCP sockets listening in the host's namespace: (address, port, pid)."""
+    done = subprocess.run(["ip", "netns", "exec", host.netns, "ss", "-ltnpH"], capture_output=True,
+                          text=True, check=True)
+    found = []
+    for line in done.stdout.splitlines():
+        local = line.split()[3]
+        address, _, port = local.rpartition(":")
+        pid = re.search(r"pid=(\d+)", line)
+        found.append((address.strip("[]"), int(port), int(pid.group(1)) if pid else None))
+    return found
+
+
+def test_a_model_split_over_two_hives_through_ssh_tunnels(
+    installed_site: tuple[Site, dict[str, subprocess.CompletedProcess[str]]],
+) -> None:
+    """llama.cpp's RPC backend: h1's worker keeps part of the layers on h2's CPU, through tunnels the
+    queen holds; the rpc server listens on h2's loopback only."""
+    site, results = installed_site
+    assert all(results[alias].returncode == 0 for alias in ("h1", "h2")), results
+    h1, h2 = site.host("h1"), site.host("h2")
+    greedy = ("infer", "--hive", "h1", "--max-tokens", "24", "--temperature", "0", "Why is the sky blue?")
+    with site.queen() as queen:
+        for alias in ("h1", "h2"):
+            assert site.keeper("hive", "start", alias).returncode == 0
+        whole = site.keeper("worker", "spawn", "--hive", "h1", "--model", "smollm2-135m", "--threads", "1")
+        assert whole.returncode == 0, whole.stderr
+        unsplit = site.keeper(*greedy)
+        assert unsplit.returncode == 0 and unsplit.stdout.strip(), unsplit.stderr
+        assert site.keeper("worker", "stop", whole.stdout.split()[0], "--hive", "h1").returncode == 0
+
+        spawned = site.keeper("worker", "spawn", "--hive", "h1", "--helper", "h2", "--model", "smollm2-135m",
+                              "--threads", "1")
+        assert spawned.returncode == 0, spawned.stderr
+        assert "Splitting smollm2-135m over 2 hives by free memory" in spawned.stderr, spawned.stderr
+        assert "(part of its layers on h2)" in spawned.stdout
+        split = site.keeper(*greedy)
+        assert split.returncode == 0, split.stderr
+        assert split.stdout == unsplit.stdout  # greedy: the same tokens, whichever machine ran a layer
+
+        # The rpc server listens on h2's loopback only, and the tunnel's end on h1's loopback only.
+        (rpc_pid,) = [pid for pid, program in rbee_processes(h2).items() if program == "rpc-server"]
+        rpc_sockets = [(a, port) for a, port, pid in listening(h2) if pid == rpc_pid]
+        assert rpc_sockets and all(a == "127.0.0.1" for a, _ in rpc_sockets), listening(h2)
+        (worker_pid,) = [pid for pid, program in rbee_processes(h1).items() if program == "llm-worker-rbee"]
+        cmdline = psutil.Process(worker_pid).cmdline()
+        endpoint = cmdline[cmdline.index("--rpc") + 1]
+        tunnel_port = int(endpoint.rpartition(":")[2])
+        assert [a for a, port, _ in listening(h1) if port == tunnel_port] == ["127.0.0.1"], listening(h1)
+        for address, port in [(h2.address, rpc_sockets[0][1]), (h1.address, tunnel_port)]:
+            reach = subprocess.run(["ip", "netns", "exec", h1.netns if address == h2.address else h2.netns,
+                                    "bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"], capture_output=True)
+            assert reach.returncode != 0, f"{address}:{port} is reachable from the network"
+
+        # Losing the helper ends the request with an error that names it, and leaves nothing running.
+        long = subprocess.Popen(
+            [str(BIN / "rbee-keeper"), "--queen-url", site.queen_url, "infer", "--hive", "h1",
+             "--max-tokens", "4000", "--temperature", "0", "Tell me a very long story."],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **site.env, "RBEE_API_TOKEN": TOKEN})
+        assert long.stdout is not None
+        long.stdout.read(1)  # it streams
+        (helper_hive,) = [pid for pid, program in rbee_processes(h2).items() if program == "rbee-hive"]
+        os.kill(helper_hive, signal.SIGKILL)
+        _, stderr = long.communicate(timeout=60)
+        assert long.returncode != 0 and "hive h2" in stderr and "Traceback" not in stderr, stderr
+        assert wait_for(lambda: not rbee_processes(h2), timeout=10), rbee_processes(h2)
+        assert wait_for(lambda: sorted(rbee_processes(h1).values()) == ["rbee-hive"], timeout=15), \
+            rbee_processes(h1)
+        assert wait_for(lambda: all(port != tunnel_port for _, port, _ in listening(h1)), timeout=10)
+
+        # The SIGTERM cascade holds with a split worker: the queen stops the hives, they stop the
+        # worker and the rpc server.
+        assert site.keeper("hive", "start", "h2").returncode == 0
+        again = site.keeper("worker", "spawn", "--hive", "h1", "--helper", "h2", "--model", "smollm2-135m",
+                            "--threads", "1")
+        assert again.returncode == 0, again.stderr
+        ours = {**rbee_processes(h1), **rbee_processes(h2)}
+        assert sorted(ours.values()) == ["llm-worker-rbee", "rbee-hive", "rbee-hive", "rpc-server"], ours
+        queen.process.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: all(gone(pid) for pid in ours), timeout=20), {
+            pid: program for pid, program in ours.items() if not gone(pid)}
 
 
 def test_a_wrong_key_names_the_host_and_the_key_and_registers_nothing(site: Site) -> None:
