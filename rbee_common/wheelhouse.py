@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import trio
 
+from rbee_common import llama_build
 from rbee_common.config import cache_dir
 from rbee_common.daemon import package_version
 from rbee_common.errors import WheelhouseBuildFailed, WheelhouseMissing, WheelhousePlatform
@@ -43,6 +44,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     no_deps: list[str] = msgspec.field(default_factory=list)
     """Wheels installed on their own, without their dependencies (the built-in model)."""
     built_at: float = 0.0
+    llama_cpp: str = "pip"
+    """Which llama-cpp-python build it holds: `rpc` (CPU and RPC), `cuda-rpc`, or `pip` (what pip
+    gave: an older wheelhouse)."""
 
     @property
     def rbee_wheel(self) -> str:
@@ -88,8 +92,9 @@ def _source() -> str:
     return f"rbee=={package_version()}"
 
 
-async def build(directory: Path, say: Callable[[str], None]) -> Manifest:
-    """Build the wheelhouse into `directory` (replacing what was there)."""
+async def build(directory: Path, say: Callable[[str], None], *, cuda: bool = False) -> Manifest:
+    """Build the wheelhouse into `directory` (replacing what was there); its llama-cpp-python is
+    built with RPC, and with CUDA when `cuda` (for GPU hosts: it needs the CUDA libraries to load)."""
     staging = directory.with_name(directory.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -117,6 +122,22 @@ async def build(directory: Path, say: Callable[[str], None]) -> Manifest:
                 hint="pip needs the package index or its cache once; or build it where there is internet "
                      "(rbee-keeper hive wheelhouse --dir DIR) and set [queen] wheelhouse = DIR.",
             )
+    flavour = "cuda-rpc" if cuda else "rpc"
+    if cuda and not llama_build.nvcc():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WheelhouseBuildFailed("A CUDA wheelhouse is built where the CUDA toolkit is: no nvcc here.",
+                                    hint="Build it on a GPU machine like the hosts, with nvcc on PATH.")
+    try:
+        ours = await trio.to_thread.run_sync(llama_build.build_wheel, flavour, say)
+    except RuntimeError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WheelhouseBuildFailed(
+            f"Building llama-cpp-python ({flavour}) failed: {error}",
+            hint="See the compiler's output: python -m rbee_common.llama_build") from None
+    for pips in staging.glob("llama_cpp_python-*.whl"):
+        pips.unlink()
+    shutil.copy2(ours, staging / ours.name)
+    say(f"llama-cpp-python in the wheelhouse: {flavour} ({llama_build.cmake_args(flavour)})")
     no_deps = []
     for wheel in sorted((staging / "no-deps").glob("*.whl")) if extras else []:
         wheel.rename(staging / wheel.name)
@@ -126,7 +147,7 @@ async def build(directory: Path, say: Callable[[str], None]) -> Manifest:
     manifest = Manifest(
         rbee_version=package_version(), python=this_python(), platform=sysconfig.get_platform(),
         wheels=sorted(w.name for w in staging.glob("*.whl") if w.name not in no_deps), no_deps=no_deps,
-        built_at=time.time(),
+        built_at=time.time(), llama_cpp=flavour,
     )
     (staging / MANIFEST).write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
     shutil.rmtree(directory, ignore_errors=True)
@@ -152,7 +173,7 @@ async def ensure(directory: Path | None, say: Callable[[str], None]) -> tuple[Pa
         return directory, manifest
     directory = default_dir()
     manifest = read_manifest(directory)
-    if manifest is None or manifest.rbee_version != package_version():
+    if manifest is None or manifest.rbee_version != package_version() or manifest.llama_cpp == "pip":
         manifest = await build(directory, say)
     return directory, manifest
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -165,10 +166,11 @@ def hive_start(
 @handles_errors
 def hive_wheelhouse(
     directory: Annotated[Path | None, typer.Option("--dir", help="Where to build it (default: the queen's cache, ~/.cache/rbee/wheelhouse).")] = None,  # noqa: E501
+    cuda: Annotated[bool, typer.Option("--cuda", help="llama-cpp-python built with CUDA (and RPC), for GPU hosts: build it on a machine with nvcc, like them, and set wheelhouse = DIR in their [hives.<alias>].")] = False,  # noqa: E501
 ) -> None:
     """Build the wheels `hive install` uploads (rbee and all it needs), for hosts without internet."""
     target = (directory or wheelhouse.default_dir()).expanduser().resolve()
-    manifest = trio.run(wheelhouse.build, target, say)
+    manifest = trio.run(functools.partial(wheelhouse.build, target, say, cuda=cuda))
     print(f"{target}: {len(manifest.wheels) + len(manifest.no_deps)} wheels for CPython {manifest.python} "
           f"on {manifest.platform}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,26 @@ d = os.path.abspath(os.path.expanduser(sys.argv[1]))
 p = d
 while not os.path.isdir(p):
     p = os.path.dirname(p)
+cuda = [x for x in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc") if x and os.path.isfile(x)]
 print(json.dumps({"version": list(sys.version_info[:3]), "platform": sysconfig.get_platform(),
-                  "dir": d, "existed": os.path.isdir(d), "free": shutil.disk_usage(p).free}))
+                  "dir": d, "existed": os.path.isdir(d), "free": shutil.disk_usage(p).free,
+                  "nvcc": cuda[0] if cuda else None, "nvidia": os.path.exists("/dev/nvidiactl")}))
 """
+
+
+def _say_llama_build(manifest: wheelhouse.Manifest, probed: dict[str, Any], hive_id: str,
+                     say: Callable[..., None]) -> None:
+    """Which llama-cpp-python the host gets, and whether its GPUs can use it."""
+    gpu = probed.get("nvcc") or probed.get("nvidia")
+    built = {"rpc": "built for the CPU, with RPC", "cuda-rpc": "built with CUDA and RPC"}.get(
+        manifest.llama_cpp, "as pip gave it (a wheelhouse from before rbee built its own)")
+    say(f"llama-cpp-python from the wheelhouse: {built}", llama_cpp=manifest.llama_cpp)
+    if gpu and not manifest.llama_cpp.startswith("cuda"):
+        found = f"the CUDA toolkit ({probed['nvcc']})" if probed.get("nvcc") else "an NVIDIA driver"
+        say(f"{hive_id} has {found}, but this wheelhouse's llama-cpp-python cannot use a GPU: its GPUs "
+            f"will be listed as unusable. For them, build a CUDA wheelhouse on a machine like it "
+            f"(rbee-keeper hive wheelhouse --cuda --dir DIR) and set wheelhouse = DIR in [hives.{hive_id}]",
+            level="warn")
 
 
 class Installs:
@@ -97,6 +115,7 @@ async def install(
         version = ".".join(map(str, probed["version"]))
         say(f"Python {version} on {probed['platform']} at {entry.python}")
         check_platform(manifest, probed, target.where, hive_id)
+        _say_llama_build(manifest, probed, hive_id, say)
         directory: str = probed["dir"]
         needed = total * 4  # the wheels, and the venv they unpack into
         if probed["free"] < needed:

@@ -25,6 +25,9 @@ TOKEN = "queen-test-token-0123456789abcdef"
 # with it, building the wheelhouse takes seconds instead of compiling llama.cpp again.
 PIP_CACHE = os.environ.get("PIP_CACHE_DIR") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pip")
+# Likewise rbee's own llama-cpp-python builds (with RPC), which the wheelhouse takes.
+LLAMA_WHEELS = os.environ.get("RBEE_LLAMA_WHEELS") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rbee", "wheels")
 
 
 @dataclass
@@ -104,7 +107,7 @@ def build_wheelhouse(directory: Path) -> Path:
     """The wheels `hive install` uploads, built once per test session (pip's cache makes it quick)."""
     done = subprocess.run([str(BIN / "rbee-keeper"), "hive", "wheelhouse", "--dir", str(directory)],
                           capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PIP_CACHE_DIR": PIP_CACHE})
+                          env={**os.environ, "PIP_CACHE_DIR": PIP_CACHE, "RBEE_LLAMA_WHEELS": LLAMA_WHEELS})
     assert done.returncode == 0, done.stderr
     return directory
 
