@@ -7,7 +7,8 @@
 
 Sections: latency (the queen against LiteLLM), parallel (tokens/s against llama-server),
 hive_ops (local hive against HTTP hive), scale, cold_start, main_job, cache (prompt prefixes
-in RAM and prefix routing), fleet (replicas for a burst). Run it on a quiet machine, never beside
+in RAM and prefix routing), fleet (replicas for a burst), split (one model over two hosts through
+llama.cpp's RPC and SSH tunnels; root: it makes namespace hosts). Run it on a quiet machine, never beside
 a test run; every server it starts, it stops.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from bench import cache, cold_start, fleet, hive_ops, latency, main_job, parallel, scale
+from bench import cache, cold_start, fleet, hive_ops, latency, main_job, parallel, scale, split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[bool], str]]] = {
     "main_job": ("The main job end to end", main_job.__doc__ or "", _simple(main_job)),
     "cache": ("Cache-aware serving", cache.__doc__ or "", _simple(cache)),
     "fleet": ("Use the whole fleet", fleet.__doc__ or "", _simple(fleet)),
+    "split": ("One model over two hosts", split.__doc__ or "", _simple(split)),
 }
 
 

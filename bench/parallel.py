@@ -84,7 +84,7 @@ def build_llama_server() -> Path:
         with tarfile.open(sdist) as tar:
             tar.extractall(cache, filter="data")
     print("building llama-server (about 5 minutes on 2 cores)", file=sys.stderr)
-    subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON"],
+    subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_RPC=ON"],
                    cwd=source, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    cwd=source, check=True, stdout=subprocess.DEVNULL)
