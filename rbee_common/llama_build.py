@@ -6,7 +6,7 @@ gets that build back. So rbee builds its own wheels, one folder per flavour, und
 `~/.cache/rbee/wheels/llama-cpp-python-<version>-<flavour>/` (`rpc`: CPU and RPC; `cuda-rpc`: CUDA
 and RPC), and installs from there. The wheelhouse that `hive install` uploads takes the same wheel.
 
-    python -m rbee_common.llama_build            # this venv: RPC (and CUDA with nvcc), built once
+    python -m rbee_common.llama_build            # this venv: RPC (and CUDA with nvcc and a GPU), once
     python -m rbee_common.llama_build --check    # what the installed one can do
 """
 
@@ -35,8 +35,15 @@ def nvcc() -> str | None:
     return str(default) if default.is_file() else None
 
 
+def nvidia_gpu() -> bool:
+    """An NVIDIA driver with a card here (its control device): a CUDA toolkit alone, as on a build
+    machine or a CI runner without a GPU, is no reason for a CUDA build."""
+    return os.path.exists("/dev/nvidiactl")
+
+
 def wanted_flavour() -> str:
-    return "cuda-rpc" if nvcc() else "rpc"
+    """`cuda-rpc` where there are both the CUDA toolkit and an NVIDIA GPU, else `rpc`."""
+    return "cuda-rpc" if nvcc() and nvidia_gpu() else "rpc"
 
 
 def cmake_args(flavour: str) -> str:
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rbee_common.llama_build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="Only say what the installed one can do.")
-    parser.add_argument("--flavour", choices=("rpc", "cuda-rpc"), help="Default: cuda-rpc where nvcc is.")
+    parser.add_argument("--flavour", choices=("rpc", "cuda-rpc"),
+                        help="Default: cuda-rpc where nvcc and an NVIDIA GPU are.")
     parser.add_argument("--sdist", help="Build from this sdist (a machine without the package index).")
     args = parser.parse_args(argv)
 

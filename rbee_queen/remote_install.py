@@ -50,13 +50,13 @@ print(json.dumps({"version": list(sys.version_info[:3]), "platform": sysconfig.g
 def _say_llama_build(manifest: wheelhouse.Manifest, probed: dict[str, Any], hive_id: str,
                      say: Callable[..., None]) -> None:
     """Which llama-cpp-python the host gets, and whether its GPUs can use it."""
-    gpu = probed.get("nvcc") or probed.get("nvidia")
     built = {"rpc": "built for the CPU, with RPC", "cuda-rpc": "built with CUDA and RPC"}.get(
         manifest.llama_cpp, "as pip gave it (a wheelhouse from before rbee built its own)")
     say(f"llama-cpp-python from the wheelhouse: {built}", llama_cpp=manifest.llama_cpp)
-    if gpu and not manifest.llama_cpp.startswith("cuda"):
-        found = f"the CUDA toolkit ({probed['nvcc']})" if probed.get("nvcc") else "an NVIDIA driver"
-        say(f"{hive_id} has {found}, but this wheelhouse's llama-cpp-python cannot use a GPU: its GPUs "
+    if probed.get("nvidia") and not manifest.llama_cpp.startswith("cuda"):
+        toolkit = f" and the CUDA toolkit ({probed['nvcc']})" if probed.get("nvcc") else ""
+        say(f"{hive_id} has an NVIDIA GPU{toolkit}, but this wheelhouse's llama-cpp-python cannot use it: "
+            "its GPUs "
             f"will be listed as unusable. For them, build a CUDA wheelhouse on a machine like it "
             f"(rbee-keeper hive wheelhouse --cuda --dir DIR) and set wheelhouse = DIR in [hives.{hive_id}]",
             level="warn")
