@@ -62,6 +62,11 @@ class QueenSettings(_Section, frozen=True, kw_only=True):
     """How long a request waits for a slot before it gets 503."""
     cold_start: bool = True
     """No worker for a model: start one on the best hive."""
+    pull_on_demand: bool | None = None
+    """A request for a Hub model no hive has (`hf:org/repo[:quant]`, `hf.co/org/repo`, or a
+    https://huggingface.co URL) downloads it to the hive the cold start picks, first. None: on when
+    the queen listens on loopback only (one user's machine), off otherwise: a client on the network
+    must not fill the hives' disks with whatever it names."""
     prefix_routing: bool = True
     """Send a request to the worker that holds most of its prompt's prefix (its slots and RAM
     cache, as its heartbeats and this queen's own requests say), unless that worker is busier than
@@ -138,6 +143,10 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     """How often the hive checks each worker (`/v1/ready`); 3 failed checks in a row remove it."""
     worker_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     """A worker with no request for this long is stopped (as Ollama's keep_alive); 0 keeps it."""
+    evict_idle: bool = True
+    """When a spawn lacks threads, RAM or VRAM that idle workers hold, stop the least recently used of
+    them (never one with requests, nor one the queen keeps) that free enough, as Ollama unloads an
+    idle model for the next; false: refuse the spawn instead."""
     worker_slots: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     """Sequences each worker batches on one copy of the model; 0 picks: 4 on a GPU or Metal, on a
     CPU as many as 32,768 tokens of cache hold (4 of 8,192 tokens)."""

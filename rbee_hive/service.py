@@ -62,6 +62,9 @@ class HiveService:
         self.workers.on_idle_stop = lambda worker: self.audit.record(
             "worker.stop", actor="hive (idle timeout)", outcome="stopping", worker_id=worker.worker_id,
             model=worker.model)
+        self.workers.on_evict = lambda worker: self.audit.record(
+            "worker.stop", actor="hive (room for another model)", outcome="stopping",
+            worker_id=worker.worker_id, model=worker.model)
 
     async def handle(self, operation: Op[object], context: JobContext) -> object:
         match operation:

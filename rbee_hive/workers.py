@@ -28,6 +28,9 @@ from rbee_common.child import Child, spawn_child
 from rbee_common.client import map_transport_errors
 from rbee_common.config import HiveSettings
 from rbee_common.errors import (
+    InsufficientCpu,
+    InsufficientRam,
+    InsufficientVram,
     NoFreePort,
     NotFound,
     RbeeError,
@@ -61,6 +64,8 @@ class _Running:
         self.failed_checks = 0
         self.keep = False
         """Spared by the idle timeout (`WorkerSpawn.keep`)."""
+        self.reserved_bytes = 0
+        """What its preflight counted it needs (RAM on a CPU, VRAM on GPUs): what stopping it frees."""
         self.killed = False
         """SIGKILL was sent: a second stop only waits for the exit (reaping a process whose
         gigabyte of cache the kernel frees takes tens of milliseconds)."""
@@ -89,6 +94,8 @@ class Workers:
         self.on_idle_stop: Callable[[WorkerRecord], None] = lambda worker: None
         """A worker the hive stops by itself (idle timeout): the audit log."""
         self.metrics: HiveMetrics | None = None
+        self.on_evict: Callable[[WorkerRecord], None] = lambda worker: None
+        """An idle worker the hive stops to make room for another (the audit log)."""
         self.extra_cpu_threads: Callable[[], int] = lambda: 0
         """CPU threads taken outside the workers (this hive's RPC servers)."""
 
@@ -107,7 +114,8 @@ class Workers:
     def get(self, worker_id: str) -> WorkerRecord:
         running = self.running.get(worker_id)
         if running is None:
-            raise WorkerNotFound("No worker with that id on this hive.", hint="List them with `worker_list`.")
+            raise WorkerNotFound("No worker with that id on this hive.",
+                                 hint=f"List them: rbee-keeper worker list --hive {self.settings.hive_id}")
         return running.info
 
     def uses_model(self, entry: CatalogEntry) -> bool:
@@ -126,6 +134,57 @@ class Workers:
         if self.settings.worker_spin_wait != "auto":
             return self.settings.worker_spin_wait
         return "short" if device == "CPU-0" and threads >= physical_cores() else "full"
+
+    # --- room for the next model ----------------------------------------------
+
+    async def _make_room(self, op: WorkerSpawn, short: RbeeError, context: JobContext) -> bool:
+        """Stop idle workers, least recently used first, that hold what `op` lacks, if stopping
+        them frees enough; whether it stopped any. Never a worker with requests, nor one the
+        queen keeps (`min_workers`)."""
+        if not self.settings.evict_idle:
+            return False
+        details = short.details
+        cpu = isinstance(short, InsufficientCpu)
+        gpu = isinstance(short, InsufficientVram)
+        wanted = set(op.device.split(","))
+        if cpu:
+            requested = int(details["threads_requested"]) or 1  # (none asked for: all that are free)
+            lacking = requested - (int(details["threads_total"]) - int(details["threads_used"]))
+        else:
+            lacking = int(details["required_bytes"]) - int(details["available_bytes"])
+        what = "CPU threads" if cpu else "VRAM" if gpu else "RAM"
+
+        def holds(running: _Running) -> int:
+            """What stopping it frees of what the spawn lacks."""
+            info = running.info
+            if cpu:
+                return (info.threads or 0) if info.device == "CPU-0" and info.backend != "synthetic" else 0
+            if gpu:
+                return running.reserved_bytes if wanted & set(info.device.split(",")) else 0
+            return running.reserved_bytes if info.device == "CPU-0" else 0
+
+        async with self.http() as http:
+            await self.check_all(http)  # who is idle now, not at the last check
+        idle = sorted((r for r in self.running.values()
+                       if r.info.state == "ready" and r.info.slots_busy == 0 and not r.keep and holds(r)),
+                      key=lambda r: -r.info.idle_s)
+        chosen, freed = [], 0
+        for running in idle:
+            if freed >= lacking:
+                break
+            chosen.append(running)
+            freed += holds(running)
+        if not chosen or freed < lacking:
+            return False
+        for running in chosen:
+            info = running.info
+            context.narrate(
+                "worker_evict", f"Stopping idle worker {info.worker_id} ({info.model}, idle for "
+                f"{info.idle_s:.0f} s) to make room for {op.model}: it holds the {what} the new worker "
+                "needs", worker_id=info.worker_id, model=info.model, idle_s=info.idle_s)
+            self.on_evict(info)
+            await self.stop(info.worker_id, context)
+        return True
 
     # --- spawn ----------------------------------------------------------------
 
@@ -152,7 +211,12 @@ class Workers:
         )
 
     async def spawn(self, op: WorkerSpawn, context: JobContext) -> WorkerRecord:
-        checked = await trio.to_thread.run_sync(self.preflight, op)
+        try:
+            checked = await trio.to_thread.run_sync(self.preflight, op)
+        except (InsufficientCpu, InsufficientRam, InsufficientVram) as short:
+            if not await self._make_room(op, short, context):
+                raise
+            checked = await trio.to_thread.run_sync(self.preflight, op)
         name, backend, threads = checked.name, checked.backend, checked.threads
         cache = f", a prompt cache of {checked.cache_ram_mib} MiB in RAM" if checked.cache_ram_mib else ""
         if checked.tensor_split:
@@ -250,6 +314,7 @@ class Workers:
         )
         running = _Running(info, process, write_end, model_arg, token)
         running.keep = op.keep
+        running.reserved_bytes = checked.required_bytes
         self.running[worker_id] = running
         self.nursery.start_soon(self._supervise, running)
         started = time.monotonic()
