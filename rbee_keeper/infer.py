@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import msgspec
 import typer
 
-from rbee_common.errors import ModelNotFound, ValidationFailed
+from rbee_common.errors import ValidationFailed
 from rbee_common.wire import ChatMessage, Embed, Infer, Status
 from rbee_keeper import lifecycle
 from rbee_keeper.common import KeepQueen, build, handles_errors, keeper_context, run_job, run_with_queen
-from rbee_keeper.output import say, show_status
+from rbee_keeper.output import end_line, say, show_status
 
 
 @handles_errors
 def infer(
     ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="What to ask.")],
+    prompt: Annotated[str, typer.Argument(help="What to ask; - reads it from stdin.")],
     model: Annotated[str, typer.Option("--model", "-m", help="A model a hive has (see `rbee-keeper model list`).")] = "smollm2-135m",  # noqa: E501
     max_tokens: Annotated[int, typer.Option(min=1, help="At most this many tokens.")] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="Sampling temperature.")] = 0.7,
@@ -29,6 +30,11 @@ def infer(
 ) -> None:
     """Ask a model; the answer goes to stdout, everything else to stderr."""
     c = keeper_context(ctx)
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise ValidationFailed("stdin held no prompt.",
+                                   hint='echo "Why is the sky blue?" | rbee-keeper infer -')
     messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
     try:
         operation = Infer(model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
@@ -37,17 +43,11 @@ def infer(
         raise ValidationFailed(
             "That model name is not valid.", hint="See `rbee-keeper model list`."
         ) from None
-    try:
-        result = run_with_queen(c, operation, keep_queen=keep_queen, tokens=not no_stream)
-    except ModelNotFound:
-        raise ModelNotFound(
-            f"Model {model} is not on any hive.",
-            hint=f"List models with `rbee-keeper model list`, or get it with `rbee-keeper model download {model}`.",  # noqa: E501
-        ) from None
+    result = run_with_queen(c, operation, keep_queen=keep_queen, tokens=not no_stream)
     if no_stream:
         print(result.text)
-    elif not result.text.endswith("\n"):
-        print()
+    else:
+        end_line()
 
 
 @handles_errors

@@ -5,13 +5,28 @@ from __future__ import annotations
 import sys
 import time
 
-from rbee_common.errors import RbeeError
+from rbee_common.errors import ErrorBody, RbeeError
 from rbee_common.wire import JobEvent, Narration, Progress, QueenStatus, Token
 
 _LEVEL_MARK = {"debug": "  ", "info": "  ", "warn": "! ", "error": "✗ "}
 
 
+_open_line = False
+"""An answer's last token went to stdout without a newline: the next line on the terminal would
+run on after it (`…nitrogenShutting down queen`)."""
+
+
+def end_line() -> None:
+    """End the answer's line on stdout, if it is open."""
+    global _open_line
+    if _open_line:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        _open_line = False
+
+
 def say(text: str) -> None:
+    end_line()
     print(text, file=sys.stderr, flush=True)
 
 
@@ -48,16 +63,20 @@ def show_progress(event: Progress) -> None:
 
 def show_event(event: JobEvent, *, tokens: bool = True) -> None:
     """Render one event: narration and progress on stderr, tokens on stdout."""
+    global _open_line
     match event:
         case Narration(level="debug"):
             return None
+        case Narration(error=ErrorBody()):
+            return None  # the job's failure: said once, at the end (`show_error`)
         case Narration():
             say(f"{_LEVEL_MARK[event.level]}{event.human}")
         case Progress():
             show_progress(event)
-        case Token() if tokens:
+        case Token() if tokens and event.t:
             sys.stdout.write(event.t)
             sys.stdout.flush()
+            _open_line = not event.t.endswith("\n")
     return None
 
 
