@@ -113,7 +113,8 @@ class Catalog:
         if entry is None:
             raise ModelNotFound(
                 "That model is not in this hive's catalog.",
-                hint="Download it with `model_download`, or list what is there with `model_list`.",
+                hint="List what is there: rbee-keeper model list --hive <hive>; download one: "
+                     "rbee-keeper model download hf:<org>/<repo> --hive <hive>.",
             )
         return entry
 
@@ -141,7 +142,8 @@ class Catalog:
         if in_use:
             raise ModelInUse(
                 "A worker on this hive is using that model.",
-                hint="Stop its workers first (`worker_list`, then `worker_stop`).",
+                hint="Stop its workers first: rbee-keeper worker list --hive <hive>, then "
+                     "rbee-keeper worker stop <worker-id> --hive <hive>.",
             )
         folder = self.root / entry.id
         self._meta(entry.id).unlink()  # unlisted first, then the files go

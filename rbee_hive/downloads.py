@@ -24,6 +24,8 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -127,6 +129,24 @@ def _access_denied() -> AccessDenied:
     )
 
 
+def network_cause(error: BaseException) -> str:
+    """What went wrong on the network, in words, from the error and the ones behind it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return f"its name does not resolve (DNS: {seen.strerror})"
+        if isinstance(seen, ConnectionRefusedError):
+            return "the connection was refused (nothing listens there)"
+        if isinstance(seen, TimeoutError) or "timeout" in type(seen).__name__.lower():
+            return "no answer in time"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS failed ({seen.reason or seen})"
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror.lower()
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
 def endpoint() -> str:
     from huggingface_hub import constants
 
@@ -149,10 +169,14 @@ def resolve_plan(ref: str, hf: HfRef) -> Plan:
         if status in (401, 403):
             raise _access_denied() from None
         raise DownloadFailed(f"The Hub answered HTTP {status}.", hint="Try again later.") from None
-    except (OSError, ValueError) as error:  # connection refused, DNS, timeouts
+    except Exception as error:  # noqa: BLE001 (huggingface_hub's own HTTP errors: refused, DNS, timeouts)
         raise DownloadFailed(
-            "Could not reach the Hub.", hint="Check the network, or HF_ENDPOINT for a mirror."
-        ) from error
+            f"Could not reach the Hub at {endpoint()}: {network_cause(error)}.",
+            details={"endpoint": endpoint()},
+            hint="Check the network and DNS; on a network without internet, point HF_ENDPOINT at a "
+                 "mirror in the hive's environment, or copy the model from another hive "
+                 "(rbee-keeper model download <model> --from-hive <hive>).",
+        ) from None
     files = [
         RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
         for s in info.siblings or []
@@ -298,7 +322,8 @@ class Downloader:
             transfer.error = error
         except Exception as error:
             log.error("download of %s failed", key, exc_info=error)
-            transfer.error = DownloadFailed("The download failed unexpectedly; see the hive's log.")
+            transfer.error = DownloadFailed(f"The download failed: {network_cause(error)}.",
+                                            hint="See the hive's log; run it again: it resumes.")
         finally:
             if transfer.entry is None and transfer.error is None:
                 transfer.error = DownloadFailed("The download was cancelled.")

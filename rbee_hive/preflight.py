@@ -87,7 +87,8 @@ def resolve_model(settings: HiveSettings, catalog: Catalog, ref: str) -> tuple[s
             return ref, str(path), "mlx", size
     raise ModelNotFound(
         "That model is not on this hive.",
-        hint="Download it first (`model_download`), or give file:///abs/path.gguf.",
+        hint=f"Download it first: rbee-keeper model download {ref} --hive {settings.hive_id} (an hf: "
+             "reference), or give file:///abs/path.gguf.",
     )
 
 def model_roots(settings: HiveSettings, catalog: Catalog) -> list[Path]:

@@ -389,5 +389,5 @@ async def _attempts(
                             level="warn", worker_id=worker.worker_id)
     raise WorkerFailed(
         f"The request failed on {attempts} worker(s) before producing a token.",
-        hint="Check the workers (`worker_list_active`) and the hives' logs.",
+        hint="Check the workers (rbee-keeper status) and the hives' logs.",
     )

@@ -20,7 +20,8 @@ import trio
 
 from rbee_common.auth import new_token
 from rbee_common.config import QueenSettings
-from rbee_common.errors import NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
+from rbee_common.errors import ModelNotFound, NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
+from rbee_common.hub_refs import hub_reference
 from rbee_common.jobs import JobContext, detached_context
 from rbee_common.prefixes import Block, held_share
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
@@ -122,6 +123,11 @@ class Scheduler:
         self.registry = registry
         self.router = router
         self.split: Callable[[WorkerSpawn, JobContext], Awaitable[WorkerRecord]] = self._no_split
+        self.known_models: Callable[[], Awaitable[list[str]]] = self._no_models
+        """The models the fleet's hives have (set by the queen), for the error naming them."""
+        self.pull: Callable[[str, str, JobContext | None], Awaitable[object]] | None = None
+        """Downloads a Hub model (`hf:…`) to a hive before its cold start (`[queen] pull_on_demand`,
+        set by the queen); None: a model no hive has is refused."""
         """Spawns a worker whose layers span hives (`rbee_queen.split`, set by the queen)."""
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
@@ -264,7 +270,12 @@ class Scheduler:
         done = self._cold[key] = trio.Event()
         began = time.monotonic()
         try:
-            pick = await self.best_hive(model, only=hive_id)
+            hub = hub_reference(model)  # one Hub model, however it is spelled
+            if hub is not None and hub != model and not ctx and self.candidates(hub, frozenset()):
+                self.aliases[model] = self.aliases.get(hub, hub)
+                return
+            known = hub or model
+            pick = await self.best_hive(known, only=hive_id)
             hive_id, device = pick.hive_id, pick.device
             why = (f"No worker of {model} has room for a prompt of this length; starting one with a "
                    f"context of {ctx} tokens" if ctx else f"No worker serves {model}; starting one")
@@ -274,7 +285,16 @@ class Scheduler:
                 context.narrate("cold_start", said, hive_id=hive_id, device=device,
                                 helpers=list(pick.helpers))
             try:
-                await self.start_worker(model, hive_id, device, context, ctx=ctx, helpers=pick.helpers)
+                if hub is not None and not pick.has_model and self.pull is not None:
+                    await self.pull(hub, hive_id, context)
+                try:
+                    spawned = await self.start_worker(known, hive_id, device, context, ctx=ctx,
+                                                      helpers=pick.helpers)
+                except ModelNotFound:
+                    if not pick.has_model:  # no hive has it: say what there is
+                        await self._unknown(model, hub)
+                    raise
+                self.aliases[model] = spawned.model  # (the spelling asked for, too)
             except RbeeError:
                 if self.metrics is not None:  # (no model label: a failed one may name no model at all)
                     self.metrics.cold_starts.labels("failed").inc()
@@ -322,6 +342,22 @@ class Scheduler:
         ))
         self.registry.confirm(spawned.worker_id, token)
         self.last_used[spawned.worker_id] = time.monotonic()
+
+    async def _no_models(self) -> list[str]:
+        return []
+
+    async def _unknown(self, model: str, hub: str | None) -> None:
+        """No hive has `model`: say which models there are, and how to get this one."""
+        names = sorted(await self.known_models())
+        listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        if hub is not None:
+            hint = (f"Download it: rbee-keeper model download {hub} (or set [queen] pull_on_demand = true "
+                    "to download on first use).")
+        else:
+            hint = ("Name one of those, or get a model from the Hub: rbee-keeper model download "
+                    "hf:<org>/<repo>[:<quant>] (rbee-keeper model list shows what each hive has).")
+        raise ModelNotFound(f"No hive has {model}." + (f" The fleet has: {listed}." if names else ""),
+                            details={"model": model, "models": names[:100]}, hint=hint)
 
     async def _no_split(self, spawn: WorkerSpawn, context: JobContext) -> WorkerRecord:
         raise NoHive("This queen cannot split a model over hives.", hint="Give the model a hive with room.")

@@ -29,7 +29,7 @@ from rbee_common.errors import (
     error_from_response,
 )
 from rbee_common.http import OpenStreams
-from rbee_common.jobs import JobContext
+from rbee_common.jobs import JobContext, detached_context
 from rbee_common.wire import (
     CatalogEntry,
     Embed,
@@ -129,6 +129,8 @@ class QueenService:
         self.copies = Copies(self.router)
         self.splits = Splits(self.router, remote, nursery, self.scheduler.registry)
         self.scheduler.split = self.splits.spawn
+        self.scheduler.pull = self.pull_on_demand if self.pulls_on_demand() else None
+        self.scheduler.known_models = self.catalog_ids
         """Workers whose layers span hives (llama.cpp RPC): their servers and SSH tunnels."""
         self.replicas = Replicas(self.scheduler, lambda: self.config.settings, lambda: self.config.models)
         self.replicas.copies = self.copies
@@ -239,6 +241,25 @@ class QueenService:
             hint="Run the same rbee version on the keeper and the queen.",
         )
 
+    def pulls_on_demand(self) -> bool:
+        """`[queen] pull_on_demand`; by default, only for a queen on loopback (one user's machine)."""
+        settings = self.config.settings
+        if settings.pull_on_demand is not None:
+            return settings.pull_on_demand
+        return settings.host in ("127.0.0.1", "localhost", "::1")
+
+    async def pull_on_demand(self, model: str, hive_id: str, context: JobContext | None) -> CatalogEntry:
+        """A Hub model no hive has, downloaded to `hive_id` for a request that names it (its
+        progress narrated to the request's job)."""
+        operation = ModelDownload(model=model, hive_id=hive_id)
+        job = context or detached_context(operation, "queen (pull on demand)")
+        job.narrate("pull_on_demand", f"No hive has {model}: downloading it to hive {hive_id} first "
+                    "([queen] pull_on_demand)", model=model, hive_id=hive_id)
+        entry = await self.copies.download(operation, job)
+        job.narrate("pull_on_demand", f"{model} is on hive {hive_id} as {entry.id}; starting its worker",
+                    model=model, catalog_id=entry.id)
+        return entry
+
     def hive_token(self, hive_id: str) -> str | None:
         """What a hive and its workers want from us (None for a hive we do not know)."""
         try:
@@ -338,7 +359,7 @@ class QueenService:
                 raise error_from_response(response.status_code, response.content)
             return response.content
         raise WorkerFailed(f"The request for {what} failed on {attempts} worker(s).",
-                           hint="Check the workers (`worker_list_active`) and the hives' logs.")
+                           hint="Check the workers (rbee-keeper status) and the hives' logs.")
 
     async def infer(self, operation: Infer, context: JobContext) -> InferResult:
         if operation.hive_id is not None:
@@ -360,6 +381,9 @@ class QueenService:
             tokens_out=served.tokens_out, stop_reason=served.stop_reason, attempts=served.attempts,
             tokens_cached=served.tokens_cached,
         )
+
+    async def catalog_ids(self) -> list[str]:
+        return sorted({entry.id for _, entry in await self.catalogs()})
 
     async def catalogs(self) -> list[tuple[str, CatalogEntry]]:
         """Every hive's catalog entries, each with its hive's id; a hive that does not answer

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, job_result, run_job
+from tests.helpers import BIN, Daemon, daemon, free_port, job_result, run_job
 from tests.test_hive import job_error, spawn
 
 SIZE = 10 * 1000 * 1000
@@ -191,3 +191,67 @@ def test_bytes_past_the_announced_size_are_cut_off(hub: FakeHub, hive: Daemon) -
     assert stored.read_bytes() == (hub.root / REPO / FILE).read_bytes()
     progress = [e for e in events if e["type"] == "progress"]
     assert progress[-1]["done"] == SIZE
+
+
+@pytest.mark.parametrize(("endpoint", "cause"), [
+    (f"http://127.0.0.1:{free_port()}", "the connection was refused"),
+    ("http://no-such-hub.invalid", "its name does not resolve (DNS"),
+])
+def test_an_unreachable_hub_is_named_with_the_cause_and_the_fix(
+    isolated_dirs: Path, endpoint: str, cause: str,
+) -> None:
+    with daemon([str(BIN / "rbee-hive"), "--port", "0"], env={"HF_ENDPOINT": endpoint}) as hive:
+        events, terminator = download(hive.url)
+        assert terminator.startswith("[ERROR]")
+        error = job_error(events)
+        assert error["code"] == "DOWNLOAD_FAILED"
+        assert f"Could not reach the Hub at {endpoint}: {cause}" in str(error["message"]), error
+        assert "HF_ENDPOINT" in str(error.get("details", {}).get("hint", ""))  # type: ignore[union-attr]
+        assert "Traceback" not in hive.log()
+        assert not [m for m in catalog_ids(hive.url) if m.startswith("test-org")]  # nothing half-written
+
+
+def test_a_hub_model_no_hive_has_is_pulled_on_first_use(hub: FakeHub, isolated_dirs: Path) -> None:
+    """[queen] pull_on_demand (on for a queen on loopback): the first request for an hf: model, in any
+    of its spellings, downloads it with the progress on the request's job, and is answered."""
+    from rbee_common.builtin import builtin_model_path
+
+    model = builtin_model_path("smollm2-135m")
+    assert model is not None
+    hub.add_file("test-org/smol-GGUF", "smol.Q8_0.gguf", model.read_bytes())
+    env = {"HF_ENDPOINT": hub.url}
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"], env=env, timeout=60) as queen:
+        events, terminator = run_job(queen.url, {"operation": "infer", "model": "hf:test-org/smol-GGUF",
+                                                 "prompt": "Hello,", "max_tokens": 4}, timeout=300)
+        assert terminator == "[DONE]", events[-3:]
+        said = " ".join(str(e.get("human", "")) for e in events)
+        assert "No hive has hf:test-org/smol-GGUF: downloading it to hive localhost first" in said, said
+        assert any(e["type"] == "progress" for e in events)
+        assert "test-org--smol-gguf" in catalog_ids_of(queen.url)
+        # the page's URL names the same model: no second download, the same worker
+        asked = len(hub.file_requests)
+        body = {"model": "https://huggingface.co/test-org/smol-GGUF", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Hi"}]}
+        import httpx
+
+        answer = httpx.post(f"{queen.url}/v1/chat/completions", json=body, timeout=300)
+        assert answer.status_code == 200, answer.text
+        assert len(hub.file_requests) == asked
+
+
+def test_a_pull_on_demand_with_no_hub_names_the_cause(isolated_dirs: Path) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"], env={"HF_ENDPOINT": endpoint},
+                timeout=60) as queen:
+        events, terminator = run_job(queen.url, {"operation": "infer", "model": "hf:test-org/smol-GGUF",
+                                                 "prompt": "Hello,", "max_tokens": 4})
+        assert terminator.startswith("[ERROR]")
+        error = job_error(events)
+        assert f"Could not reach the Hub at {endpoint}: the connection was refused" in str(error["message"])
+        assert "Traceback" not in queen.log()
+
+
+def catalog_ids_of(queen_url: str) -> list[str]:
+    models = job_result(queen_url, {"operation": "model_list", "hive_id": "localhost"})
+    assert isinstance(models, list)
+    return [m["id"] for m in models]

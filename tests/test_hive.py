@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.helpers import (
     job_result,
     nvml_standin,
     port_open,
+    requantize,
     run_job,
     stop_process,
     wait_for,
@@ -123,7 +125,7 @@ def test_a_worker_that_dies_is_removed_and_logged(hive: Daemon) -> None:
 @pytest.mark.parametrize(
     ("fields", "code", "words"),
     [
-        ({"model": "hf:nobody/nothing"}, "MODEL_NOT_FOUND", "model_download"),
+        ({"model": "hf:nobody/nothing"}, "MODEL_NOT_FOUND", "rbee-keeper model download hf:nobody/nothing"),
         ({"model": "file:///no/such/model.gguf"}, "MODEL_PATH_NOT_ALLOWED", "model_roots"),
         ({"device": "GPU-0"}, "DEVICE_NOT_FOUND", "CPU-0"),
         ({"backend": "mlx"}, "BACKEND_UNAVAILABLE", "llama-cpp"),
@@ -169,7 +171,14 @@ def test_insufficient_ram_gives_the_numbers(hive: Daemon, isolated_dirs: Path) -
     assert 0 < details["available_bytes"] < details["required_bytes"]
 
 
-def test_cpu_threads_are_a_budget(hive: Daemon, isolated_dirs: Path) -> None:
+def test_cpu_threads_are_a_budget(isolated_dirs: Path) -> None:
+    config = isolated_dirs / "config.toml"
+    config.write_text("[hive]\nevict_idle = false\n")  # no room made: the budget alone
+    with daemon(hive_argv("--config", str(config)), env=nvml_standin("absent")) as hive:
+        _threads_are_a_budget(hive, isolated_dirs)
+
+
+def _threads_are_a_budget(hive: Daemon, isolated_dirs: Path) -> None:
     assert spawn(hive.url)[1] == "[DONE]"  # 1 of 2 cores
     events, _ = spawn(hive.url, threads=2)
     assert job_error(events)["code"] == "INSUFFICIENT_CPU"
@@ -178,6 +187,52 @@ def test_cpu_threads_are_a_budget(hive: Daemon, isolated_dirs: Path) -> None:
     assert isinstance(workers, list) and sorted(w["threads"] for w in workers) == [1, 1], hive.log() + "".join(
         p.read_text()[-800:] for p in (isolated_dirs / "state").rglob("*.log"))
     assert len({w["port"] for w in workers}) == 2
+
+
+def test_an_idle_worker_makes_room_for_the_next_model_and_a_busy_one_never(
+    hive: Daemon, isolated_dirs: Path,
+) -> None:
+    """As Ollama unloads an idle model for the next: the least recently used idle worker that holds
+    what the spawn lacks is stopped, and the spawn says so; a worker with a request is not."""
+    other = requantize(models_dir(isolated_dirs) / "smollm2.Q8_0.gguf", "Q8_0")
+    first = spawn_ok(hive.url, threads=2)  # every core
+    events, terminator = spawn(hive.url, model=f"file://{other}", threads=2)
+    assert terminator == "[DONE]", events[-3:]
+    said = " ".join(str(e.get("human", "")) for e in events)
+    assert f"Stopping idle worker {first['worker_id']} (smollm2-135m, idle for" in said, said
+    assert "to make room for file://" in said and "CPU threads" in said
+    (second,) = job_result(hive.url, {"operation": "worker_list"})  # type: ignore[misc]
+    assert second["model"] != "smollm2-135m" and gone(int(first["pid"]))  # type: ignore[arg-type]
+
+    # a worker holding a request keeps its cores: the next spawn is refused
+    url = str(second["url"])  # (a hive without a token: its workers want none)
+    streaming = threading.Thread(target=lambda: httpx.post(f"{url}/v1/inference", timeout=120, json={
+        "messages": [{"role": "user", "content": "Count to 1000: 1, 2,"}], "max_tokens": 400}))
+    streaming.start()
+    assert wait_for(lambda: httpx.get(f"{url}/v1/ready", timeout=5).json()["slots_busy"] == 1, timeout=20)
+    events, terminator = spawn(hive.url, threads=2)
+    assert terminator.startswith("[ERROR]") and job_error(events)["code"] == "INSUFFICIENT_CPU"
+    assert not any("Stopping idle worker" in str(e.get("human", "")) for e in events)
+    assert not gone(int(second["pid"]))  # type: ignore[arg-type]
+    streaming.join(120)
+
+
+def test_a_request_for_a_second_model_is_answered_at_once_through_the_queen(isolated_dirs: Path) -> None:
+    """On 2 cores with one model's worker idle, an OpenAI request for another model: the idle worker
+    makes room (narrated on the job), with no wait for the idle timeout."""
+    other = requantize(models_dir(isolated_dirs) / "smollm2.Q8_0.gguf", "Q8_0")
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive"], env=nvml_standin("absent")) as queen:
+        assert job_result(queen.url, {"operation": "worker_spawn", "model": "smollm2-135m"})
+        began = time.monotonic()
+        events, terminator = run_job(queen.url, {"operation": "infer", "model": f"file://{other}",
+                                                 "prompt": "Hello,", "max_tokens": 4})
+        assert terminator == "[DONE]", events[-3:]
+        said = " ".join(str(e.get("human", "")) for e in events)
+        assert "Stopping idle worker" in said and "(smollm2-135m, idle for" in said, said
+        print(f"second model answered {time.monotonic() - began:.1f} s after it was asked for")
+        body = {"model": f"file://{other}", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        answer = httpx.post(f"{queen.url}/v1/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
 
 
 def test_a_broken_model_is_one_line_and_a_correlation_id_the_log_explains(
