@@ -31,6 +31,12 @@ def describe_validation_error(exc: msgspec.ValidationError) -> tuple[str, str | 
         message = message[: match.start()]
     # msgspec quotes a rejected value ("Invalid value 'x'"); never echo input.
     message = re.sub(r"^Invalid (enum )?value .*$", r"Invalid \1value", message)
+    pattern = re.match(r"Expected `str` matching regex '(?P<pattern>.*)'$", message)
+    if pattern:  # in words: a regex helps nobody who typed gpu0
+        from rbee_common.wire import PATTERN_WORDS
+
+        raw = pattern["pattern"].encode().decode("unicode_escape")
+        message = f"Expected {PATTERN_WORDS.get(raw, 'another form of value')}"
     missing = re.match(r"Object missing required field `(?P<field>[^`]+)`", message)
     if missing:
         field = missing.group("field")

@@ -32,18 +32,31 @@ from rbee_common.errors import ErrorBody, LimitExceeded
 
 # --- validated scalars -------------------------------------------------------
 
-Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}\Z")]
+PATTERN_WORDS: dict[str, str] = {}
+"""A pattern's meaning in words, for errors (`rbee_common.validation`): never the raw regex."""
+
+
+def _said(pattern: str, words: str) -> str:
+    PATTERN_WORDS[pattern] = words
+    return pattern
+
+
+Ident = Annotated[str, msgspec.Meta(pattern=_said(
+    r"^[A-Za-z0-9._-]{1,128}\Z", "a name of letters, digits, '.', '_' and '-' (at most 128)"))]
 """Aliases, hive ids and worker ids."""
 
 ModelRef = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._:/@+=-]+\Z")
+    str, msgspec.Meta(min_length=1, max_length=512, pattern=_said(
+        r"^[A-Za-z0-9._:/@+=-]+\Z", "a model: a catalog id, hf:<org>/<repo>[:<file>] or file:///<path>"))
 ]
 """`hf:org/repo[:file]`, `file:///abs/path.gguf` or a catalog id (DESIGN §5)."""
 
-DeviceName = Annotated[str, msgspec.Meta(pattern=r"^(CPU-0|METAL-0|GPU-[0-9]{1,3}(,GPU-[0-9]{1,3}){0,15})\Z")]
+DeviceName = Annotated[str, msgspec.Meta(pattern=_said(
+    r"^(CPU-0|METAL-0|GPU-[0-9]{1,3}(,GPU-[0-9]{1,3}){0,15})\Z",
+    "a device: CPU-0, METAL-0, GPU-<n>, or GPUs of one hive as GPU-0,GPU-1"))]
 """One device, or several GPUs of one hive that one worker splits a model over (`GPU-0,GPU-1`)."""
 
-RpcEndpoint = Annotated[str, msgspec.Meta(pattern=r"^127\.0\.0\.1:[0-9]{1,5}\Z")]
+RpcEndpoint = Annotated[str, msgspec.Meta(pattern=_said(r"^127\.0\.0\.1:[0-9]{1,5}\Z", "127.0.0.1:<port>"))]
 """An RPC server as a worker reaches it: a tunnel's end on its own loopback, never a network address."""
 
 Backend = Literal["auto", "llama-cpp", "mlx", "synthetic"]

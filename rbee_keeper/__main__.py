@@ -12,8 +12,10 @@ from typing import Annotated
 import typer
 
 from rbee_common.config import load_config
+from rbee_common.daemon import package_version
 from rbee_common.errors import RbeeError
 from rbee_keeper.audit import audit_cli
+from rbee_keeper.chat import chat
 from rbee_keeper.common import Context
 from rbee_keeper.hive import hive_cli
 from rbee_keeper.infer import embed, infer, status
@@ -29,6 +31,7 @@ cli = typer.Typer(
     help="rbee-keeper: run and use an rbee inference fleet from one place.",
 )
 cli.command()(infer)
+cli.command()(chat)
 cli.command()(embed)
 cli.add_typer(queen_cli, name="queen")
 cli.add_typer(worker_cli, name="worker")
@@ -38,12 +41,19 @@ cli.add_typer(audit_cli, name="audit")
 cli.command()(status)
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"rbee-keeper {package_version()}")
+        raise typer.Exit()
+
+
 @cli.callback()
 def main(
     ctx: typer.Context,
     queen_url: Annotated[str | None, typer.Option(envvar="RBEE_QUEEN_URL", help="The queen to talk to (default: keeper.queen_url in the config, else http://127.0.0.1:8500).")] = None,  # noqa: E501
     config: Annotated[str | None, typer.Option("--config", help="Config file (default: $RBEE_CONFIG, ~/.config/rbee/config.toml, /etc/rbee/config.toml).")] = None,  # noqa: E501
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show job ids and stream URLs.")] = False,  # noqa: E501
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,  # noqa: E501
 ) -> None:
     try:
         loaded = load_config(config)

@@ -13,7 +13,7 @@ import typer
 
 from rbee_common.client import JobClient
 from rbee_common.config import RbeeConfig
-from rbee_common.errors import RbeeError, ValidationFailed
+from rbee_common.errors import AuthFailed, RbeeError, ValidationFailed
 from rbee_common.validation import describe_validation_error
 from rbee_common.wire import JobCreated, JobEvent, Op, T
 from rbee_keeper import lifecycle
@@ -44,6 +44,11 @@ def handles_errors(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
+        except AuthFailed as error:  # the server's hint speaks HTTP; the keeper's user sets a variable
+            show_error(AuthFailed(error.message, hint=(
+                "Give the keeper the queen's token: export RBEE_API_TOKEN=\"$(cat "
+                "~/.config/rbee/queen.token)\" (the file the queen's --api-token-file names).")))
+            raise typer.Exit(1) from None
         except RbeeError as error:
             show_error(error)
             raise typer.Exit(1) from None

@@ -188,7 +188,7 @@ def ephemeral_queen(
         if verbose:
             say("Queen was already running, not shutting down")
         return
-    say("queen is asleep, waking queen")
+    say(f"queen is asleep, waking queen (none answers at {url}: one starts there for this command)")
     process = start_queen(url, config=config, timeout=timeout, local_hive=local_hive)
     say("queen is awake and healthy")
     try:

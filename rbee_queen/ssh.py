@@ -22,11 +22,11 @@ import os
 import shlex
 import socket
 import stat
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncssh
 import msgspec
 import trio
 import trio_asyncio
@@ -47,6 +47,12 @@ from rbee_common.errors import (
     SshTimeout,
     SshUnreachable,
 )
+
+# asyncssh still imports DSA, and cryptography warns of it at every queen start and --help, about
+# code rbee never calls: silenced for that import only.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    import asyncssh
 
 log = logging.getLogger("rbee.queen.ssh")
 T = TypeVar("T")

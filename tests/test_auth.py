@@ -140,6 +140,7 @@ def test_the_keeper_presents_rbee_api_token(isolated_dirs: Path) -> None:
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode == 1
         assert "Missing API key" in refused.stderr and "Traceback" not in refused.stderr
+        assert "export RBEE_API_TOKEN=" in refused.stderr and "Authorization" not in refused.stderr
 
 
 def test_a_cached_token_file_is_read_again_when_it_changes(tmp_path: Path) -> None:

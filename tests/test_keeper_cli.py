@@ -60,7 +60,15 @@ def test_invalid_values_are_one_line_errors_before_any_network(
     result = runner.invoke(cli, ["--queen-url", f"http://127.0.0.1:{free_port()}", *args])
     assert result.exit_code == 1
     assert "error:" in result.output and words in result.output and "Traceback" not in result.output
+    assert "regex" not in result.output and "\\Z" not in result.output  # words, never a pattern
     assert not (isolated_dirs / "config" / "rbee" / "config.toml").exists()  # nothing written
+
+
+def test_a_mistyped_device_is_answered_in_words(isolated_dirs: Path) -> None:
+    result = runner.invoke(cli, ["--queen-url", f"http://127.0.0.1:{free_port()}", "worker", "spawn",
+                                 "--model", "smollm2-135m", "--device", "gpu0"])
+    assert result.exit_code == 1
+    assert "Expected a device: CPU-0, METAL-0, GPU-<n>" in result.output and "device" in result.output
 
 
 def test_help_lists_the_commands() -> None:
@@ -97,6 +105,7 @@ def test_infer_with_no_queen_answers_and_leaves_nothing_running(isolated_dirs: P
     assert len(result.stdout.split()) >= 5  # the answer, and only the answer
     assert "queen" not in result.stdout and "worker" not in result.stdout
     assert "waking queen" in result.stderr and "starting one on hive localhost" in result.stderr
+    assert result.stdout.endswith("\n")  # the answer's line ends before the queen's goodbye
     assert wait_for(lambda: ours(port) == [], timeout=5)
 
 
@@ -132,6 +141,7 @@ def test_an_unknown_model_names_it_and_the_fix(isolated_dirs: Path) -> None:
     assert result.returncode == 1
     assert "no-such-model" in result.stderr and "rbee-keeper model list" in result.stderr
     assert "rbee-keeper model download" in result.stderr and "Traceback" not in result.stderr
+    assert "✗" not in result.stderr and result.stderr.count("error:") == 1, result.stderr  # said once
     assert wait_for(lambda: ours(port) == [], timeout=5)
 
 

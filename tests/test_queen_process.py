@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import BIN, daemon, free_port
 
@@ -90,10 +91,13 @@ def test_bad_config_names_key_and_file(isolated_dirs: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_version_flag(isolated_dirs: Path) -> None:
-    result = subprocess.run([str(BIN / "queen-rbee"), "--version"], capture_output=True, text=True, timeout=30)
+@pytest.mark.parametrize("program", ["queen-rbee", "rbee-hive", "llm-worker-rbee", "rbee-keeper"])
+def test_every_program_says_its_version_and_its_help_quietly(isolated_dirs: Path, program: str) -> None:
+    result = subprocess.run([str(BIN / program), "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    assert result.stdout.startswith("queen-rbee ")
+    assert result.stdout.startswith(f"{program} ")
+    helped = subprocess.run([str(BIN / program), "--help"], capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0 and helped.stderr == "", helped.stderr  # no third-party warnings
 
 
 def test_status_reports_a_running_hive_as_reachable(isolated_dirs: Path) -> None:
