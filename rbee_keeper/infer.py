@@ -9,7 +9,7 @@ from typing import Annotated
 import msgspec
 import typer
 
-from rbee_common.errors import ValidationFailed
+from rbee_common.errors import ModelNotFound, ValidationFailed
 from rbee_common.wire import ChatMessage, Embed, Infer, Status
 from rbee_keeper import lifecycle
 from rbee_keeper.common import KeepQueen, build, handles_errors, keeper_context, run_job, run_with_queen
@@ -43,7 +43,10 @@ def infer(
         raise ValidationFailed(
             "That model name is not valid.", hint="See `rbee-keeper model list`."
         ) from None
-    result = run_with_queen(c, operation, keep_queen=keep_queen, tokens=not no_stream)
+    try:
+        result = run_with_queen(c, operation, keep_queen=keep_queen, tokens=not no_stream)
+    except ModelNotFound as error:  # the queen does not echo the name; its own user's, the keeper may
+        raise ModelNotFound(f"{model}: {error.message}", details=error.details, hint=error.hint) from None
     if no_stream:
         print(result.text)
     else:

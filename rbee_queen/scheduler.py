@@ -351,13 +351,14 @@ class Scheduler:
         names = sorted(await self.known_models())
         listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
         if hub is not None:
-            hint = (f"Download it: rbee-keeper model download {hub} (or set [queen] pull_on_demand = true "
-                    "to download on first use).")
+            hint = ("Download it first: rbee-keeper model download hf:<org>/<repo>[:<quant>] (or set "
+                    "[queen] pull_on_demand = true to download on first use).")
         else:
             hint = ("Name one of those, or get a model from the Hub: rbee-keeper model download "
                     "hf:<org>/<repo>[:<quant>] (rbee-keeper model list shows what each hive has).")
-        raise ModelNotFound(f"No hive has {model}." + (f" The fleet has: {listed}." if names else ""),
-                            details={"model": model, "models": names[:100]}, hint=hint)
+        # (the name asked for is not echoed: the client knows it, and a log or proxy need not)
+        raise ModelNotFound("No hive has that model." + (f" The fleet has: {listed}." if names else ""),
+                            details={"models": names[:100]}, hint=hint)
 
     async def _no_split(self, spawn: WorkerSpawn, context: JobContext) -> WorkerRecord:
         raise NoHive("This queen cannot split a model over hives.", hint="Give the model a hive with room.")
