@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from tests.helpers import BIN, free_port, wait_for
 from tests.test_keeper_cli import ours
 
@@ -108,7 +110,12 @@ def test_a_chat_keeps_its_turns_survives_ctrl_c_and_leaves_on_ctrl_d(isolated_di
         with contextlib.suppress(OSError):
             os.kill(terminal.pid, signal.SIGKILL)
         os.close(terminal.fd)
-    assert wait_for(lambda: ours(port) == [], timeout=10), ours(port)
+        wait_for(lambda: ours(port) == [], timeout=10)
+        left = ours(port)
+        for process in left:  # a failed run: the queen the killed chat started is still up
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    assert left == [], left
 
 
 def test_chat_and_infer_read_a_piped_prompt(isolated_dirs: Path) -> None:
