@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 
 _NAME = r"[A-Za-z0-9._-]+"
-_HF = re.compile(rf"^hf:(?P<repo>{_NAME}/{_NAME})(?::(?P<select>{_NAME}))?\Z")
+HF = re.compile(rf"^hf:(?P<repo>{_NAME}/{_NAME})(?::(?P<select>{_NAME}))?\Z")
+"""The form a hive downloads (`rbee_hive.catalog` parses it with this)."""
 _URL = re.compile(
     rf"^(?:https?://)?(?:www\.)?(?:hf\.co|huggingface\.co)/(?P<repo>{_NAME}/{_NAME})"
     rf"(?:/(?:blob|resolve|tree)/{_NAME}(?:/(?P<file>{_NAME}))?)?/?(?::(?P<select>{_NAME}))?\Z")
@@ -16,7 +17,7 @@ _URL = re.compile(
 def hub_reference(ref: str) -> str | None:
     """`hf:org/repo[:select]` for a Hub reference in any of its spellings; None for anything else
     (a catalog id, a file, a built-in model)."""
-    if _HF.match(ref):
+    if HF.match(ref):
         return ref
     found = _URL.match(ref)
     if found is None:

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 import msgspec
 
 from rbee_common.errors import ErrorBody, LimitExceeded
+from rbee_common.gpus import DEVICE_PATTERN
 
 # --- validated scalars -------------------------------------------------------
 
@@ -52,7 +53,7 @@ ModelRef = Annotated[
 """`hf:org/repo[:file]`, `file:///abs/path.gguf` or a catalog id (DESIGN §5)."""
 
 DeviceName = Annotated[str, msgspec.Meta(pattern=_said(
-    r"^(CPU-0|METAL-0|GPU-[0-9]{1,3}(,GPU-[0-9]{1,3}){0,15})\Z",
+    rf"^({DEVICE_PATTERN})\Z",
     "a device: CPU-0, METAL-0, GPU-<n>, or GPUs of one hive as GPU-0,GPU-1"))]
 """One device, or several GPUs of one hive that one worker splits a model over (`GPU-0,GPU-1`)."""
 

@@ -21,11 +21,12 @@ import msgspec
 
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.errors import InvalidRequest, ModelBuiltin, ModelInUse, ModelNotFound, ValidationFailed
+from rbee_common.hub_refs import HF
 from rbee_common.sizing import trained_context
 from rbee_common.wire import CatalogEntry, ModelFormat, Provider
 
 log = logging.getLogger("rbee.hive.catalog")
-_HF = re.compile(r"^hf:(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?::(?P<select>[A-Za-z0-9._-]+))?\Z")
+_HF = HF
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,200}\Z")
 
 

@@ -59,7 +59,6 @@ class Splits:
         self.remote = remote
         self.nursery = nursery
         self.registry = registry
-        self.by_worker: dict[str, Split] = {}
 
     async def spawn(self, op: WorkerSpawn, context: JobContext) -> WorkerRecord:
         """Start `op`'s worker on its hive with part of its layers on `op.helpers`' devices."""
@@ -97,7 +96,6 @@ class Splits:
                 await self._stop_servers(split)
             raise
         split.worker_id = spawned.worker_id
-        self.by_worker[spawned.worker_id] = split
         self.registry.helpers[spawned.worker_id] = helpers
         self.nursery.start_soon(self._watch, split)
         return spawned
@@ -173,7 +171,6 @@ class Splits:
             split.scope.cancel()
             with trio.CancelScope(shield=True):
                 await self._stop_servers(split)
-            self.by_worker.pop(worker_id, None)
             self.registry.helpers.pop(worker_id, None)
             log.info("split worker %s is gone; its tunnels are closed and its RPC servers stopped",
                      split.worker_id)

@@ -278,12 +278,12 @@ class Session:
         try:
             listener = await _aio(self.connection.forward_remote_port, "127.0.0.1", 0, "127.0.0.1",
                                   local_port)
-        except (asyncssh.Error, OSError) as error:
-            raise _lost(self.target, error) from None
-        if listener is None:
+        except asyncssh.ChannelListenError:
             raise SshFailed(f"The SSH server of {self.target.where} refused to forward a port.",
                             details={"hive_id": self.target.alias},
-                            hint="Allow it in its sshd_config: AllowTcpForwarding yes (or remote).")
+                            hint="Allow it in its sshd_config: AllowTcpForwarding yes (or remote).") from None
+        except (asyncssh.Error, OSError) as error:
+            raise _lost(self.target, error) from None
         return int(listener.get_port())
 
     def closed(self) -> bool:
