@@ -314,7 +314,7 @@ def progress_between(met_queen: Daemon) -> None:
 
     def under_way() -> bool:
         ratio = total(parse(page(met_queen.url, AUTH)), "rbee_hive_download_progress_ratio",
-                      model="met-org--tiny-gguf")
+                      model="hf:met-org/tiny-GGUF")
         seen.append(ratio)
         return 0 < ratio < 1
 

@@ -262,7 +262,11 @@ class HiveEntry(_Section, frozen=True, kw_only=True):
 
 
 class ModelSettings(_Section, frozen=True, kw_only=True):
-    """What the queen keeps up for one model (`[models.<id>]`)."""
+    """What the queen keeps up for one model (`[models.<id>]`), or what a short name stands for."""
+
+    ref: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:/@-]{1,512}\Z")] | None = None
+    """Makes the section's name an alias: a request for it is one for this model (a Hub reference
+    in any spelling, or a catalog id); `rbee-keeper model alias` writes it."""
 
     min_workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """Workers of this model the queen keeps running (started at once, again after a crash, never

@@ -21,7 +21,7 @@ import msgspec
 
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.errors import InvalidRequest, ModelBuiltin, ModelInUse, ModelNotFound, ValidationFailed
-from rbee_common.hub_refs import HF
+from rbee_common.hub_refs import HF, catalog_id, quant_of
 from rbee_common.sizing import trained_context
 from rbee_common.wire import CatalogEntry, ModelFormat, Provider
 
@@ -51,16 +51,25 @@ def parse_hf(ref: str) -> HfRef | None:
     return HfRef(match["repo"], match["select"]) if match else None
 
 
-def sanitize(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", text).strip("-")[:200] or "model"
+def selects(select: str, file: str) -> bool:
+    """Whether `select` (a file name or a quantization, as in `hf:org/repo:<select>`) picks `file`:
+    the file by its exact name, a quantization by its name in the file's (as the download picks)."""
+    return file == select if select.endswith(".gguf") else select.upper() in file.upper()
 
 
-def catalog_id(ref: str) -> str:
-    parsed = parse_hf(ref)
-    if parsed is not None:
-        return sanitize(parsed.repo.lower() + (f"--{parsed.select.lower()}" if parsed.select else ""))
-    return sanitize(ref)
-
+def of_repository(entries: list[CatalogEntry], hf: HfRef) -> CatalogEntry | None:
+    """The entry a Hub reference stands for, however it is spelled: the file its quantization or
+    name picks; with neither, the repository's one entry, or its Q4_K_M (what a download picks)."""
+    mine: list[tuple[CatalogEntry, str | None]] = []
+    for entry in entries:
+        source = parse_hf(entry.source or "") or parse_hf(entry.reference)
+        if source is not None and source.repo.lower() == hf.repo.lower():
+            mine.append((entry, source.select))
+    if hf.select:
+        return next((e for e, file in mine if file and selects(hf.select, file)), None)
+    if len(mine) == 1:
+        return mine[0][0]
+    return next((e for e, file in mine if file and quant_of(file) == "Q4_K_M"), None)
 
 
 class Catalog:
@@ -101,13 +110,18 @@ class Catalog:
         return [msgspec.structs.replace(e, context_length=_context_length(e.format, e.path)) for e in entries]
 
     def find(self, ref: str) -> CatalogEntry | None:
-        """By id, by the reference it was downloaded as, or by its exact source."""
+        """By id, by the reference it was downloaded as, by its exact source, or (a Hub reference)
+        by the file it picks however it is spelled."""
         check_reference(ref)
-        wanted = {ref, catalog_id(ref)}
-        for entry in self.list():
-            if entry.id in wanted or entry.reference == ref or entry.source == ref:
+        entries = self.list()
+        for entry in entries:
+            if ref in (entry.id, entry.reference, entry.source):
                 return entry
-        return None
+        hf = parse_hf(ref)
+        if hf is not None:
+            return of_repository(entries, hf)
+        wanted = catalog_id(ref)
+        return next((entry for entry in entries if entry.id == wanted), None)
 
     def get(self, ref: str) -> CatalogEntry:
         entry = self.find(ref)

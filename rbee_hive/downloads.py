@@ -29,7 +29,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import httpx
@@ -50,13 +50,14 @@ from rbee_common.errors import (
     TransportError,
     UnsafeFileName,
 )
+from rbee_common.hub_refs import quant_of, readable_id
 from rbee_common.jobs import JobContext
 from rbee_common.wire import (
     CatalogEntry,
     CopySource,
     ModelFormat,
 )
-from rbee_hive.catalog import Catalog, HfRef, catalog_id, new_entry, parse_hf
+from rbee_hive.catalog import Catalog, HfRef, new_entry, parse_hf, selects
 from rbee_hive.metrics import HiveMetrics
 
 log = logging.getLogger("rbee.hive.downloads")
@@ -115,11 +116,12 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
         return sum(f.size for f in self.files)
 
 
-def _not_found(message: str, **details: Any) -> NotFound:
-    return ModelNotFound(
-        message, details=details,
-        hint="Check the name on the Hub; a private repo also needs HF_TOKEN in the hive's environment.",
-    )
+def _not_found(
+    message: str,
+    hint: str = "Check the name on the Hub; a private repo also needs HF_TOKEN in the hive's environment.",
+    **details: Any,
+) -> NotFound:
+    return ModelNotFound(message, details=details, hint=hint)
 
 
 def _access_denied() -> AccessDenied:
@@ -183,12 +185,10 @@ def resolve_plan(ref: str, hf: HfRef) -> Plan:
     ]
     ggufs = [f for f in files if f.name.endswith(".gguf")]
     chosen: list[RemoteFile]
-    if hf.select and hf.select.endswith(".gguf"):
-        chosen = [f for f in ggufs if f.name == hf.select]
-    elif hf.select:
-        chosen = [f for f in ggufs if hf.select.upper() in f.name.upper()]
+    if hf.select:
+        chosen = [f for f in ggufs if selects(hf.select, f.name)]
     elif len(ggufs) > 1:
-        chosen = [f for f in ggufs if "Q4_K_M" in f.name.upper()][:1]
+        chosen = [f for f in ggufs if quant_of(f.name) == "Q4_K_M"][:1]
     else:
         chosen = ggufs
     fmt: ModelFormat = "gguf"
@@ -199,16 +199,29 @@ def resolve_plan(ref: str, hf: HfRef) -> Plan:
     for file in chosen:
         check_file_name(file.name)
     if len(chosen) != 1 and fmt == "gguf":
-        names = sorted(f.name for f in ggufs)
-        if not names:
-            raise _not_found("That repository has no GGUF file and is not an MLX model.")
-        raise _not_found(
-            "Say which GGUF file to download: hf:<org>/<repo>:<file or quant>.", choices=names[:50]
-        )
+        _no_single_file(hf, sorted(f.name for f in ggufs), several=bool(chosen))
+    model_id = readable_id(hf.repo, chosen[0].name if fmt == "gguf" else None)
     return Plan(
-        model_id=catalog_id(ref), reference=ref, repo=hf.repo, revision=info.sha or "main",
+        model_id=model_id, reference=ref, repo=hf.repo, revision=info.sha or "main",
         files=chosen, format=fmt,
     )
+
+
+def _no_single_file(hf: HfRef, names: list[str], *, several: bool) -> NoReturn:
+    """The reference picks no GGUF file of the repository, or several: say which there are."""
+    if not names:
+        raise _not_found("That repository has no GGUF file and is not an MLX model.")
+    quants = sorted({q for q in map(quant_of, names) if q})
+    example = ("Q4_K_M" if "Q4_K_M" in quants else quants[0]) if quants else names[0]
+    offer = f"its quantizations: {', '.join(quants)}" if quants else f"its files: {', '.join(names[:20])}"
+    if hf.select is None:
+        said = f"{hf.repo} has {len(names)} GGUF files and none is Q4_K_M; say which, {offer}."
+    elif several:
+        said = f"'{hf.select}' matches several GGUF files of {hf.repo}; say which, {offer}."
+    else:
+        said = f"{hf.repo} has no GGUF file that matches '{hf.select}'; {offer}."
+    raise _not_found(said, choices=names[:50],
+                     hint=f"rbee-keeper model download hf:{hf.repo}:{example}")
 
 
 class Transfer:
@@ -250,6 +263,8 @@ class Downloader:
         self.attempts = attempts
         self.reserve_bytes = reserve_bytes
         self.transfers: dict[str, Transfer] = {}
+        self.locks: dict[str, trio.Lock] = {}
+        """One per catalog id: two spellings of one Hub file never download it side by side."""
         self.metrics: HiveMetrics | None = None
 
     async def download(self, ref: str, context: JobContext) -> CatalogEntry:
@@ -262,7 +277,7 @@ class Downloader:
                 "model_download", f"Model {existing.id} is already in the catalog", model=existing.id
             )
             return existing
-        return await self._follow(catalog_id(ref), Transfer(ref), lambda t: self._transfer(t, hf), context)
+        return await self._follow(ref, Transfer(ref), lambda t: self._transfer(t, hf), context)
 
     async def copy(self, source: CopySource, context: JobContext) -> CatalogEntry:
         """A model from another hive of the fleet (`model_download` with the queen's `source`)."""
@@ -343,6 +358,9 @@ class Downloader:
             return str(hf_hub_url(plan.repo, file.name, revision=plan.revision, endpoint=endpoint()))
 
         source = f"hf:{plan.repo}:{plan.files[0].name}" if plan.format == "gguf" else f"hf:{plan.repo}"
+        file = plan.files[0].name if plan.format == "gguf" else None
+        if any(e.id == plan.model_id and not _same_source(e, source) for e in self.catalog.list()):
+            plan = msgspec.structs.replace(plan, model_id=readable_id(plan.repo, file, qualified=True))
 
         def register(path: Path, sums: dict[str, str]) -> CatalogEntry:
             return self.catalog.register(new_entry(
@@ -350,7 +368,12 @@ class Downloader:
                 path=path, files=[f.name for f in plan.files], size=plan.total, source=source, sha256=sums,
             ))
 
-        return await self._pull(plan, transfer, url, build_hf_headers(), "the Hub", register)
+        async with self.locks.setdefault(plan.model_id, trio.Lock()):  # one file, however it was asked for
+            stored = next((e for e in self.catalog.list() if _same_source(e, source)), None)
+            if stored is not None:
+                transfer.say(f"{source} is in the catalog already, as {stored.id}")
+                return stored
+            return await self._pull(plan, transfer, url, build_hf_headers(), "the Hub", register)
 
     async def _copy(self, transfer: Transfer, source: CopySource) -> CatalogEntry:
         entry = source.entry
@@ -367,8 +390,12 @@ class Downloader:
             return self.catalog.register(msgspec.structs.replace(
                 entry, path=str(path), added_at=time.time(), sha256=sums, context_length=None))
 
-        return await self._pull(plan, transfer, url, {"Authorization": f"Bearer {source.ticket}"}, origin,
-                                register)
+        async with self.locks.setdefault(entry.id, trio.Lock()):  # not beside a download of it
+            stored = self.catalog.find(entry.id)
+            if stored is not None:
+                return stored
+            return await self._pull(plan, transfer, url, {"Authorization": f"Bearer {source.ticket}"}, origin,
+                                    register)
 
     async def _pull(
         self, plan: Plan, transfer: Transfer, url: Callable[[RemoteFile], str], headers: dict[str, str],
@@ -497,6 +524,12 @@ class Downloader:
             log.warning("download attempt %d of %s failed: %s", attempt + 1, file.name, problem.message)
         problem.details.setdefault("hint", "Run the download again; it resumes where it stopped.")
         raise problem
+
+
+def _same_source(entry: CatalogEntry, source: str) -> bool:
+    """Whether `entry` is the Hub file (or MLX repository) `source` names (`hf:org/repo[:file]`;
+    the Hub does not tell `Org/Repo` from `org/repo`)."""
+    return (entry.source or "").lower() == source.lower()
 
 
 def _size(path: Path) -> int:

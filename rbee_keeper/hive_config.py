@@ -1,7 +1,9 @@
-"""The `[hives.<alias>]` sections of the config file, edited as text.
+"""The `[hives.<alias>]` sections of the config file, and the `ref` of `[models.<alias>]`, edited as
+text.
 
-Adding appends a section, written from the `HiveEntry` schema (every field
-that differs from its default); removing cuts one out. Everything else in the file
+Adding a hive appends a section, written from the `HiveEntry` schema (every field
+that differs from its default); removing cuts one out. A model alias is one
+`ref = "…"` line in its `[models."<alias>"]` section. Everything else in the file
 (comments, order, other sections) stays as the operator wrote it, and the
 file is replaced atomically. `import_ssh` reads `~/.ssh/config` Host blocks.
 """
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import msgspec
 
-from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config, toml_section
-from rbee_common.errors import ConfigError, Conflict, HiveNotFound, ValidationFailed
+from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config, toml_section, toml_value
+from rbee_common.errors import ConfigError, Conflict, HiveNotFound, ModelNotFound, ValidationFailed
+from rbee_common.hub_refs import hub_reference
 
 ALIAS = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 
@@ -68,6 +71,74 @@ def remove_hive(explicit: str | None, alias: str) -> Path:
             kept.append(line)
     _write(path, "".join(kept))
     return path
+
+
+_CATALOG_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}\Z")
+_HEADER = re.compile(r"^\s*\[([^\]]+)\]\s*(#.*)?$")
+
+
+def model_aliases(explicit: str | None) -> dict[str, str]:
+    """Each alias of the config file and the model it names."""
+    return {name: m.ref for name, m in load_config(explicit).models.items() if m.ref is not None}
+
+
+def set_model_alias(explicit: str | None, alias: str, ref: str | None) -> tuple[Path, str | None]:
+    """Make `alias` name `ref` (a Hub reference in any spelling, kept as `hf:…`, or a catalog id),
+    or forget it (`ref` None): the config file, and the model it now names."""
+    if not ALIAS.match(alias):
+        raise ValidationFailed(
+            "A model alias is 1 to 64 letters, digits, '.', '_' and '-'.",
+            hint="rbee-keeper model alias qwen hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M",
+        )
+    target = (hub_reference(ref) or ref) if ref is not None else None
+    if target is not None and not (target.startswith("hf:") or _CATALOG_ID.match(target)):
+        raise ValidationFailed(
+            "An alias names a Hub model (hf:<org>/<repo>[:<quant>], hf.co/<org>/<repo>, or its "
+            "https://huggingface.co/ address) or a catalog id.",
+            hint=f"rbee-keeper model alias {alias} hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M",
+        )
+    path = config_path(explicit)
+    if target is None and alias not in model_aliases(explicit):
+        raise ModelNotFound(f"No model alias {alias} in {path}.",
+                            hint="See the aliases with `rbee-keeper model alias`.")
+    text = path.read_text() if path.is_file() else ""
+    names = (f"models.{alias}", f'models."{alias}"')
+    line = f"ref = {toml_value(target)}\n" if target is not None else ""
+    kept: list[str] = []
+    inside = found = False
+    for row in text.splitlines(keepends=True):
+        header = _HEADER.match(row)
+        if header:
+            inside = header.group(1).strip() in names
+            if inside:
+                found = True
+                kept += [row if row.endswith("\n") else row + "\n", line]
+                continue
+        if not (inside and re.match(r"^\s*ref\s*=", row)):
+            kept.append(row)
+    if not found and line:
+        kept += ["\n" if text and not text.endswith("\n\n") else "", f'[models."{alias}"]\n', line]
+    if not line:  # a section left with nothing in it goes too
+        kept = _without_empty_section(kept, names)
+    _write(path, "".join(kept))
+    try:
+        load_config(str(path))  # what we wrote must load: a broken file is never left behind
+    except ConfigError:
+        _write(path, text)
+        raise
+    return path, target
+
+
+def _without_empty_section(rows: list[str], names: tuple[str, ...]) -> list[str]:
+    for start, row in enumerate(rows):
+        header = _HEADER.match(row)
+        if header and header.group(1).strip() in names:
+            end = start + 1
+            while end < len(rows) and not rows[end].strip():
+                end += 1
+            if end == len(rows) or _HEADER.match(rows[end]):
+                return rows[:start] + rows[end:]
+    return rows
 
 
 def parse_ssh_config(text: str) -> dict[str, HiveEntry]:

@@ -15,12 +15,23 @@ from rbee_common.config import (
     RbeeConfig,
     changed_fields,
     describe_source,
+    find_config_file,
     load_config,
 )
 from rbee_common.errors import ConfigError
+from rbee_common.hub_refs import hub_reference
 from rbee_hive.config import RESTART_ONLY as HIVE_RESTART_ONLY
 
 log = logging.getLogger("rbee.queen.config")
+
+
+def _stamp(path: str | None) -> int:
+    """The config file's mtime (ns), 0 when there is none."""
+    try:
+        found = find_config_file(path)
+        return found.stat().st_mtime_ns if found is not None else 0
+    except (ConfigError, OSError):
+        return 0
 
 LOCALHOST_HIVE = HiveEntry(host="127.0.0.1")
 """`localhost` is always a hive, even when the config does not name it."""
@@ -47,6 +58,8 @@ class QueenConfig(msgspec.Struct, kw_only=True):
     """Loaded from the config file, so `reload_hives` may read it again."""
     overrides: dict[str, object] = msgspec.field(default_factory=dict)
     """What the command line said (host, port, ...): it wins over the file on a reload too."""
+    models_stamp: int = 0
+    """The config file's mtime when `models` was read (`model_ref` reads it again when it changed)."""
 
     @classmethod
     def load(
@@ -66,7 +79,7 @@ class QueenConfig(msgspec.Struct, kw_only=True):
         require_token_for_bind(settings.host, token, "queen-rbee")
         log.info("config_load %s hives=%d", describe_source(path), len(hives))
         return cls(settings=settings, hives=hives, hive=config.hive, models=dict(config.models),
-                   api_token=token, config_path=path,
+                   api_token=token, config_path=path, models_stamp=_stamp(path),
                    from_file=True, api_token_file=api_token_file,
                    overrides={"host": host, "port": port, "local_hive": local_hive})
 
@@ -103,6 +116,20 @@ class QueenConfig(msgspec.Struct, kw_only=True):
         if restart:
             log.warning("config_reload: %s take effect at the next restart", ",".join(restart))
         return applied, restart
+
+    def model_ref(self, name: str) -> str:
+        """The model a requested name stands for: an alias's `ref` (`[models.<alias>]`; the file is
+        read again when it changed, so `rbee-keeper model alias` needs no restart), else the name."""
+        stamp = _stamp(self.config_path) if name not in self.models and self.from_file else self.models_stamp
+        if stamp != self.models_stamp:
+            self.models_stamp = stamp
+            try:
+                self.models = dict(load_config(self.config_path).models)
+            except ConfigError as error:
+                log.warning("config not reloaded: %s", error.message)
+        settings = self.models.get(name)
+        ref = settings.ref if settings is not None else None
+        return (hub_reference(ref) or ref) if ref else name
 
     def reload_hives(self) -> None:
         """The `[hives.*]` of the config file as it is now, in place (a broken file changes nothing)."""

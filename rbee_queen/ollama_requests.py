@@ -25,8 +25,8 @@ from typing import Any, Literal
 import msgspec
 
 from rbee_common.errors import ValidationFailed
+from rbee_common.hub_refs import readable_id
 from rbee_common.wire import ChatMessage, GenerationParams, ModelDownload, ResponseFormat, ToolCall
-from rbee_hive.catalog import catalog_id
 from rbee_queen import toolcalls
 from rbee_queen.dialects import named, tool_of
 
@@ -67,7 +67,8 @@ def model_id(name: str) -> str:
     hf = _HF_NAME.match(name)
     if hf:
         tag = hf["tag"] if hf["tag"] and hf["tag"] != "latest" else None
-        return catalog_id(f"hf:{hf['repo']}" + (f":{tag}" if tag else ""))
+        # With a quantization, the file's catalog id; without, the reference (the hive picks its file).
+        return readable_id(hf["repo"], tag) if tag else f"hf:{hf['repo']}"
     return name[: -len(":latest")] if name.endswith(":latest") else name
 
 

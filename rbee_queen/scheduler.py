@@ -21,7 +21,7 @@ import trio
 from rbee_common.auth import new_token
 from rbee_common.config import QueenSettings
 from rbee_common.errors import ModelNotFound, NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
-from rbee_common.hub_refs import hub_reference
+from rbee_common.hub_refs import catalog_id, hub_reference
 from rbee_common.jobs import JobContext, detached_context
 from rbee_common.prefixes import Block, held_share
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
@@ -271,9 +271,11 @@ class Scheduler:
         began = time.monotonic()
         try:
             hub = hub_reference(model)  # one Hub model, however it is spelled
-            if hub is not None and hub != model and not ctx and self.candidates(hub, frozenset()):
-                self.aliases[model] = self.aliases.get(hub, hub)
-                return
+            if hub is not None and not ctx:
+                for name in (hub, catalog_id(hub)):  # the reference as spawned before, or its catalog id
+                    if name != model and self.candidates(name, frozenset()):
+                        self.aliases[model] = self.aliases.get(name, name)
+                        return
             known = hub or model
             pick = await self.best_hive(known, only=hive_id)
             hive_id, device = pick.hive_id, pick.device

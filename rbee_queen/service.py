@@ -29,6 +29,7 @@ from rbee_common.errors import (
     error_from_response,
 )
 from rbee_common.http import OpenStreams
+from rbee_common.hub_refs import catalog_id
 from rbee_common.jobs import JobContext, detached_context
 from rbee_common.wire import (
     CatalogEntry,
@@ -132,7 +133,8 @@ class QueenService:
         self.scheduler.pull = self.pull_on_demand if self.pulls_on_demand() else None
         self.scheduler.known_models = self.catalog_ids
         """Workers whose layers span hives (llama.cpp RPC): their servers and SSH tunnels."""
-        self.replicas = Replicas(self.scheduler, lambda: self.config.settings, lambda: self.config.models)
+        self.replicas = Replicas(self.scheduler, lambda: self.config.settings,
+                                 lambda: {self.config.model_ref(m): s for m, s in self.config.models.items()})
         self.replicas.copies = self.copies
         self.heartbeats = Heartbeats(
             self.workers, nursery=nursery, queen_token=lambda: self.token, hive_token=self.hive_token,
@@ -296,7 +298,7 @@ class QueenService:
     ) -> AsyncGenerator[InferenceToken, None]:
         served = Served()
         async with contextlib.aclosing(generate(
-            self.scheduler, self.workers, self._lanes, model, params,
+            self.scheduler, self.workers, self._lanes, self.config.model_ref(model), params,
             attempts=self.config.settings.infer_attempts, served=served,
             headers=self.worker_headers, deadline=deadline, metrics=self.metrics,
         )) as pieces:
@@ -330,6 +332,7 @@ class QueenService:
         """
         excluded: set[str] = set()
         attempts = self.config.settings.infer_attempts
+        model = self.config.model_ref(model)
         for _ in range(attempts):
             worker = await self.scheduler.acquire(model, None, frozenset(excluded))
             try:
@@ -369,7 +372,7 @@ class QueenService:
         text: list[str] = []
         deadline = deadlines.current.get()  # the job's (POST /v1/jobs sets the default one)
         async with contextlib.aclosing(generate(
-            self.scheduler, self.workers, self._lanes, operation.model, params,
+            self.scheduler, self.workers, self._lanes, self.config.model_ref(operation.model), params,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
             hive_id=operation.hive_id, headers=self.worker_headers, deadline=deadline, metrics=self.metrics,
         )) as pieces:
@@ -407,6 +410,9 @@ class QueenService:
         for _, entry in await self.catalogs():
             known = found.get(entry.id)
             found[entry.id] = max(known or 0, entry.context_length or 0) or None
+        for alias, settings in self.config.models.items():  # a short name, as the model it names
+            if settings.ref is not None and (target := catalog_id(self.config.model_ref(alias))) in found:
+                found[alias] = found[target]
         return dict(sorted(found.items()))
 
     # --- status ---------------------------------------------------------------------

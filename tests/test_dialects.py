@@ -533,7 +533,7 @@ def test_ollama_list_ps_show_version_and_pull(llama: ollama.Client, hub: FakeHub
     assert statuses[0].status == "pulling manifest" and statuses[-1].status == "success"
     progress = [s for s in statuses if s.total]
     assert progress and progress[-1].completed == progress[-1].total
-    assert "smol-org--smollm2-gguf--q4_1:latest" in [m.model for m in llama.list().models]
+    assert "smollm2-q4_1:latest" in [m.model for m in llama.list().models]
 
     with pytest.raises(ollama.ResponseError) as caught:
         llama.pull("llama3.2")

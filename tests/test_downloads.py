@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,36 @@ def test_a_stalled_download_is_reported(hub: FakeHub, isolated_dirs: Path) -> No
         assert catalog_ids(hive.url) == ["smollm2-135m"]
 
 
+def test_one_file_has_one_readable_id_however_it_is_asked_for(hub: FakeHub, hive: Daemon) -> None:
+    """No quant picks Q4_K_M; the same file asked for by quant, by file name or without either is
+    stored once, under `<name>-<quant>`; another organisation's file of that name gets its own id."""
+    hub.add_file(REPO, "tiny.Q8_0.gguf", b"\1" * 1000)
+    first = job_result(hive.url, {"operation": "model_download", "model": f"hf:{REPO}"})
+    assert isinstance(first, dict) and first["id"] == "tiny-q4_k_m" and first["source"] == f"hf:{REPO}:{FILE}"
+    for spelling in (f"hf:{REPO}:Q4_K_M", f"hf:{REPO}:{FILE}", f"hf:{REPO.lower()}:q4_k_m"):
+        again = job_result(hive.url, {"operation": "model_download", "model": spelling})
+        assert isinstance(again, dict) and again["id"] == "tiny-q4_k_m", spelling
+    assert len(hub.file_requests) == 1  # downloaded once
+    other = job_result(hive.url, {"operation": "model_download", "model": f"hf:{REPO}:Q8_0"})
+    assert isinstance(other, dict) and other["id"] == "tiny-q8_0"
+    hub.add_file("other-org/tiny-GGUF", FILE, b"\2" * 1000)
+    third = job_result(hive.url, {"operation": "model_download", "model": "hf:other-org/tiny-GGUF"})
+    assert isinstance(third, dict) and third["id"] == "other-org-tiny-q4_k_m"
+    assert sorted(catalog_ids(hive.url)) == ["other-org-tiny-q4_k_m", "smollm2-135m", "tiny-q4_k_m", "tiny-q8_0"]
+    stored = [p for p in Path(str(first["path"])).parents[1].rglob("*.gguf")]
+    assert len(stored) == 3
+
+
+def test_a_wrong_quant_lists_the_quants_there_are(hub: FakeHub, hive: Daemon) -> None:
+    hub.add_file(REPO, "tiny.Q8_0.gguf", b"\1" * 1000)
+    error = job_error(download(hive.url, f"hf:{REPO}:Q5_K_M")[0])
+    assert error["code"] == "MODEL_NOT_FOUND"
+    assert error["message"] == f"{REPO} has no GGUF file that matches 'Q5_K_M'; its quantizations: Q4_K_M, Q8_0."
+    hint = str(error["details"]["hint"])  # type: ignore[index]
+    assert hint == f"rbee-keeper model download hf:{REPO}:Q4_K_M"
+    assert hub.file_requests == []
+
+
 def test_disk_space_preflight_names_the_numbers(hub: FakeHub, isolated_dirs: Path) -> None:
     with start_hive(hub, disk_reserve_bytes=10**18) as hive:
         error = job_error(download(hive.url)[0])
@@ -227,7 +258,7 @@ def test_a_hub_model_no_hive_has_is_pulled_on_first_use(hub: FakeHub, isolated_d
         said = " ".join(str(e.get("human", "")) for e in events)
         assert "No hive has hf:test-org/smol-GGUF: downloading it to hive localhost first" in said, said
         assert any(e["type"] == "progress" for e in events)
-        assert "test-org--smol-gguf" in catalog_ids_of(queen.url)
+        assert "smol-q8_0" in catalog_ids_of(queen.url)  # the repository's name and the file's quant
         # the page's URL names the same model: no second download, the same worker
         asked = len(hub.file_requests)
         body = {"model": "https://huggingface.co/test-org/smol-GGUF", "max_tokens": 4,
@@ -237,6 +268,22 @@ def test_a_hub_model_no_hive_has_is_pulled_on_first_use(hub: FakeHub, isolated_d
         answer = httpx.post(f"{queen.url}/v1/chat/completions", json=body, timeout=300)
         assert answer.status_code == 200, answer.text
         assert len(hub.file_requests) == asked
+        # a short name for it, made while the queen runs: no restart, and the same worker
+        made = subprocess.run([str(BIN / "rbee-keeper"), "model", "alias", "smol",
+                               "hf.co/test-org/smol-GGUF:Q8_0"], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0 and "smol now names hf:test-org/smol-GGUF:Q8_0" in made.stdout, made
+        answer = httpx.post(f"{queen.url}/v1/chat/completions", json={**body, "model": "smol"}, timeout=300)
+        assert answer.status_code == 200 and answer.json()["model"] == "smol", answer.text
+        assert len(hub.file_requests) == asked
+        assert "smol" in [m["id"] for m in httpx.get(f"{queen.url}/v1/models").json()["data"]]
+        workers = job_result(queen.url, {"operation": "worker_list", "hive_id": "localhost"})
+        assert isinstance(workers, list) and [w["model"] for w in workers] == ["smol-q8_0"]
+        # a spelling never asked for before finds the worker by its catalog id: no second worker
+        answer = httpx.post(f"{queen.url}/v1/chat/completions", timeout=300,
+                            json={**body, "model": "hf:test-org/smol-GGUF:Q8_0"})
+        assert answer.status_code == 200, answer.text
+        after = job_result(queen.url, {"operation": "worker_list", "hive_id": "localhost"})
+        assert isinstance(after, list) and [w["worker_id"] for w in after] == [w["worker_id"] for w in workers]
 
 
 def test_a_pull_on_demand_with_no_hub_names_the_cause(isolated_dirs: Path) -> None:

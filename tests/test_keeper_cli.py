@@ -247,9 +247,9 @@ def test_model_download_shows_a_progress_bar_and_lists_the_model(isolated_dirs: 
             )
             assert result.returncode == 0, result.stderr
             assert "download [####################] 100% 5.0/5.0 MB" in result.stderr
-            assert result.stdout.startswith("test-org--tiny-gguf  5 MB  ")
+            assert result.stdout.startswith("tiny-q4_k_m  5 MB  ")
             listed = keeper(url, "model", "list")
-            assert "test-org--tiny-gguf" in listed.stdout and "smollm2-135m" in listed.stdout
+            assert "tiny-q4_k_m" in listed.stdout and "smollm2-135m" in listed.stdout
         finally:
             keeper(url, "queen", "stop")
     assert wait_for(lambda: ours(int(url.rsplit(":", 1)[1])) == [], timeout=6)

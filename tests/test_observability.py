@@ -313,7 +313,7 @@ def test_hive_page_downloads_a_model_with_a_progress_bar(
     screenshot(page, tmp_path, "hive-download-under-way")
     expect(bar).to_have_attribute("aria-valuenow", "100", timeout=60_000)
     expect(bar).to_contain_text("100%")
-    expect(page.locator("#models table")).to_contain_text("ui-org--smol-gguf")
+    expect(page.locator("#models table")).to_contain_text("smol-q4_1")
     screenshot(page, tmp_path, "hive-download-done")
     samples = scrape(hive.url)
     size = os.path.getsize(str(builtin_model_path("smollm2-135m")))
@@ -326,9 +326,9 @@ def test_hive_page_downloads_a_model_with_a_progress_bar(
     created = httpx.post(f"{hive.url}/v1/jobs", json={"operation": "model_download", "model": "hf:ui-org/other-GGUF"})
     assert created.status_code == 201, created.text
     running = page.locator("#models .downloads .download")
-    expect(running).to_contain_text("Downloading ui-org--other-gguf")
+    expect(running).to_contain_text("Downloading hf:ui-org/other-GGUF")
     expect(running.locator(".progress")).not_to_have_attribute("aria-valuenow", "0")
     screenshot(page, tmp_path, "hive-download-from-elsewhere")
-    expect(page.locator("#models table")).to_contain_text("ui-org--other-gguf", timeout=30_000)
+    expect(page.locator("#models table")).to_contain_text("other-q4_k_m", timeout=30_000)
     expect(running).to_have_count(0)
 

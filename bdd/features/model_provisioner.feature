@@ -58,7 +58,7 @@ Feature: Model Provisioner
     When I run the hive operation {"operation": "model_download", "model": "hf:test-org/tiny-GGUF"}
     Then the job fails with "DOWNLOAD_CORRUPT"
     And the hub served the file twice
-    And the hive's catalog does not list "test-org--tiny-gguf"
+    And the hive's catalog does not list "tiny-q4_k_m"
 
   Scenario: GGUF model detection by file extension
     Given the hub serves the built-in SmolLM2 GGUF as "test-org/smol-GGUF"

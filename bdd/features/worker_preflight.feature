@@ -65,7 +65,7 @@ Feature: Worker Preflight Checks
     When a download of "hf:test-org/big-GGUF" is under way and another writer fills the disk
     Then the job fails with "INSUFFICIENT_DISK"
     And the error says "The disk filled up during the download"
-    And the hive's catalog does not list "test-org--big-gguf"
+    And the hive's catalog does not list "big-q4_k_m"
     And the hive still answers its health check
 
   Scenario: The CPU thread budget
