@@ -64,6 +64,7 @@ def main(
         config=loaded,
         config_path=config,
         queen_url=(queen_url or loaded.keeper.queen_url).rstrip("/"),
+        usual_queen_url=loaded.keeper.queen_url.rstrip("/"),
         verbose=verbose,
     )
 

@@ -123,7 +123,8 @@ def chat(
     conversation = Conversation(model, system)
     piped = not sys.stdin.isatty()
     with lifecycle.ephemeral_queen(c.queen_url, say=say, config=c.config_path, keep=keep_queen,
-                                   timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose):
+                                   timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose,
+                                   usual=c.usual_queen_url):
         if piped:
             text = sys.stdin.read().strip()
             if text:

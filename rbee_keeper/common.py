@@ -27,6 +27,8 @@ class Context(msgspec.Struct, kw_only=True):
     config: RbeeConfig
     config_path: str | None
     queen_url: str
+    usual_queen_url: str
+    """Where the queen is without --queen-url or RBEE_QUEEN_URL (the config's, else the default)."""
     verbose: bool
 
 
@@ -82,7 +84,7 @@ def run_with_queen(c: Context, operation: Op[T], *, keep_queen: bool = False, to
     """Run a job on the queen; if none answers, on one started (--local-hive) for this command."""
     with lifecycle.ephemeral_queen(
         c.queen_url, say=say, config=c.config_path, keep=keep_queen,
-        timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose,
+        timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose, usual=c.usual_queen_url,
     ):
         return run_job(c, operation, tokens=tokens)
 

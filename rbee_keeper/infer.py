@@ -81,7 +81,7 @@ def status(
     c = keeper_context(ctx)
     with lifecycle.ephemeral_queen(
         c.queen_url, say=say, config=c.config_path, keep=keep_queen,
-        timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose,
+        timeout=c.config.keeper.queen_start_timeout_s, verbose=c.verbose, usual=c.usual_queen_url,
     ):
         result = run_job(c, Status())
     show_status(c.queen_url, result)

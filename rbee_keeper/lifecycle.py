@@ -180,14 +180,19 @@ def stop_queen(url: str, *, say: Say, timeout: float = 10.0) -> bool:
 @contextlib.contextmanager
 def ephemeral_queen(
     url: str, *, say: Say, config: str | None = None, keep: bool = False, timeout: float = 30.0,
-    local_hive: bool = True, verbose: bool = False,
+    local_hive: bool = True, verbose: bool = False, usual: str | None = None,
 ) -> Iterator[bool]:
-    """Make sure a queen answers at `url` for the duration; yields whether we started it."""
+    """Make sure a queen answers at `url` for the duration; yields whether we started it. `usual`:
+    the queen's address without --queen-url; one answering there while none does at `url` (a typo
+    in the port?) is said before a new, empty queen starts."""
     if is_healthy(url):
         yield False
         if verbose:
             say("Queen was already running, not shutting down")
         return
+    if usual is not None and usual != url and is_healthy(usual):
+        say(f"No queen answers at {url}, but one does at {usual} (your usual queen, with its hives and "
+            f"models); check --queen-url or RBEE_QUEEN_URL. Starting a new, empty queen at {url}.")
     say(f"queen is asleep, waking queen (none answers at {url}: one starts there for this command)")
     process = start_queen(url, config=config, timeout=timeout, local_hive=local_hive)
     say("queen is awake and healthy")

@@ -333,8 +333,8 @@ class WorkerService:
                 tokens_cached=generated.tokens_cached if generated else 0,
                 tokens_restored=generated.tokens_restored if generated else 0)
             self.recent.append(active.request_id)
-            if len(self.active) == self.config.slots - 1:
-                self.state_changed.set()  # ready again
+            if len(self.active) in (0, self.config.slots - 1):
+                self.state_changed.set()  # ready again, or idle: `rbee-keeper status` shows 0 busy at once
             active.done.set()
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:

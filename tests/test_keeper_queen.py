@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.helpers import BIN, daemon, free_port, port_open, wait_for
+from tests.helpers import BIN, daemon, free_port, port_open, run_job, wait_for
 
 
 def keeper(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -103,3 +103,33 @@ def test_bad_queen_url_is_explained(isolated_dirs: Path) -> None:
     result = keeper("queen", "start", url="ftp://nowhere")
     assert result.returncode == 1
     assert "http://HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_shows_a_worker_idle_as_soon_as_its_answer_ends(isolated_dirs: Path) -> None:
+    """A 7-s answer (synthetic, 10 tokens/s) outlasts a heartbeat period (5 s), so a heartbeat said
+    "1 busy" mid-answer; the worker says "0 busy" the moment it is idle, so `status` right after
+    the answer agrees with `worker list`."""
+    config = isolated_dirs / "rbee.toml"
+    config.write_text("[hive]\nsynthetic_backend = true\nsynthetic_slots = 4\nsynthetic_tokens_per_s = 10\n")
+    with daemon([str(BIN / "queen-rbee"), "--port", "0", "--local-hive", "--config", str(config)]) as queen:
+        events, terminator = run_job(queen.url, {"operation": "infer", "model": "synthetic", "prompt": "Hi",
+                                                 "max_tokens": 70})
+        assert terminator == "[DONE]", events[-3:]
+        result = keeper("status", url=queen.url)
+        assert result.returncode == 0, result.stderr
+        (line,) = [row for row in result.stdout.splitlines() if "synthetic" in row]
+        assert "0/4 busy" in line, result.stdout
+
+
+def test_a_queen_url_where_none_answers_names_the_usual_one(isolated_dirs: Path) -> None:
+    """A mistyped --queen-url port starts a new, empty queen for the command, and says so, naming
+    the queen that does answer at the usual address."""
+    with daemon([str(BIN / "queen-rbee"), "--port", "0"]) as usual:
+        (isolated_dirs / "config" / "rbee").mkdir(parents=True, exist_ok=True)
+        (isolated_dirs / "config" / "rbee" / "config.toml").write_text(f'[keeper]\nqueen_url = "{usual.url}"\n')
+        typo = f"http://127.0.0.1:{free_port()}"
+        result = keeper("status", url=typo)
+        assert result.returncode == 0, result.stderr
+        assert f"No queen answers at {typo}, but one does at {usual.url}" in result.stderr
+        assert "--queen-url" in result.stderr
+        assert keeper("status", url=usual.url).stderr.count("No queen answers") == 0
