@@ -169,6 +169,26 @@ async def watch_stdin_lifeline(stop: trio.Event) -> None:
     stop.set()
 
 
+def _flags_show_no_type() -> None:
+    """Typer (0.29) labels every flag `<bool>` in `--help`, as if it took a value; a flag takes
+    none, so every program's help shows no type there (the label of an option with a value stays)."""
+    import typer.core
+
+    option: Any = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "rbee", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.rbee = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
+
 def package_version() -> str:
     try:
         return metadata.version("rbee")

@@ -42,9 +42,8 @@ def main(
 ) -> None:
     """rbee-hive: runs and owns the workers of this machine.
 
-    SIGHUP reads the API token file and the config file again: changed limits apply without a
-    restart (host, port, hive_id, queen_url and data_dir wait for one); a broken file changes nothing.
-    """
+    SIGHUP reads the API token file and the config file again: changed limits apply without a restart (host, port, hive_id, queen_url and data_dir wait for one); a broken file changes nothing.
+    """  # noqa: E501 (one line: typer's help keeps a later paragraph's line breaks)
     configure_logging("hive")
     try:
         settings = load_hive_settings(

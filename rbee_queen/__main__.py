@@ -35,9 +35,8 @@ def main(
     """queen-rbee: the brain of an rbee fleet (job API, hive registry, scheduling; OpenAI,
     Anthropic and Ollama APIs).
 
-    SIGHUP reads the API token file and the config file again: changed hives and limits apply
-    without a restart (host, port and --local-hive wait for one); a broken file changes nothing.
-    """
+    SIGHUP reads the API token file and the config file again: changed hives and limits apply without a restart (host, port and --local-hive wait for one); a broken file changes nothing.
+    """  # noqa: E501 (one line: typer's help keeps a later paragraph's line breaks)
     configure_logging("queen")
     try:
         queen_config = QueenConfig.load(
