@@ -174,6 +174,10 @@ class QueenService:
 
     async def handle(self, operation: Op[object], context: JobContext) -> object:
         """Run one operation; the result is the type the operation declares (`wire.py`)."""
+        if isinstance(operation, WorkerSpawn | WorkerScale | ModelDownload | ModelGet | ModelDelete):
+            named = self.config.model_ref(operation.model)  # an alias names its model here too
+            if named != operation.model:
+                operation = msgspec.structs.replace(operation, model=named)
         match operation:
             case Status():
                 return await self.status(context)

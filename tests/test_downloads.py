@@ -276,6 +276,8 @@ def test_a_hub_model_no_hive_has_is_pulled_on_first_use(hub: FakeHub, isolated_d
         assert answer.status_code == 200 and answer.json()["model"] == "smol", answer.text
         assert len(hub.file_requests) == asked
         assert "smol" in [m["id"] for m in httpx.get(f"{queen.url}/v1/models").json()["data"]]
+        got = job_result(queen.url, {"operation": "model_get", "model": "smol", "hive_id": "localhost"})
+        assert isinstance(got, dict) and got["id"] == "smol-q8_0"  # the keeper's model commands too
         workers = job_result(queen.url, {"operation": "worker_list", "hive_id": "localhost"})
         assert isinstance(workers, list) and [w["model"] for w in workers] == ["smol-q8_0"]
         # a spelling never asked for before finds the worker by its catalog id: no second worker
