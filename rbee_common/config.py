@@ -29,6 +29,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from rbee_common.errors import ConfigError
+from rbee_common.paths import cache_dir as cache_dir
+from rbee_common.paths import config_dir as config_dir
+from rbee_common.paths import data_dir as data_dir
+from rbee_common.paths import state_dir as state_dir
 from rbee_common.validation import describe_validation_error
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -318,27 +322,6 @@ def toml_section(name: str, section: msgspec.Struct) -> str:
 
 
 # --- where things live -------------------------------------------------------
-
-
-def _xdg(variable: str, fallback: str) -> Path:
-    value = os.environ.get(variable)
-    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
-
-
-def config_dir() -> Path:
-    return _xdg("XDG_CONFIG_HOME", ".config") / "rbee"
-
-
-def state_dir() -> Path:
-    return _xdg("XDG_STATE_HOME", ".local/state") / "rbee"
-
-
-def cache_dir() -> Path:
-    return _xdg("XDG_CACHE_HOME", ".cache") / "rbee"
-
-
-def data_dir() -> Path:
-    return _xdg("XDG_DATA_HOME", ".local/share") / "rbee"
 
 
 SYSTEM_CONFIG = Path("/etc/rbee/config.toml")

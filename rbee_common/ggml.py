@@ -14,11 +14,17 @@ import os
 import socket
 from typing import Any
 
-from rbee_common.errors import BackendUnavailable
-
 DEVICE_CPU, DEVICE_GPU = 0, 1
 RPC_BUILD = ('CMAKE_ARGS="-DGGML_RPC=on" pip install --force-reinstall --no-deps --no-cache-dir '
              "llama-cpp-python==0.3.36")
+
+
+def _unavailable(message: str, hint: str | None = None) -> Exception:
+    """`BackendUnavailable`, imported when raised: `python -m rbee_common.llama_build` asks this
+    module what a build can do in a venv that has no rbee dependencies yet."""
+    from rbee_common.errors import BackendUnavailable
+
+    return BackendUnavailable(message, hint=hint)
 
 
 class Ggml:
@@ -54,12 +60,12 @@ class Ggml:
 
     def _rpc_function(self, name: str, restype: Any, argtypes: list[Any]) -> Any:
         if not self.rpc:
-            raise BackendUnavailable(
+            raise _unavailable(
                 "llama-cpp-python on this machine was built without the RPC backend (GGML_RPC): "
                 "it cannot split a model over other hives.", hint=RPC_BUILD)
         address = self.base.ggml_backend_reg_get_proc_address(self.rpc, name.encode())
         if not address:
-            raise BackendUnavailable(f"ggml's RPC backend has no {name}.", hint=RPC_BUILD)
+            raise _unavailable(f"ggml's RPC backend has no {name}.", hint=RPC_BUILD)
         return ctypes.CFUNCTYPE(restype, *argtypes)(address)
 
     def has_backend(self, name: str) -> bool:
@@ -85,12 +91,12 @@ class Ggml:
             try:
                 socket.create_connection((host, int(port)), timeout=5).close()
             except (OSError, ValueError):
-                raise BackendUnavailable(
+                raise _unavailable(
                     f"The RPC server at {endpoint} does not answer.",
                     hint="Its hive or its tunnel is gone: spawn the split worker again.") from None
             reg = add(endpoint.encode())
             if not reg:
-                raise BackendUnavailable(f"ggml could not add the RPC server at {endpoint}.")
+                raise _unavailable(f"ggml could not add the RPC server at {endpoint}.")
             self.ggml.ggml_backend_register(reg)
             added.append(int(self.base.ggml_backend_reg_dev_count(reg)))
         return added
@@ -106,6 +112,6 @@ class Ggml:
              ctypes.POINTER(ctypes.c_void_p)])
         devices = self.gpus() if gpu else [self.ggml.ggml_backend_dev_by_type(DEVICE_CPU)]
         if not devices or not all(devices):
-            raise BackendUnavailable("No device to serve: " + ("no GPU is visible." if gpu else "no CPU."))
+            raise _unavailable("No device to serve: " + ("no GPU is visible." if gpu else "no CPU."))
         array = (ctypes.c_void_p * len(devices))(*devices)
         start(f"127.0.0.1:{port}".encode(), None, threads, len(devices), array)

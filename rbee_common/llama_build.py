@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rbee_common.config import cache_dir
 from rbee_common.gpus import LLAMA_CPP_VERSION
+from rbee_common.paths import cache_dir
 
 SDIST = f"llama-cpp-python=={LLAMA_CPP_VERSION}"
 
@@ -73,24 +74,49 @@ def build_wheel(flavour: str, say: Callable[[str], None], source: str | None = N
     staging = folder.with_name(folder.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    say(f"Building llama-cpp-python {LLAMA_CPP_VERSION} with {cmake_args(flavour)} (once; minutes)")
+    say(f"Building llama-cpp-python {LLAMA_CPP_VERSION} with {cmake_args(flavour)}: llama.cpp compiles "
+        "from source, once (about 7 minutes on 2 cores; the wheel is kept in " + str(folder.parent) + ")")
     env = dict(os.environ, CMAKE_ARGS=f"{cmake_args(flavour)} {os.environ.get('CMAKE_ARGS', '')}".strip())
     if flavour.startswith("cuda") and (compiler := nvcc()):
         env.setdefault("CUDACXX", compiler)
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir", "--no-binary",
-         "llama-cpp-python", "-w", str(staging), source or SDIST], env=env, capture_output=True, text=True,
-        check=False)
-    if done.returncode != 0:
+    command = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-cache-dir", "--no-binary",
+               "llama-cpp-python", "-w", str(staging), source or SDIST]
+    code, tail = _run_with_progress(command, env, say)
+    if code != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"building llama-cpp-python failed: {last[:300]}")
+        raise RuntimeError(f"building llama-cpp-python failed: {(tail or ['(no output)'])[-1][:300]}")
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     wheel = cached_wheel(flavour)
     if wheel is None:
         raise RuntimeError(f"pip built no llama-cpp-python wheel into {folder}")
     return wheel
+
+
+_STEP = re.compile(r"^\[\s*(?:(?P<percent>\d{1,3})%|(?P<done>\d+)/(?P<total>\d+))\]")
+"""A build step: make's `[ 45%]` or ninja's `[12/140]`."""
+
+
+def _run_with_progress(
+    command: list[str], env: dict[str, str], say: Callable[[str], None],
+) -> tuple[int, list[str]]:
+    """Run pip's build, saying the compiler's progress (`[ 45%]` or `[12/140]`) every 10%; its exit code
+    and its last lines (for an error)."""
+    tail: list[str] = []
+    said = -10
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as build:
+        assert build.stdout is not None
+        for line in build.stdout:
+            tail = [*tail[-19:], line.rstrip()]
+            step = _STEP.match(line.strip())
+            if step is None:
+                continue
+            percent = int(step["percent"] or 100 * int(step["done"]) // max(int(step["total"]), 1))
+            if percent >= said + 10:
+                said = percent // 10 * 10
+                say(f"compiling llama.cpp: {said}%")
+    return build.returncode, tail
 
 
 def capabilities(python: str = sys.executable) -> dict[str, bool]:
@@ -119,8 +145,9 @@ def ensure_installed(
         return have
     wheel = build_wheel(flavour, say, source)
     say(f"Installing {wheel.name} ({flavour}) into {sys.prefix}")
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall"]
-    subprocess.run([*pip, str(wheel)], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(wheel)], check=True)
+    subprocess.run([*pip, str(wheel)], check=True)  # what it needs (numpy, …), where missing
     have = capabilities()
     say(f"llama-cpp-python here now has {describe(have)}")
     return have
