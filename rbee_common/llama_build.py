@@ -106,8 +106,7 @@ def _run_with_progress(
     said = -10
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace") as build:
-        assert build.stdout is not None
-        for line in build.stdout:
+        for line in build.stdout or ():
             tail = [*tail[-19:], line.rstrip()]
             step = _STEP.match(line.strip())
             if step is None:
