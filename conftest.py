@@ -24,7 +24,7 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 @pytest.fixture(scope="session")
 def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight MLX model with a real tokenizer, made once per run."""
-    from tests.tiny_mlx import make_tiny_mlx_model
+    from harness.tiny_mlx import make_tiny_mlx_model
 
     return make_tiny_mlx_model(tmp_path_factory.mktemp("mlx") / "tiny-llama")
 
@@ -32,6 +32,6 @@ def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheels `hive install` and ansible/site.yml upload, built once per run (pip's cache helps)."""
-    from tests.fleet import build_wheelhouse
+    from harness.fleet import build_wheelhouse
 
     return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse") / "wh")

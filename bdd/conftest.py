@@ -19,8 +19,8 @@ import pytest
 from anyio.from_thread import BlockingPortal
 from pytest_bdd import given, parsers, then, when
 
-from tests.fake_hf import FakeHub
-from tests.helpers import (
+from harness.fake_hf import FakeHub
+from harness.helpers import (
     BIN,
     Daemon,
     daemon,

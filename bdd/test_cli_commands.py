@@ -6,7 +6,7 @@ import subprocess
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, spawned
-from tests.helpers import BIN, gone
+from harness.helpers import BIN, gone
 
 scenarios("cli_commands.feature")
 

@@ -10,7 +10,7 @@ import psutil
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, job_value, start_hive
-from tests.helpers import BIN, free_port, run_job
+from harness.helpers import BIN, free_port, run_job
 
 scenarios("daemon_lifecycle.feature")
 

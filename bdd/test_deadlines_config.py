@@ -15,9 +15,9 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, queen_job, settings_env, start_queen
+from harness.helpers import BIN, Daemon, daemon, job_result, wait_for
 from rbee_common import deadlines
 from rbee_common.config import load_config
-from tests.helpers import BIN, Daemon, daemon, job_result, wait_for
 
 scenarios("deadline_propagation.feature", "configuration_management.feature")
 

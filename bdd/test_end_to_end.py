@@ -13,7 +13,7 @@ from bdd.conftest import (
     start_hive,
     start_queen_for_hive,
 )
-from tests.helpers import free_port
+from harness.helpers import free_port
 
 scenarios("end_to_end.feature")
 

@@ -22,7 +22,7 @@ from bdd.conftest import (
     start_queen,
     start_queen_for_hive,
 )
-from tests.helpers import wait_for
+from harness.helpers import wait_for
 
 scenarios("failure_recovery.feature")
 

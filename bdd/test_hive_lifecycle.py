@@ -12,7 +12,7 @@ import psutil
 from pytest_bdd import parsers, scenarios, then, when
 
 from bdd.conftest import World, hive_job, hive_url, job_value, spawned, start_hive
-from tests.helpers import gone, wait_for
+from harness.helpers import gone, wait_for
 
 scenarios("hive_lifecycle.feature")
 

@@ -8,7 +8,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import COUNTING, Streaming, World
-from tests.helpers import BIN, daemon, wait_for
+from harness.helpers import BIN, daemon, wait_for
 
 scenarios("inference_execution.feature")
 

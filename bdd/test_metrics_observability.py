@@ -22,10 +22,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World
+from harness.fake_hf import FakeHub
+from harness.helpers import (
+    BIN,
+    Daemon,
+    daemon,
+    isolated_env,
+    job_result,
+    metric_total,
+    parse_metrics,
+    wait_for,
+)
 from rbee_hive.devices import detect_devices
 from rbee_hive.metrics import HiveMetrics
-from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, isolated_env, job_result, metric_total, parse_metrics, wait_for
 
 scenarios("metrics_observability.feature")
 

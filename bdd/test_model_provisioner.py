@@ -7,7 +7,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, hive_job, hub, job_value, models_dir, spawn_worker
-from tests.helpers import requantize
+from harness.helpers import requantize
 
 scenarios("model_provisioner.feature")
 

@@ -11,7 +11,7 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then
 
 from bdd.conftest import World, start_queen
-from tests.helpers import BIN, daemon, free_port, port_open
+from harness.helpers import BIN, daemon, free_port, port_open
 
 scenarios("queen_health_check.feature", "queen_lifecycle_management.feature")
 

@@ -10,7 +10,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, active_workers, job_error_body, start_queen
-from tests.helpers import nvml_standin, run_job, wait_for
+from harness.helpers import nvml_standin, run_job, wait_for
 
 scenarios("queen_inference.feature")
 

@@ -10,7 +10,7 @@ import psutil
 from pytest_bdd import parsers, scenarios, then, when
 
 from bdd.conftest import World, active_workers
-from tests.helpers import gone, wait_for
+from harness.helpers import gone, wait_for
 
 scenarios("queen_lifecycle.feature")
 

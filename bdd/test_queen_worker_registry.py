@@ -9,7 +9,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, active_workers, job_value, queen_job, spawned
-from tests.helpers import wait_for
+from harness.helpers import wait_for
 
 scenarios("queen_worker_registry.feature")
 

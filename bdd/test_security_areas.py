@@ -21,9 +21,9 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World, models_dir, run_job, spawn_worker, start_queen
+from harness.helpers import BIN, daemon, free_port, job_result, wait_for
 from rbee_common.auth import fingerprint as fp
 from rbee_common.auth import write_token_file
-from tests.helpers import BIN, daemon, free_port, job_result, wait_for
 
 scenarios("input_validation.feature", "authentication.feature", "secrets_management.feature",
           "audit_logging.feature")

@@ -6,7 +6,7 @@ import httpx
 from pytest_bdd import parsers, scenarios, then, when
 
 from bdd.conftest import World
-from tests.helpers import port_open
+from harness.helpers import port_open
 
 scenarios("sse_streaming.feature")
 

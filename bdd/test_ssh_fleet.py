@@ -19,9 +19,9 @@ import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World
+from harness import netns
+from harness.fleet import Site, altered_wheelhouse, make_site
 from rbee_common.daemon import package_version
-from tests import netns
-from tests.fleet import Site, altered_wheelhouse, make_site
 
 pytestmark = netns.fleet_mark()
 

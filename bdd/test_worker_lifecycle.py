@@ -11,7 +11,7 @@ import httpx
 from pytest_bdd import given, parsers, scenarios, then, when
 
 from bdd.conftest import World
-from tests.helpers import BIN, daemon, free_port, job_result, port_free, stop_process, wait_for
+from harness.helpers import BIN, daemon, free_port, job_result, port_free, stop_process, wait_for
 from tests.test_worker import stream_events
 
 scenarios("worker_lifecycle.feature")

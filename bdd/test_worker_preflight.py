@@ -21,7 +21,7 @@ from bdd.conftest import (
     spawn_worker,
     start_hive,
 )
-from tests.helpers import wait_for
+from harness.helpers import wait_for
 
 scenarios("worker_preflight.feature")
 

@@ -46,8 +46,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.parallel import build_llama_server, llama_server, rbee_worker
+from harness.helpers import BIN, daemon, job_result, run_job
 from rbee_worker.models import resolve_model
-from tests.helpers import BIN, daemon, job_result, run_job
 
 ANSWER = 48
 """Tokens of each fleet answer (0.48 s at the synthetic workers' 100 a second)."""

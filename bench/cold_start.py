@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from tests.fake_hf import FakeHub
-from tests.helpers import BIN, daemon, isolated_env, job_result, requantize
+from harness.fake_hf import FakeHub
+from harness.helpers import BIN, daemon, isolated_env, job_result, requantize
 
 SIZES = ("Q4_1", "Q8_0", "F16", "F32")
 

@@ -33,7 +33,7 @@ import anthropic
 import ollama
 from openai import OpenAI
 
-from tests.helpers import BIN, daemon
+from harness.helpers import BIN, daemon
 
 MODEL = "smollm2-135m"
 ASK = [{"role": "user", "content": "What is the weather in Paris today?"}]

@@ -29,8 +29,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fake_hf import FakeHub
-from tests.helpers import active_workers, loopback_fleet, metric_samples, metric_total, run_job
+from harness.fake_hf import FakeHub
+from harness.helpers import active_workers, loopback_fleet, metric_samples, metric_total, run_job
 
 HIVE = (
     "synthetic_backend = true\nsynthetic_slots = 8\nsynthetic_tokens_per_s = 20\nworker_idle_timeout_s = 0\n"

@@ -32,9 +32,9 @@ from typing import Any
 import httpx
 
 from bench.parallel import free_port, stop_group, stream_llama_server, stream_rbee, wait_until_up
+from harness.helpers import BIN
 from rbee_common import llama_build
 from rbee_common.builtin import builtin_model_path
-from tests.helpers import BIN
 
 TOKENS = 256
 

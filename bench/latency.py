@@ -34,8 +34,8 @@ import httpx
 
 from bench import percentile
 from bench.parallel import build_llama_server, free_port, llama_server, stop_group, wait_until_up
+from harness.helpers import BIN, daemon, isolated_env, job_result
 from rbee_worker.models import resolve_model
-from tests.helpers import BIN, daemon, isolated_env, job_result
 
 LITELLM_VERSION = "1.108.7"
 MASTER_KEY = "sk-bench-rbee-0123456789abcdef"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import BIN, free_port, isolated_env
+from harness.helpers import BIN, free_port, isolated_env
 
 PROMPT = "Why is the sky blue?"
 MAX_TOKENS = 64

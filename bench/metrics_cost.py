@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import BIN, daemon, isolated_env
+from harness.helpers import BIN, daemon, isolated_env
 
 
 def percentile(values: list[float], fraction: float) -> float:

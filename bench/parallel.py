@@ -47,8 +47,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import percentile
+from harness.helpers import BIN, daemon
 from rbee_worker.models import resolve_model
-from tests.helpers import BIN, daemon
 
 PROMPTS = [  # beginnings that a small model continues for a long while
     "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who",

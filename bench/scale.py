@@ -40,8 +40,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness.helpers import BIN, daemon, gone, job_result, run_job, wait_for
 from rbee_common.daemon import raise_open_file_limit
-from tests.helpers import BIN, daemon, gone, job_result, run_job, wait_for
 
 MODEL = "synthetic"
 PORT_MIN = 20000

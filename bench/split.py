@@ -2,7 +2,7 @@
 
 `python -m bench split [--quick]` (root: it makes two namespace hosts with sshd, as the fleet tests
 do). Host h2 runs rbee's RPC server (`rbee_worker.rpc_server`, on its loopback); this process opens
-the tunnel to it with the queen's own SSH code (`rbee_queen.ssh`: h1 127.0.0.1:T -> here -> h2
+the tunnel to it with the queen's own SSH code (`rbee_queen.fleet.ssh`: h1 127.0.0.1:T -> here -> h2
 127.0.0.1:rpc), as the queen does for a split worker. Then, on h1, one after the other:
 
 - rbee's worker with the whole model (`llm-worker-rbee`, 1 thread);
@@ -36,10 +36,10 @@ import httpx
 import trio
 
 from bench.parallel import build_llama_server
+from harness import netns
+from harness.helpers import BIN
 from rbee_common.builtin import builtin_model_path
-from rbee_queen import ssh
-from tests import netns
-from tests.helpers import BIN
+from rbee_queen.fleet import ssh
 
 TOKEN = "bench-split-token-0123456789abcdef"
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
@@ -84,7 +84,7 @@ def wait_up(url: str, process: subprocess.Popen[bytes], log: Path, rbee: bool, t
 
 def hold_tunnel(fleet: netns.Fleet, rpc_port: int, ready: queue.Queue[int | BaseException],
                 stop: threading.Event) -> None:
-    """h1 127.0.0.1:T -> this process -> h2 127.0.0.1:rpc_port, as `rbee_queen.split` opens it."""
+    """h1 127.0.0.1:T -> this process -> h2 127.0.0.1:rpc_port, as `rbee_queen.fleet.split` opens it."""
     def target(host: netns.Host) -> ssh.Target:
         return ssh.Target(alias=host.name, host=host.address, user="root",
                           identity_file=str(fleet.client_key), known_hosts=str(fleet.known_hosts))

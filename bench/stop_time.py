@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import BIN, daemon, gone, job_result, run_job, wait_for
+from harness.helpers import BIN, daemon, gone, job_result, run_job, wait_for
 
 
 def one_run() -> tuple[float, float]:

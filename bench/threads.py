@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from parallel import one_run, stream_rbee
 
-from tests.helpers import BIN, daemon
+from harness.helpers import BIN, daemon
 
 
 @contextmanager

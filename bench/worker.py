@@ -22,8 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from harness.helpers import BIN, daemon
 from rbee_worker.models import resolve_model
-from tests.helpers import BIN, daemon
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle.\n\n"
 

@@ -204,7 +204,7 @@ class HiveSettings(_Section, frozen=True, kw_only=True):
     costs 1/this seconds before the first token (0: free). For routing benchmarks."""
     synthetic_script: str | None = None
     """Tests only: the synthetic workers answer from this JSON file of rules (a test double for
-    the model's text, `rbee_worker/synthetic.py`)."""
+    the model's text, `rbee_worker/backends/synthetic.py`)."""
 
     def __post_init__(self) -> None:
         if 0 < self.worker_ctx < 64:

@@ -37,6 +37,11 @@ def describe_validation_error(exc: msgspec.ValidationError) -> tuple[str, str | 
 
         raw = pattern["pattern"].encode().decode("unicode_escape")
         message = f"Expected {PATTERN_WORDS.get(raw, 'another form of value')}"
+    bound = re.match(r"Expected `(?:int|float)` (?P<op>>=|<=|>|<) (?P<limit>-?[0-9.e+-]+)$", message)
+    if bound:  # in words, as a person would say it
+        limit = float(bound["limit"])
+        said = {">=": "at least", "<=": "at most", ">": "above", "<": "below"}[bound["op"]]
+        message = f"Expected a number {said} {limit:g}"
     missing = re.match(r"Object missing required field `(?P<field>[^`]+)`", message)
     if missing:
         field = missing.group("field")
@@ -66,3 +71,14 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise MalformedJson(
             "The request body is nested too deeply.", hint="Send one JSON object of ordinary depth."
         ) from None
+
+
+def convert_checked(value: object, kind: type[T]) -> T:
+    """`value` (a struct, or anything with the attributes) as `kind`, its constraints checked: a
+    `ValidationFailed` naming the field for a value out of range."""
+    try:
+        return msgspec.convert(value, kind, from_attributes=True)
+    except msgspec.ValidationError as exc:
+        message, path = describe_validation_error(exc)
+        raise ValidationFailed(f"{message} at `{path}`." if path else f"{message}.",
+                               details={"field": path} if path else {}) from None

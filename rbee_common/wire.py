@@ -28,7 +28,7 @@ from typing import Annotated, Any, Final, Generic, Literal, TypeVar
 
 import msgspec
 
-from rbee_common.errors import ErrorBody, LimitExceeded
+from rbee_common.errors import ErrorBody, LimitExceeded, ValidationFailed
 from rbee_common.gpus import DEVICE_PATTERN
 
 # --- validated scalars -------------------------------------------------------
@@ -434,23 +434,34 @@ class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
     json_schema: dict[str, Any] | None = None
 
 
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+LogitBias = dict[Annotated[int, msgspec.Meta(ge=0)], Annotated[float, msgspec.Meta(ge=-100, le=100)]]
+"""Token id (0 or more) -> a bias between -100 (never) and 100."""
+
+
 class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
-    """What to generate and how: shared by `infer` and the worker's request."""
+    """What to generate and how: shared by `infer` and the worker's request. Its ranges are checked
+    where it is decoded or converted (`validation.convert_checked`): the queen refuses a bad value
+    before any worker is chosen, and the worker's decode checks the same ranges."""
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: int | None = 256
-    """None: until the context is full or the model stops (OpenAI's default)."""
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
+    max_tokens: MaxTokens | None = 256
+    """A ceiling, not a promise: generation also ends when the worker's context is full or the
+    model stops. None: only those (OpenAI's default); a request that says nothing gets 256."""
+    temperature: Temperature = 0.7
+    top_p: Fraction = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
+    min_p: Fraction = 0.05
     """llama.cpp's min-p: drop tokens below this fraction of the likeliest one's probability."""
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0, le=2)] = 1.0
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
     seed: int | None = None
-    stop: list[str] = msgspec.field(default_factory=list)
+    stop: Annotated[list[str], msgspec.Meta(max_length=4)] = msgspec.field(default_factory=list)
     response_format: ResponseFormat | None = None
     tools: list[Tool] = msgspec.field(default_factory=list)
     """Functions the model may call; the chat template renders them."""
@@ -462,11 +473,27 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     """Under `required` or a named tool: the grammar allows a list of calls, not just one."""
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     """Report each token's log-probability and this many likeliest alternatives (None: none)."""
-    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    logit_bias: LogitBias = msgspec.field(default_factory=dict)
     """Added to a token's logit before sampling (-100 bans it)."""
     session: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     """The client's conversation key (`prompt_cache_key`, `user`, Claude Code's session id): prefix
     routing sends a session back to its worker when prefixes do not decide. Never shown to the model."""
+
+
+def check_tools(params: GenerationParams) -> None:
+    """The rules of `tools` and `tool_choice` that no type says, in one place (the queen checks them
+    before scheduling, the worker again): distinct names, a named choice among the tools, a
+    required call with tools to call, tools only in a chat."""
+    names = [tool.name for tool in params.tools]
+    if len(set(names)) != len(names):
+        raise ValidationFailed("Two tools have the same name.", details={"field": "tools"})
+    if params.tool_name is not None and params.tool_name not in names:
+        raise ValidationFailed("The tool choice names a function that is not among the tools.",
+                               details={"field": "tool_choice"})
+    if params.tool_choice == "required" and not names:
+        raise ValidationFailed("A call is required but there are no tools.", details={"field": "tool_choice"})
+    if (params.tools or params.tool_choice != "auto") and params.messages is None:
+        raise ValidationFailed("Tools need `messages` (a chat), not a `prompt`.", details={"field": "tools"})
 
 
 class Infer(Op[InferResult], GenerationParams, tag="infer", frozen=True, kw_only=True):
@@ -507,7 +534,7 @@ class WorkerSpawn(HiveOp[WorkerRecord], tag="worker_spawn", frozen=True, kw_only
     """Not stopped by the hive's idle timeout: the queen keeps it (`[models.<id>] min_workers`)."""
     rpc: Annotated[list[RpcEndpoint], msgspec.Meta(max_length=15)] = []
     """llama.cpp RPC servers on other hives that hold part of the layers, each through a tunnel that
-    ends on this hive's loopback (the queen opens them: `rbee_queen/split.py`)."""
+    ends on this hive's loopback (the queen opens them: `rbee_queen/fleet/split.py`)."""
     tensor_split: Annotated[list[Annotated[float, msgspec.Meta(gt=0)]], msgspec.Meta(max_length=32)] = []
     """Each device's share of the layers: this hive's (CPU-0, or each GPU of `device`), then each RPC
     server's. Empty: over several GPUs, in proportion to their free VRAM."""

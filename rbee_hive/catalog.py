@@ -21,19 +21,12 @@ import msgspec
 
 from rbee_common.builtin import BUILTIN_MODELS, builtin_model_path
 from rbee_common.errors import InvalidRequest, ModelBuiltin, ModelInUse, ModelNotFound, ValidationFailed
-from rbee_common.hub_refs import HF, catalog_id, quant_of
+from rbee_common.modelref import HfRef, catalog_id, parse_hf, quant_of
 from rbee_common.sizing import trained_context
 from rbee_common.wire import CatalogEntry, ModelFormat, Provider
 
 log = logging.getLogger("rbee.hive.catalog")
-_HF = HF
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,200}\Z")
-
-
-class HfRef(msgspec.Struct, frozen=True):
-    repo: str
-    select: str | None
-    """A file name (`x.Q4_K_M.gguf`) or a quantization (`Q4_K_M`)."""
 
 
 def check_reference(ref: str) -> None:
@@ -44,11 +37,6 @@ def check_reference(ref: str) -> None:
             "That model reference is not valid.", details={"field": "model"},
             hint="Use hf:<org>/<repo>[:<file or quant>], file:///abs/path.gguf, or a catalog id.",
         )
-
-
-def parse_hf(ref: str) -> HfRef | None:
-    match = _HF.match(ref)
-    return HfRef(match["repo"], match["select"]) if match else None
 
 
 def selects(select: str, file: str) -> bool:

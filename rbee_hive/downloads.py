@@ -50,14 +50,14 @@ from rbee_common.errors import (
     TransportError,
     UnsafeFileName,
 )
-from rbee_common.hub_refs import quant_of, readable_id
 from rbee_common.jobs import JobContext
+from rbee_common.modelref import HfRef, parse_hf, quant_of, readable_id
 from rbee_common.wire import (
     CatalogEntry,
     CopySource,
     ModelFormat,
 )
-from rbee_hive.catalog import Catalog, HfRef, new_entry, parse_hf, selects
+from rbee_hive.catalog import Catalog, new_entry, selects
 from rbee_hive.metrics import HiveMetrics
 
 log = logging.getLogger("rbee.hive.downloads")

@@ -18,7 +18,7 @@ import msgspec
 
 from rbee_common.config import HiveEntry, config_dir, find_config_file, load_config, toml_section, toml_value
 from rbee_common.errors import ConfigError, Conflict, HiveNotFound, ModelNotFound, ValidationFailed
-from rbee_common.hub_refs import hub_reference
+from rbee_common.modelref import hub_reference
 
 ALIAS = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 

@@ -16,10 +16,10 @@ from rbee_common.http import add_shutdown_route, create_app, json_response, no_c
 from rbee_common.jobs import JobServer, add_job_routes
 from rbee_common.webui import add_ui_routes
 from rbee_common.wire import BuildInfo
-from rbee_queen.anthropic_api import add_anthropic_routes
-from rbee_queen.ollama_api import OllamaApi
-from rbee_queen.openai_api import add_openai_routes
-from rbee_queen.responses_api import add_responses_routes
+from rbee_queen.dialects.anthropic.routes import add_anthropic_routes
+from rbee_queen.dialects.ollama.routes import add_ollama_routes
+from rbee_queen.dialects.openai.routes import add_openai_routes
+from rbee_queen.dialects.responses.routes import add_responses_routes
 from rbee_queen.service import QueenService
 
 
@@ -76,9 +76,9 @@ def build_app(service: QueenService, jobs: JobServer, *, stop: trio.Event) -> Qu
                          default_deadline_s=default_deadline_s, streams=service.streams)
     add_responses_routes(app, generate=service.generate, store=service.responses,
                          default_deadline_s=default_deadline_s, streams=service.streams)
-    OllamaApi(generate=service.generate, embed=service.embed, catalogs=service.catalogs,
-              workers=service.workers.active, jobs=jobs, default_deadline_s=default_deadline_s,
-              streams=service.streams).install(app)
+    add_ollama_routes(app, generate=service.generate, embed=service.embed, catalogs=service.catalogs,
+                      workers=service.workers.active, jobs=jobs, default_deadline_s=default_deadline_s,
+                      streams=service.streams)
     add_shutdown_route(app, stop)
     add_job_routes(app, jobs)
     return app

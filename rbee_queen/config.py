@@ -19,7 +19,7 @@ from rbee_common.config import (
     load_config,
 )
 from rbee_common.errors import ConfigError
-from rbee_common.hub_refs import hub_reference
+from rbee_common.modelref import hub_reference
 from rbee_hive.config import RESTART_ONLY as HIVE_RESTART_ONLY
 
 log = logging.getLogger("rbee.queen.config")

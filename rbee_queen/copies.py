@@ -26,7 +26,7 @@ import trio
 from rbee_common.errors import RbeeError, ValidationFailed
 from rbee_common.jobs import JobContext
 from rbee_common.wire import CatalogEntry, CopySource, CopyUnderWay, ModelDownload, ModelShare
-from rbee_queen.hives import HiveRouter
+from rbee_queen.fleet.hives import HiveRouter
 
 log = logging.getLogger("rbee.queen.copies")
 

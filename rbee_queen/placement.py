@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from rbee_common.errors import RbeeError
-from rbee_queen.hives import HiveRouter
+from rbee_queen.fleet.hives import HiveRouter
 
 log = logging.getLogger("rbee.queen.placement")
 

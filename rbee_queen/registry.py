@@ -43,7 +43,7 @@ class WorkerRegistry:
         """worker_id -> prefix hashes the queen sent it, and when: a heartbeat sent before the
         worker took them must not erase them."""
         self.helpers: dict[str, list[str]] = {}
-        """worker_id -> the hives that hold part of its layers (`rbee_queen.split`), while it lives."""
+        """worker_id -> the hives that hold part of its layers (`rbee_queen.fleet.split`), while it lives."""
         self.on_change: Callable[[], None] = lambda: None
         self.on_drop: Callable[[str, str], None] = lambda worker_id, reason: None
         """A worker left routing, and why: `stale`, `unreachable` or `stopped` (the metrics)."""

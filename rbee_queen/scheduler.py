@@ -21,11 +21,11 @@ import trio
 from rbee_common.auth import new_token
 from rbee_common.config import QueenSettings
 from rbee_common.errors import ModelNotFound, NoHive, NoWorker, QueueFull, QueueTimeout, RbeeError
-from rbee_common.hub_refs import catalog_id, hub_reference
 from rbee_common.jobs import JobContext, detached_context
+from rbee_common.modelref import catalog_id, hub_reference
 from rbee_common.prefixes import Block, held_share
 from rbee_common.wire import WorkerHeartbeat, WorkerRecord, WorkerSpawn
-from rbee_queen.hives import HiveRouter
+from rbee_queen.fleet.hives import HiveRouter
 from rbee_queen.metrics import QueenMetrics
 from rbee_queen.placement import Option, gather, need_bytes, place, plan_beyond_one_device
 from rbee_queen.registry import WorkerRegistry
@@ -128,7 +128,7 @@ class Scheduler:
         self.pull: Callable[[str, str, JobContext | None], Awaitable[object]] | None = None
         """Downloads a Hub model (`hf:…`) to a hive before its cold start (`[queen] pull_on_demand`,
         set by the queen); None: a model no hive has is refused."""
-        """Spawns a worker whose layers span hives (`rbee_queen.split`, set by the queen)."""
+        """Spawns a worker whose layers span hives (`rbee_queen.fleet.split`, set by the queen)."""
         self.queue_size = queue_size
         self.queue_timeout_s = queue_timeout_s
         self.cold_start_enabled = cold_start

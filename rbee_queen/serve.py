@@ -22,12 +22,12 @@ from rbee_common.auth import TokenSource
 from rbee_common.jobs import JobLimits, JobServer
 from rbee_hive.serve import open_hive_service
 from rbee_hive.service import HiveService
-from rbee_queen import ssh
 from rbee_queen.app import build_app
 from rbee_queen.config import QueenConfig
-from rbee_queen.inference import WorkerLanes
-from rbee_queen.remote import Remote
+from rbee_queen.fleet import ssh
+from rbee_queen.fleet.remote import Remote
 from rbee_queen.service import QueenService
+from rbee_queen.worker_client import WorkerLanes
 
 
 async def _end_streams_on(stop: trio.Event, service: QueenService) -> None:

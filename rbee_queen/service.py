@@ -14,23 +14,17 @@ import trio
 from rbee_common import deadlines
 from rbee_common.audit import AuditLog, AuthFailures
 from rbee_common.auth import TokenSource, bearer, new_token, request_source
-from rbee_common.client import map_transport_errors
 from rbee_common.daemon import package_version
 from rbee_common.errors import (
-    ConnectFailed,
     HiveNotFound,
     NotImplementedYet,
     RbeeError,
-    RequestTimedOut,
-    TransportError,
     ValidationFailed,
-    WorkerDied,
     WorkerFailed,
-    error_from_response,
 )
 from rbee_common.http import OpenStreams
-from rbee_common.hub_refs import catalog_id
 from rbee_common.jobs import JobContext, detached_context
+from rbee_common.modelref import catalog_id
 from rbee_common.wire import (
     CatalogEntry,
     Embed,
@@ -72,17 +66,18 @@ from rbee_common.wire import (
 from rbee_hive.service import HiveService
 from rbee_queen.config import QueenConfig
 from rbee_queen.copies import Copies
-from rbee_queen.dialects import Usage
+from rbee_queen.dialects.common import Usage
+from rbee_queen.dialects.responses.routes import ResponseStore
+from rbee_queen.fleet.hives import HiveRouter, InProcessHive
+from rbee_queen.fleet.remote import Remote
+from rbee_queen.fleet.split import Splits
 from rbee_queen.heartbeats import Heartbeats
-from rbee_queen.hives import HiveRouter, InProcessHive
-from rbee_queen.inference import WORKER_TIMEOUT, Served, WorkerLanes, generate
+from rbee_queen.inference import Served, generate
 from rbee_queen.metrics import QueenMetrics
 from rbee_queen.registry import WorkerRegistry
-from rbee_queen.remote import Remote
 from rbee_queen.replicas import Replicas
-from rbee_queen.responses_api import ResponseStore
 from rbee_queen.scheduler import Scheduler
-from rbee_queen.split import Splits
+from rbee_queen.worker_client import WorkerClient, WorkerLanes, with_retries
 
 _PRIVATE_FIELDS = frozenset({"identity_file", "token_file", "wheelhouse"})
 """Paths on the queen's machine (keys, tokens): the operator's config has them, API clients do not."""
@@ -122,6 +117,8 @@ class QueenService:
             self.workers, self.router, queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_s, cold_start=settings.cold_start,
         )
+        self.worker_client = WorkerClient(self._lanes, self.workers, self.worker_headers)
+        """Every call to a worker (inference, embeddings, token counts, cancels)."""
         self.scheduler.mint_tokens = self.token is not None
         self.scheduler.use_settings(settings)
         self.scheduler.on_cold_start = self.audit_cold_start
@@ -300,18 +297,13 @@ class QueenService:
     async def generate(
         self, model: str, params: GenerationParams, usage: Usage, deadline: str | None = None,
     ) -> AsyncGenerator[InferenceToken, None]:
-        served = Served()
         async with contextlib.aclosing(generate(
-            self.scheduler, self.workers, self._lanes, self.config.model_ref(model), params,
-            attempts=self.config.settings.infer_attempts, served=served,
-            headers=self.worker_headers, deadline=deadline, metrics=self.metrics,
+            self.scheduler, self.worker_client, self.config.model_ref(model), params,
+            attempts=self.config.settings.infer_attempts, served=usage, deadline=deadline,
+            metrics=self.metrics,
         )) as pieces:
             async for piece in pieces:
                 yield piece
-        usage.prompt_tokens, usage.completion_tokens = served.tokens_in, served.tokens_out
-        usage.cached_tokens = served.tokens_cached
-        usage.finish_reason = served.stop_reason
-        usage.stop_sequence = served.stop_sequence
 
     async def embed(self, model: str, request: EmbedRequest) -> EmbedResult:
         """Vectors from a worker of `model` (cold-started like any other)."""
@@ -327,58 +319,33 @@ class QueenService:
         return int(msgspec.json.decode(answer, type=dict[str, int])["tokens"])
 
     async def _ask_worker(self, model: str, path: str, body: bytes, what: str) -> bytes:
-        """One JSON call to a worker of `model`, chosen (or cold-started) by the scheduler.
-
-        A worker that cannot be connected to is left for another, as for inference. One that does
-        not answer within the read timeout keeps its place in routing (it is busy, and closing the
-        connection stops its work between batches); one that died holding the request is not
-        tried again (the request may be what killed it).
-        """
-        excluded: set[str] = set()
-        attempts = self.config.settings.infer_attempts
+        """One JSON call to a worker of `model`, chosen (or cold-started) by the scheduler, retried
+        as inference is (`worker_client.with_retries`)."""
         model = self.config.model_ref(model)
-        for _ in range(attempts):
-            worker = await self.scheduler.acquire(model, None, frozenset(excluded))
-            try:
-                with self._lanes.lane(worker.url, worker.slots_total) as http, \
-                        map_transport_errors(f"worker {worker.worker_id}"):
-                    response = await http.post(
-                        worker.url + path, content=body,
-                        headers={"Content-Type": "application/json", **self.worker_headers(worker)},
-                        timeout=WORKER_TIMEOUT)
-            except RequestTimedOut:
-                raise WorkerFailed(
-                    f"Worker {worker.worker_id} did not finish {what} in {WORKER_TIMEOUT.read:g} s; "
-                    "the work was cancelled.", details={"worker_id": worker.worker_id, "retry_after_s": 5},
-                    hint="Send a smaller request.") from None
-            except ConnectFailed as error:
-                self.workers.forget(worker.worker_id, f"a request failed ({error.message})")
-                excluded.add(worker.worker_id)
-                continue
-            except TransportError as error:
-                self.workers.forget(worker.worker_id, f"died holding a request ({error.message})")
-                raise WorkerDied(
-                    f"The worker ended while it was computing {what}; the request was not tried again.",
-                    hint="See the worker's log on its hive.") from None
-            finally:
-                self.scheduler.release(worker.worker_id)
-            if response.status_code >= 400:
-                raise error_from_response(response.status_code, response.content)
-            return response.content
-        raise WorkerFailed(f"The request for {what} failed on {attempts} worker(s).",
-                           hint="Check the workers (rbee-keeper status) and the hives' logs.")
+
+        async def acquire(excluded: frozenset[str]) -> WorkerRecord:
+            return await self.scheduler.acquire(model, None, excluded)
+
+        async def attempt(worker: WorkerRecord, _: int) -> AsyncGenerator[bytes, None]:
+            yield await self.worker_client.call(worker, path, body, what)
+
+        async with contextlib.aclosing(with_retries(
+            acquire, self.scheduler.release, attempt, attempts=self.config.settings.infer_attempts,
+        )) as answers:
+            async for answer in answers:
+                return answer
+        raise WorkerFailed(f"No worker answered {what}.")  # (with_retries yields or raises)
 
     async def infer(self, operation: Infer, context: JobContext) -> InferResult:
         if operation.hive_id is not None:
             self.router.get(operation.hive_id)  # an unknown hive is HIVE_NOT_FOUND, not "no hive reachable"
-        params = GenerationParams(**{f: getattr(operation, f) for f in GenerationParams.__struct_fields__})
         served = Served()
         text: list[str] = []
         deadline = deadlines.current.get()  # the job's (POST /v1/jobs sets the default one)
         async with contextlib.aclosing(generate(
-            self.scheduler, self.workers, self._lanes, self.config.model_ref(operation.model), params,
+            self.scheduler, self.worker_client, self.config.model_ref(operation.model), operation,
             attempts=self.config.settings.infer_attempts, context=context, served=served,
-            hive_id=operation.hive_id, headers=self.worker_headers, deadline=deadline, metrics=self.metrics,
+            hive_id=operation.hive_id, deadline=deadline, metrics=self.metrics,
         )) as pieces:
             async for piece in pieces:
                 context.token(piece.t, len(text))

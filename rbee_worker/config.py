@@ -30,7 +30,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """--backend synthetic only: prompt tokens not in its modelled cache cost 1/this s each (0: free)."""
     """--backend synthetic only (benchmarks and tests): its fixed token rate."""
     script: str | None = None
-    """--backend synthetic only (tests): a JSON file of scripted replies (`rbee_worker/synthetic.py`)."""
+    """--backend synthetic only (tests): a JSON file of scripted replies
+    (`rbee_worker/backends/synthetic.py`)."""
     tensor_split: list[float] = []
     """llama.cpp: each device's share of the layers (this machine's, then each RPC server's)."""
     rpc: list[str] = []

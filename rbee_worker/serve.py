@@ -16,10 +16,11 @@ from rbee_common.errors import TransportError
 from rbee_common.http import serve_app
 from rbee_worker.app import build_app
 from rbee_worker.backends import load_backend
+from rbee_worker.backends.base import Backend
+from rbee_worker.backends.synthetic import SyntheticBackend, load_script
 from rbee_worker.config import WorkerConfig
 from rbee_worker.models import ResolvedModel, resolve_model
 from rbee_worker.service import WorkerService
-from rbee_worker.synthetic import SyntheticBackend, load_script
 
 log = logging.getLogger("rbee.worker")
 _encode = msgspec.json.Encoder().encode
@@ -108,14 +109,15 @@ async def _serve(
         service.url = urls[0]
         if config.queen_url:
             nursery.start_soon(heartbeat_forever, service, http, config.queen_url)
+        backend: Backend
         if model is None:
             script = load_script(config.script) if config.script else None
-            service.backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx,
-                                               slots=config.slots, script=script,
-                                               prefill_tokens_per_s=config.synthetic_prefill_tokens_per_s)
+            backend = SyntheticBackend(tokens_per_s=config.synthetic_tokens_per_s, ctx=config.ctx,
+                                       slots=config.slots, script=script,
+                                       prefill_tokens_per_s=config.synthetic_prefill_tokens_per_s)
         else:
             began = time.monotonic()
-            service.backend = await trio.to_thread.run_sync(
+            backend = await trio.to_thread.run_sync(
                 functools.partial(
                     load_backend, model, backend=config.backend, device=config.device,
                     threads=config.threads, ctx=config.ctx, slots=config.slots,
@@ -123,7 +125,8 @@ async def _serve(
                 )
             )
             service.metrics.load_seconds.labels(config.served_name).set(time.monotonic() - began)
+        service.backend = backend
         service.state_changed.set()
         service.last_request_end = time.monotonic()  # idle counts from ready
-        log.info("model %r loaded with %s on %s", config.model, service.backend.name, config.device)
+        log.info("model %r loaded with %s on %s", config.model, backend.name, config.device)
         task_status.started(urls)

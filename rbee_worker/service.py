@@ -12,7 +12,6 @@ at every step.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import threading
@@ -46,11 +45,11 @@ from rbee_common.wire import (
     WorkerHeartbeat,
     WorkerState,
     check_embed_inputs,
+    check_tools,
 )
-from rbee_worker.backends import Backend, Generated
+from rbee_worker.backends.base import Backend, Generated, Output
 from rbee_worker.config import WorkerConfig
 from rbee_worker.metrics import WorkerMetrics
-from rbee_worker.synthetic import SyntheticBackend
 
 log = logging.getLogger("rbee.worker")
 
@@ -72,6 +71,7 @@ class ActiveRequest:
 
 
 def validate(request: InferenceRequest, ctx: int) -> None:
+    """What the request's decode cannot check: a prompt, the tools' rules, the grammar's limits."""
     def bad(field: str, message: str) -> ValidationFailed:
         return ValidationFailed(message, details={"field": field})
 
@@ -79,29 +79,9 @@ def validate(request: InferenceRequest, ctx: int) -> None:
         raise bad("prompt", "Give a non-empty `prompt` or `messages`.")
     if request.messages is not None and not request.messages:
         raise bad("messages", "`messages` must not be empty.")
-    if request.max_tokens is not None and request.max_tokens < 1:  # a ceiling: the context bounds it
-        raise bad("max_tokens", "`max_tokens` must be 1 or more.")
-    if not 0.0 <= request.temperature <= 2.0:
-        raise bad("temperature", "`temperature` must be between 0 and 2.")
-    if not 0.0 <= request.top_p <= 1.0:
-        raise bad("top_p", "`top_p` must be between 0 and 1.")
-    if request.top_k < 0:
-        raise bad("top_k", "`top_k` must be 0 or more.")
-    if not 0.0 <= request.min_p <= 1.0:
-        raise bad("min_p", "`min_p` must be between 0 and 1.")
-    if not 0.0 < request.repeat_penalty <= 2.0:
-        raise bad("repeat_penalty", "`repeat_penalty` must be above 0 and at most 2 (1 is off).")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if not -2.0 <= getattr(request, name) <= 2.0:
-            raise bad(name, f"`{name}` must be between -2 and 2.")
-    if len(request.stop) > 4:
-        raise bad("stop", "At most 4 stop sequences.")
-    for token, bias in request.logit_bias.items():
-        if not -100.0 <= bias <= 100.0:
-            raise bad("logit_bias", "Each `logit_bias` value must be between -100 and 100.")
-        if token < 0:
-            raise bad("logit_bias", "`logit_bias` keys are token ids (0 or more).")
-    validate_tools(request)
+    # The ranges (max_tokens, temperature, top_p, ..., logit_bias) are GenerationParams' own: the
+    # request's decode checked them.
+    check_tools(request)
     grammar_limits.check_params(request)
 
 
@@ -119,24 +99,10 @@ def asked_features(request: InferenceRequest) -> list[str]:
     return asked
 
 
-def validate_tools(request: InferenceRequest) -> None:
-    names = [tool.name for tool in request.tools]
-    if len(set(names)) != len(names):
-        raise ValidationFailed("Two tools have the same name.", details={"field": "tools"})
-    if request.tool_name is not None and request.tool_name not in names:
-        raise ValidationFailed("`tool_choice` names a function that is not in `tools`.",
-                               details={"field": "tool_choice"})
-    if request.tool_choice == "required" and not names:
-        raise ValidationFailed("`tool_choice` is `required` but there are no `tools`.",
-                               details={"field": "tool_choice"})
-    if (request.tools or request.tool_choice != "auto") and request.messages is None:
-        raise ValidationFailed("Tools need `messages` (a chat), not a `prompt`.", details={"field": "tools"})
-
-
 class WorkerService:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.backend: Backend | SyntheticBackend | None = None
+        self.backend: Backend | None = None
         self.draining = False
         self.state_changed = trio.Event()
         """Set on loaded and on draining, so a heartbeat goes out at once."""
@@ -172,8 +138,7 @@ class WorkerService:
             worker_id=c.worker_id, hive_id=c.hive_id, url=self.url, model=c.served_name,
             backend=self.backend.name if self.backend else c.backend, device=c.device,
             state=self.state, slots_total=c.slots, slots_busy=len(self.active), pid=os.getpid(), ctx=c.ctx,
-            prefixes=self.backend.held_prefixes() if self.backend is not None and hasattr(
-                self.backend, "held_prefixes") else [],
+            prefixes=self.backend.held_prefixes() if self.backend is not None else [],
         )
 
     def begin(self, request: InferenceRequest) -> ActiveRequest:
@@ -287,16 +252,9 @@ class WorkerService:
                 try:
                     if backend is None:
                         raise ServiceUnavailable("The model is not loaded.")
-                    if isinstance(backend, SyntheticBackend):  # a trio task, not a thread
-                        generated = await backend.agenerate(
-                            request, send_token, active.cancelled, active.woken)
-                    else:
-                        # Every piece is queued (run_sync_soon) before the thread's result, so all
-                        # are in `send` before the end event.
-                        generated = await trio.to_thread.run_sync(
-                            functools.partial(backend.generate, request, on_token, active.cancelled),
-                            limiter=self._threads,
-                        )
+                    generated = await backend.run(request, Output(
+                        on_token=on_token, send=send_token, cancelled=active.cancelled, woken=active.woken,
+                        threads=self._threads))
                 except RbeeError as error:
                     outcome = "failed"
                     details = {k: v for k, v in error.details.items() if k != "hint"}
@@ -344,7 +302,7 @@ class WorkerService:
             raise WorkerLoading("The model is still loading.")
         if self.draining:
             raise WorkerDraining("This worker is shutting down.")
-        if "embeddings" not in backend.features or isinstance(backend, SyntheticBackend):
+        if "embeddings" not in backend.features:
             raise ValidationFailed(f"The {backend.name} backend does not compute embeddings.",
                                    details={"field": "input"},
                                    hint="Serve a GGUF model on llama.cpp for embeddings.")
@@ -370,7 +328,7 @@ class WorkerService:
         backend = self.backend
         if backend is None:
             raise WorkerLoading("The model is still loading.")
-        validate_tools(request)
+        check_tools(request)
         return await trio.to_thread.run_sync(backend.count_tokens, request)
 
     async def drain(self, deadline_s: float) -> None:

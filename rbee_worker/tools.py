@@ -12,7 +12,7 @@ result it is.
 Under `tool_choice="required"` or a named tool, a grammar (from a JSON schema)
 forces the output to be a call, `{"name": ..., "arguments": {...}}`, or a list
 of calls when parallel calls are allowed. The queen parses what comes out
-(`rbee_queen.toolcalls`).
+(`rbee_queen.dialects.toolcalls`).
 """
 
 from __future__ import annotations

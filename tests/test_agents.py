@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 
-from tests.helpers import BIN, Daemon, daemon
+from harness.helpers import BIN, Daemon, daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = Path(os.environ.get("RBEE_AGENTS_DIR", ROOT / ".agents")) / "node_modules" / ".bin"

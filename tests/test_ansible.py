@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness import netns
+from harness.helpers import BIN, daemon
 from rbee_common.config import load_config
-from tests import netns
-from tests.helpers import BIN, daemon
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 

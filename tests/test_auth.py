@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.helpers import BIN, daemon, wait_for
 from rbee_common.auth import cached_token_file
 from rbee_common.errors import ConfigError
-from tests.helpers import BIN, daemon, wait_for
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 

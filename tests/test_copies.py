@@ -1,7 +1,7 @@
 """Models copied between hives: a hive that needs a model another hive has copies it over the LAN.
 
 One queen with two `rbee-hive` processes on loopback (reached over HTTP, as remote hives are) and
-the fake Hub (tests/fake_hf.py), which counts every request it gets.
+the fake Hub (harness/fake_hf.py), which counts every request it gets.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.fake_hf import FakeHub
-from tests.helpers import (
+from harness.fake_hf import FakeHub
+from harness.helpers import (
     Daemon,
     daemon,
     isolated_env,

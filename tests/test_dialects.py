@@ -16,6 +16,8 @@ import ollama
 import pytest
 from openai import OpenAI
 
+from harness.fake_hf import FakeHub
+from harness.helpers import BIN, Daemon, daemon, isolated_env
 from rbee_common.builtin import builtin_model_path
 from rbee_common.client import JobClient
 from rbee_common.errors import HiveInProcess
@@ -37,8 +39,6 @@ from rbee_common.wire import (
     WorkerListActive,
     WorkerRecord,
 )
-from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, isolated_env
 
 MODEL = "smollm2-135m"
 WEATHER = {

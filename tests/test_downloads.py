@@ -1,4 +1,4 @@
-"""model_download against an HF-compatible server on loopback (tests/fake_hf.py)."""
+"""model_download against an HF-compatible server on loopback (harness/fake_hf.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, daemon, free_port, job_result, run_job
+from harness.fake_hf import FakeHub
+from harness.helpers import BIN, Daemon, daemon, free_port, job_result, run_job
 from tests.test_hive import job_error, spawn
 
 SIZE = 10 * 1000 * 1000

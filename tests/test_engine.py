@@ -15,9 +15,9 @@ import httpx
 import psutil
 import pytest
 
+from harness.helpers import BIN, Daemon, daemon, wait_for
 from rbee_common.sizing import gguf_metadata, kv_bytes_per_token
 from rbee_worker.models import resolve_model
-from tests.helpers import BIN, Daemon, daemon, wait_for
 
 QUESTIONS = [
     "Why is the sky blue?",

@@ -1,6 +1,6 @@
 """Hives over SSH on namespace hosts: install, start, spawn, infer, and the SIGKILL cascade.
 
-Each host is a network namespace with its own sshd (tests/netns.py); the
+Each host is a network namespace with its own sshd (harness/netns.py); the
 queen runs in the root namespace on the bridge address, with a token, as an
 operator would run it for a fleet. Everything goes through `rbee-keeper`.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests import netns
-from tests.fake_hf import FakeHub
-from tests.fleet import TOKEN, Site, altered_wheelhouse, make_site
-from tests.helpers import BIN, gone, wait_for
+from harness import netns
+from harness.fake_hf import FakeHub
+from harness.fleet import TOKEN, Site, altered_wheelhouse, make_site
+from harness.helpers import BIN, gone, wait_for
 
 pytestmark = netns.fleet_mark()
 

@@ -24,17 +24,18 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from harness.helpers import BIN, daemon
 from rbee_common.audit import canonical, entry_hash
 from rbee_common.config import HOST_PATTERN, HiveEntry
 from rbee_common.errors import InvalidRequest, RbeeError
 from rbee_common.grammar_limits import check_schema
+from rbee_common.modelref import parse_hf
 from rbee_common.sizing import GgufError, gguf_metadata
 from rbee_common.validation import decode_body
 from rbee_common.wire import WorkerHeartbeat, operation_decoder
-from rbee_hive.catalog import check_reference, parse_hf
+from rbee_hive.catalog import check_reference
 from rbee_hive.downloads import UnsafeFileName, check_file_name
 from rbee_queen.heartbeats import Placement, placement_problem
-from tests.helpers import BIN, daemon
 from tests.test_auth import TOKEN, token_file
 
 # --- properties -------------------------------------------------------------------

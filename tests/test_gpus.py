@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.helpers import BIN, Daemon, daemon, job_result, nvml_standin, run_job
 from rbee_common.gpus import llama_gpu_offload, shares
 from rbee_queen.placement import Option, need_bytes, plan_beyond_one_device
-from tests.helpers import BIN, Daemon, daemon, job_result, nvml_standin, run_job
 from tests.test_hive import job_error
 
 TWO_CARDS = "Stand-in A: 8000 MB, 6000 MB free; Stand-in B: 8000 MB, 2000 MB free"

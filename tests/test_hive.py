@@ -15,9 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from rbee_common.sizing import gguf_metadata, kv_bytes_per_token
-from rbee_worker.models import resolve_model
-from tests.helpers import (
+from harness.helpers import (
     BIN,
     Daemon,
     daemon,
@@ -30,6 +28,8 @@ from tests.helpers import (
     stop_process,
     wait_for,
 )
+from rbee_common.sizing import gguf_metadata, kv_bytes_per_token
+from rbee_worker.models import resolve_model
 
 
 def hive_argv(*extra: str) -> list[str]:
@@ -38,7 +38,7 @@ def hive_argv(*extra: str) -> list[str]:
 
 @pytest.fixture
 def hive(isolated_dirs: Path) -> Iterator[Daemon]:
-    # NVML hidden (tests/standins/pynvml.py): the GPU-less answers below hold on a GPU machine too
+    # NVML hidden (harness/standins/pynvml.py): the GPU-less answers below hold on a GPU machine too
     with daemon(hive_argv(), env=nvml_standin("absent")) as running:
         yield running
 

@@ -29,13 +29,13 @@ import ollama
 import openai
 import pytest
 
+from harness.fake_hf import FakeHub
+from harness.helpers import BIN, Daemon, active_workers, daemon, isolated_env, job_result, run_job, wait_for
 from rbee_common.audit import canonical
 from rbee_common.browser import BrowserGuard, host_allowed, origin_allowed
 from rbee_common.grammar_limits import MAX_REPEAT
 from rbee_common.sizing import GgufError, gguf_metadata
 from rbee_common.wire import MAX_EMBED_INPUTS, MAX_EMBED_TOKENS
-from tests.fake_hf import FakeHub
-from tests.helpers import BIN, Daemon, active_workers, daemon, isolated_env, job_result, run_job, wait_for
 from tests.test_auth import TOKEN, token_file
 
 MODEL = "smollm2-135m"

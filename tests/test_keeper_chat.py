@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.helpers import BIN, free_port, wait_for
+from harness.helpers import BIN, free_port, wait_for
 from tests.test_keeper_cli import ours
 
 STATS = re.compile(r"\(prompt (\d+) tokens, (\d+) of them cached; answer (\d+) tokens; (\d+) turn\(s\) kept\)")

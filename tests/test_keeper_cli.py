@@ -15,9 +15,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from harness.helpers import BIN, free_port, job_result, wait_for
 from rbee_common.config import load_config
 from rbee_keeper.__main__ import cli
-from tests.helpers import BIN, free_port, job_result, wait_for
 
 runner = CliRunner()
 
@@ -220,7 +220,7 @@ def test_hive_add_writes_every_option_it_takes(isolated_dirs: Path) -> None:
 
 
 def test_hive_install_localhost_explains_local_hive_and_says_no_without_a_terminal(isolated_dirs: Path) -> None:
-    from tests.helpers import daemon
+    from harness.helpers import daemon
 
     with daemon([str(BIN / "queen-rbee"), "--port", "0"]) as queen:
         result = subprocess.run([str(BIN / "rbee-keeper"), "--queen-url", queen.url, "hive", "install", "localhost"],
@@ -231,7 +231,7 @@ def test_hive_install_localhost_explains_local_hive_and_says_no_without_a_termin
 
 
 def test_model_download_shows_a_progress_bar_and_lists_the_model(isolated_dirs: Path) -> None:
-    from tests.fake_hf import FakeHub
+    from harness.fake_hf import FakeHub
 
     url = f"http://127.0.0.1:{free_port()}"
     with FakeHub(isolated_dirs / "hub") as hub:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.helpers import BIN, daemon, free_port, port_open, run_job, wait_for
+from harness.helpers import BIN, daemon, free_port, port_open, run_job, wait_for
 
 
 def keeper(*args: str, url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

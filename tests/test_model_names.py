@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rbee_common.hub_refs import catalog_id, hub_reference, quant_of, readable_id
+from rbee_common.modelref import HfRef, catalog_id, hub_reference, quant_of, readable_id
 from rbee_common.wire import CatalogEntry
-from rbee_hive.catalog import HfRef, of_repository
+from rbee_hive.catalog import of_repository
 
 
 @pytest.mark.parametrize(("ref", "wanted"), [

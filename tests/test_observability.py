@@ -19,9 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rbee_common.builtin import builtin_model_path
-from tests.fake_hf import FakeHub
-from tests.helpers import (
+from harness.fake_hf import FakeHub
+from harness.helpers import (
     BIN,
     Daemon,
     daemon,
@@ -32,6 +31,7 @@ from tests.helpers import (
     metric_total,
     wait_for,
 )
+from rbee_common.builtin import builtin_model_path
 
 TOKEN = "observability-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

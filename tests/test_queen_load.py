@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from tests.helpers import BIN, Daemon, daemon, gone, job_result, run_job, wait_for
+from harness.helpers import BIN, Daemon, daemon, gone, job_result, run_job, wait_for
 
 
 @contextlib.contextmanager

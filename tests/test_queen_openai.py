@@ -16,7 +16,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from tests.helpers import BIN, Daemon, active_workers, daemon, gone, job_result, run_job, wait_for
+from harness.helpers import BIN, Daemon, active_workers, daemon, gone, job_result, run_job, wait_for
 
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 

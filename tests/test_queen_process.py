@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import BIN, daemon, free_port
+from harness.helpers import BIN, daemon, free_port
 
 
 def stuck_listener() -> tuple[socket.socket, int]:

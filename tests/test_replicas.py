@@ -17,9 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from rbee_queen.placement import Option, place
-from rbee_queen.replicas import wanted
-from tests.helpers import (
+from harness.helpers import (
     BIN,
     Daemon,
     active_workers,
@@ -29,6 +27,8 @@ from tests.helpers import (
     run_job,
     wait_for,
 )
+from rbee_queen.placement import Option, place
+from rbee_queen.replicas import wanted
 
 # --- the decision and the placement, as functions ------------------------------------------------
 

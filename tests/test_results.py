@@ -1,5 +1,5 @@
 """Every hive operation's result, decoded through the type its operation declares, for the HTTP hive
-and the in-process hive alike (the two `Hive` transports of `rbee_queen/hives.py`)."""
+and the in-process hive alike (the two `Hive` transports of `rbee_queen/fleet/hives.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import trio
 
+from harness.fake_hf import FakeHub
 from rbee_common.config import HiveEntry, HiveSettings
 from rbee_common.errors import ModelNotFound, WorkerNotFound
 from rbee_common.wire import (
@@ -29,8 +30,7 @@ from rbee_common.wire import (
     WorkerStop,
 )
 from rbee_hive.serve import open_hive_service, serve
-from rbee_queen.hives import Hive, HttpHive, InProcessHive
-from tests.fake_hf import FakeHub
+from rbee_queen.fleet.hives import Hive, HttpHive, InProcessHive
 
 REPO = "results-org/smol-GGUF"
 

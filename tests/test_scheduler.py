@@ -116,7 +116,7 @@ def test_a_session_goes_back_to_its_worker_when_no_prefix_decides() -> None:
 
 
 def test_claude_codes_session_id_is_its_session() -> None:
-    from rbee_queen.anthropic_api import _session
+    from rbee_queen.dialects.anthropic.requests import session_of as _session
 
     said = json.dumps({"device_id": "d" * 64, "account_uuid": "", "session_id": "5f1c-session"})
     assert _session({"user_id": said}) == "5f1c-session"

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.helpers import BIN, Daemon, daemon, job_result, run_job, wait_for
 from rbee_common.audit import Broken, chain_files, default_key_path, load_key, verify
 from rbee_common.auth import write_token_file
-from tests.helpers import BIN, Daemon, daemon, job_result, run_job, wait_for
 from tests.test_auth import TOKEN, token_file
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import netns
-from tests.helpers import BIN, daemon, free_port, job_result, port_open, wait_for
+from harness import netns
+from harness.helpers import BIN, daemon, free_port, job_result, port_open, wait_for
 
 pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
 

@@ -10,7 +10,7 @@ import pytest
 from jinja2 import Environment
 
 from rbee_common.wire import ChatMessage, InferenceRequest, Tool, ToolCall
-from rbee_queen import toolcalls
+from rbee_queen.dialects import toolcalls
 from rbee_worker import tools
 
 NAMES = ["get_weather", "get_time"]

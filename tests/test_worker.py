@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import BIN, Daemon, daemon, gone, wait_for
+from harness.helpers import BIN, Daemon, daemon, gone, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 40, "seed": 7}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import BIN, daemon, free_port, job_result, port_free, stop_process, wait_for
+from harness.helpers import BIN, daemon, free_port, job_result, port_free, stop_process, wait_for
 from tests.test_worker import worker_argv
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rbee_worker.backends import StopMatcher
-from tests.helpers import BIN, Daemon, daemon
+from harness.helpers import BIN, Daemon, daemon
+from rbee_worker.backends.base import StopMatcher
 from tests.test_worker import stream_events
 
 

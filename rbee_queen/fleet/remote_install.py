@@ -26,11 +26,11 @@ from rbee_common.errors import RemoteDiskFull, RemoteFailed, RemotePythonMissing
 from rbee_common.jobs import JobContext
 from rbee_common.wheelhouse import check_platform, ensure
 from rbee_common.wire import HiveUninstalled, InstallRecord
-from rbee_queen import ssh
-from rbee_queen.remote_wheels import install_wheels
+from rbee_queen.fleet import ssh
+from rbee_queen.fleet.remote_wheels import install_wheels
 
 if TYPE_CHECKING:
-    from rbee_queen.remote import Remote
+    from rbee_queen.fleet.remote import Remote
 
 MIN_PYTHON = (3, 11)
 

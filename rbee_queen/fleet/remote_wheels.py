@@ -16,7 +16,7 @@ from rbee_common.daemon import package_version
 from rbee_common.errors import HiveVersionMismatch, RemoteDiskFull, RemoteInstallFailed, RemoteVenvFailed
 from rbee_common.jobs import JobContext
 from rbee_common.wheelhouse import Manifest
-from rbee_queen import ssh
+from rbee_queen.fleet import ssh
 
 
 async def install_wheels(

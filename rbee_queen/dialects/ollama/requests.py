@@ -25,10 +25,10 @@ from typing import Any, Literal
 import msgspec
 
 from rbee_common.errors import ValidationFailed
-from rbee_common.hub_refs import readable_id
+from rbee_common.modelref import readable_id
 from rbee_common.wire import ChatMessage, GenerationParams, ModelDownload, ResponseFormat, ToolCall
-from rbee_queen import toolcalls
-from rbee_queen.dialects import named, tool_of
+from rbee_queen.dialects import toolcalls
+from rbee_queen.dialects.common import named, tool_of
 
 SAMPLING = {
     "temperature": "temperature",

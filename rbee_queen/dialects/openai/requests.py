@@ -16,7 +16,7 @@ import msgspec
 
 from rbee_common.errors import ValidationFailed
 from rbee_common.wire import ChatMessage, GenerationParams, ResponseFormat, ToolCall, check_embed_inputs
-from rbee_queen.dialects import check_choice, named, tool_of
+from rbee_queen.dialects.common import named, tool_of
 
 log = logging.getLogger("rbee.queen.openai")
 
@@ -256,7 +256,6 @@ def _chat_tools(request: ChatRequest) -> dict[str, Any]:
     choice = request.tool_choice
     name = choice.function.name if isinstance(choice, _NamedChoice) else None
     mode = "auto" if choice is None or isinstance(choice, _NamedChoice) else choice
-    check_choice(tools, mode, name, "tool_choice")
     extra: dict[str, Any] = {"tools": tools, "tool_choice": mode, "tool_name": name}
     if request.parallel_tool_calls is not None:
         extra["parallel_tool_calls"] = request.parallel_tool_calls

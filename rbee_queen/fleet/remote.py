@@ -35,9 +35,9 @@ from rbee_common.config import HiveEntry, QueenSettings
 from rbee_common.errors import ConfigError, HiveNotInstalled, TransportError
 from rbee_common.jobs import JobContext
 from rbee_common.wire import HiveStarted, HiveStopped, HiveUninstalled, InstallRecord, SshChecked
-from rbee_queen import remote_install, remote_run, ssh
-from rbee_queen.remote_install import Installs
-from rbee_queen.remote_run import Attached
+from rbee_queen.fleet import remote_install, remote_run, ssh
+from rbee_queen.fleet.remote_install import Installs
+from rbee_queen.fleet.remote_run import Attached
 
 log = logging.getLogger("rbee.queen.remote")
 

@@ -1,11 +1,6 @@
-"""Inference backends: blocking code that runs in a worker thread.
-
-A backend turns an `InferenceRequest` into text pieces through `on_token`,
-checking `cancelled` between tokens, and returns the counts. llama.cpp
-(`llama-cpp-python`) serves GGUF files on CPU and CUDA; MLX (`mlx-lm`) serves
-MLX model directories (`mlx_backend`). `--backend auto` picks MLX for an MLX model on
-darwin/arm64, llama.cpp otherwise (DESIGN §4).
-"""
+"""llama.cpp (`llama-cpp-python`) on a GGUF file: CPU, CUDA, and devices of other hives over RPC.
+Blocking code: a worker thread runs `generate` (`base.InThread`), the engine (`engine.py`) steps
+every active sequence together."""
 
 from __future__ import annotations
 
@@ -14,16 +9,14 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import jinja2
-import msgspec
 import numpy as np
 
 from rbee_common import grammar_limits
 from rbee_common.errors import (
     BackendUnavailable,
-    ContextLengthExceeded,
     LimitExceeded,
     ModelLoadFailed,
     RbeeError,
@@ -34,105 +27,21 @@ from rbee_common.ggml import Ggml
 from rbee_common.gpus import CUDA_BUILD, cpu_build_problem, gpu_indices, llama_gpu_offload
 from rbee_common.prefixes import MAX_HELD, prompt_blocks
 from rbee_common.sizing import gguf_metadata
-from rbee_common.wire import MAX_EMBED_TOKENS, EmbedRequest, InferenceRequest, StopReason, TokenLogprob
+from rbee_common.wire import MAX_EMBED_TOKENS, EmbedRequest, InferenceRequest, StopReason
 from rbee_worker import tools
+from rbee_worker.backends.base import (
+    FEATURES,
+    EmbeddingCancelled,
+    Generated,
+    InThread,
+    OnToken,
+    StopMatcher,
+    token_budget,
+)
 from rbee_worker.engine import Engine, EngineError, Job
 from rbee_worker.models import ResolvedModel
 
 log = logging.getLogger("rbee.worker.backend")
-
-OnToken = Callable[[str, "list[TokenLogprob] | None"], None]
-
-FEATURES = ("response_format", "tools", "logprobs", "logit_bias", "embeddings")
-"""What a request may ask that a backend may not do; `Backend.features` names what it does."""
-
-
-class EmbeddingCancelled(Exception):
-    """The client of an embedding request left; the backend stopped between two batches."""
-
-
-class Generated(msgspec.Struct, frozen=True):
-    tokens_in: int
-    tokens_out: int
-    stop_reason: StopReason
-    tokens_cached: int = 0
-    """Prompt tokens whose keys and values were already in the cache."""
-    stop_sequence: str | None = None
-    tokens_restored: int = 0
-    """Of `tokens_cached`, those restored from the host-RAM prompt cache."""
-
-
-class Backend(Protocol):
-    name: str
-    ctx: int
-    features: frozenset[str]
-    """Which of `FEATURES` it does (JSON grammars, tool calls, logprobs, embeddings)."""
-    info: dict[str, Any]
-    """What the model file says: architecture, vocab size, eos token, quantization."""
-
-    def generate(
-        self, request: InferenceRequest, on_token: OnToken, cancelled: threading.Event
-    ) -> Generated: ...
-
-    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]:
-        """Vectors and the tokens they took; stops with `EmbeddingCancelled` between batches once
-        `cancelled` is set."""
-        ...
-
-    def count_tokens(self, request: InferenceRequest) -> int:
-        """The prompt's tokens as `generate` would feed them (chat template and tools applied)."""
-        ...
-
-
-
-
-def choose_backend(model: ResolvedModel, requested: str) -> str:
-    if requested != "auto":
-        return requested
-    # MLX models only run on MLX (natively on Apple Silicon, `mlx[cpu]` elsewhere).
-    return "mlx" if model.format == "mlx" else "llama-cpp"
-
-
-def load_backend(
-    model: ResolvedModel, *, backend: str, device: str, threads: int, ctx: int, slots: int,
-    cache_bytes: int = 0, split: list[float] | None = None, rpc: list[str] | None = None,
-) -> Backend:
-    name = choose_backend(model, backend)
-    if name == "llama-cpp":
-        if model.format != "gguf":
-            raise BackendUnavailable("llama.cpp serves GGUF files; this model is an MLX directory.")
-        return LlamaCppBackend(model, device=device, threads=threads, ctx=ctx, slots=slots,
-                               cache_bytes=cache_bytes, split=split or [], rpc=rpc or [])
-    if rpc or len(split or []) > 1:
-        raise BackendUnavailable(f"Only llama.cpp splits a model over devices, not {name}.")
-    if name == "mlx":
-        if model.format != "mlx":
-            raise BackendUnavailable(
-                "MLX serves MLX model directories; this model is a GGUF file.",
-                hint="Use --backend llama-cpp (or auto) for GGUF models.",
-            )
-        from rbee_worker.mlx_backend import MlxBackend
-
-        return MlxBackend(model, device=device, ctx=ctx, slots=slots)
-    raise BackendUnavailable(f"Unknown backend {name}.", hint="Use auto, llama-cpp or mlx.")
-
-
-def token_budget(request: InferenceRequest, prompt_tokens: int, ctx: int, trained: int | None = None) -> int:
-    """Tokens the request may generate in a sequence of `ctx`: `max_tokens` is a ceiling, not a
-    promise (generation stops when the context is full, as llama-server and Ollama do); a prompt
-    that leaves no room at all is refused, before any token, with the model's own context
-    (`trained`, from its GGUF) when known, so that the queen can find a worker with room."""
-    if prompt_tokens >= ctx:
-        raise ContextLengthExceeded(
-            f"The prompt is {prompt_tokens} tokens; the context here is {ctx}.",
-            details={"field": "messages" if request.messages else "prompt", "prompt_tokens": prompt_tokens,
-                     "context_tokens": ctx, **({"model_context_tokens": trained} if trained else {})},
-            hint="Shorten the prompt, or serve the model with a longer context ([hive] worker_ctx).",
-        )
-    if not prompt_tokens:
-        raise ValidationFailed("The prompt is empty.", details={"field": "prompt"})
-    return min(request.max_tokens or ctx, ctx - prompt_tokens)
-
 
 # llama.cpp's `general.file_type` (enum llama_ftype) for the common quantizations.
 GGUF_FILE_TYPES = {
@@ -204,7 +113,7 @@ def _place_layers(
     return shares
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(InThread):
     """llama.cpp with continuous batching: the weights once, one context, `slots` sequences.
 
     Requests share one engine thread (`rbee_worker.engine`); each `generate`
@@ -546,34 +455,3 @@ class LlamaCppBackend:
             return out
         finally:
             lib.llama_batch_free(batch)
-
-
-class StopMatcher:
-    """Finds stop sequences across token boundaries, holding back a partial match."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = [stop for stop in stops if stop]
-        self._pending = ""
-        self.matched: str | None = None
-        """The stop sequence that was met."""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """The text that is safe to emit now, and whether a stop sequence was met."""
-        text = self._pending + piece
-        hits = [i for i in (text.find(stop) for stop in self._stops) if i >= 0]
-        if hits:
-            self._pending = ""
-            at = min(hits)
-            self.matched = next(stop for stop in self._stops if text.find(stop) == at)
-            return text[:at], True
-        hold = max(
-            (n for stop in self._stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
-             if stop.startswith(text[-n:])),
-            default=0,
-        )
-        self._pending = text[len(text) - hold:] if hold else ""
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        text, self._pending = self._pending, ""
-        return text

@@ -24,11 +24,11 @@ from rbee_common.config import HiveEntry
 from rbee_common.errors import HiveStartFailed, TransportError
 from rbee_common.jobs import JobContext
 from rbee_common.wire import HiveStarted, HiveStopped, InstallRecord
-from rbee_queen import ssh
-from rbee_queen.hives import hive_url
+from rbee_queen.fleet import ssh
+from rbee_queen.fleet.hives import hive_url
 
 if TYPE_CHECKING:
-    from rbee_queen.remote import Remote
+    from rbee_queen.fleet.remote import Remote
 
 log = logging.getLogger("rbee.queen.remote")
 

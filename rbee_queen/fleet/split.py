@@ -30,10 +30,10 @@ from rbee_common.errors import RbeeError, ValidationFailed, WorkerNotFound
 from rbee_common.gpus import shares
 from rbee_common.jobs import JobContext
 from rbee_common.wire import RpcServe, RpcServer, RpcStop, WorkerGet, WorkerRecord, WorkerSpawn, WorkerStop
-from rbee_queen import ssh
-from rbee_queen.hives import HiveRouter
+from rbee_queen.fleet import ssh
+from rbee_queen.fleet.hives import HiveRouter
+from rbee_queen.fleet.remote import Remote
 from rbee_queen.registry import WorkerRegistry
-from rbee_queen.remote import Remote
 
 log = logging.getLogger("rbee.queen.split")
 WATCH_S = 1.0

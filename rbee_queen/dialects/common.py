@@ -24,18 +24,15 @@ from rbee_common.wire import (
     Tool,
     ToolCall,
 )
-from rbee_queen import toolcalls
+from rbee_queen.dialects import toolcalls
+from rbee_queen.inference import Served
 
 log = logging.getLogger("rbee.queen.api")
 
 
-class Usage(msgspec.Struct, kw_only=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0
-    finish_reason: str = "stop"
-    stop_sequence: str | None = None
+Usage = Served
+"""What a finished request reports: one record from the worker's end event to each dialect's
+usage (`tokens_in`, `tokens_out`, `tokens_cached`, `stop_reason`, `stop_sequence`)."""
 
 
 Generate = Callable[[str, GenerationParams, Usage, str | None], AsyncGenerator[InferenceToken, None]]
@@ -237,13 +234,3 @@ def tool_of(name: str, description: str | None, parameters: dict[str, Any] | Non
             "A tool's name must be 1 to 64 letters, digits, `_`, `.` or `-`.",
             details={"field": field},
         ) from None
-
-
-def check_choice(tools: list[Tool], choice: str, name: str | None, field: str) -> None:
-    """A forced call needs tools, and a named one a tool of that name (400 naming `field`)."""
-    if choice == "required" and not tools:
-        raise ValidationFailed("A call is required but there are no tools.", details={"field": field})
-    if name is not None and name not in {tool.name for tool in tools}:
-        raise ValidationFailed(
-            "The tool choice names a function that is not among the tools.", details={"field": field}
-        )

@@ -36,8 +36,8 @@ from rbee_common.errors import (
 from rbee_common.jobs import JobContext, detached_context
 from rbee_common.wire import Capabilities, HiveHealth, HiveOp, ModelGet, R
 from rbee_hive.service import HiveService
+from rbee_queen.fleet.ssh import real_host
 from rbee_queen.heartbeats import Placement
-from rbee_queen.ssh import real_host
 
 _capabilities_decoder = msgspec.json.Decoder(Capabilities)
 

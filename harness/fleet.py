@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import BIN, Daemon, daemon
-from tests.netns import Fleet, Host
+from harness.helpers import BIN, Daemon, daemon
+from harness.netns import Fleet, Host
 
 TOKEN = "queen-test-token-0123456789abcdef"
 

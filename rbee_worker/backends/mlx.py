@@ -11,7 +11,7 @@ from typing import Any
 
 from rbee_common.errors import BackendUnavailable, ModelLoadFailed, ValidationFailed
 from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason
-from rbee_worker.backends import Generated, OnToken, StopMatcher, token_budget
+from rbee_worker.backends.base import Generated, InThread, OnToken, StopMatcher, token_budget
 from rbee_worker.models import ResolvedModel
 
 log = logging.getLogger("rbee.worker.backend")
@@ -31,7 +31,7 @@ class _MlxJob:
         self.finished = threading.Event()
 
 
-class MlxBackend:
+class MlxBackend(InThread):
     """`mlx-lm` on an MLX model directory: Metal on Apple Silicon, `mlx[cpu]` elsewhere.
 
     Continuous batching through mlx-lm's `BatchGenerator`: one engine thread
@@ -89,6 +89,10 @@ class MlxBackend:
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="rbee-mlx-engine", daemon=True)
         self._thread.start()
+
+    def held_prefixes(self) -> list[int]:
+        """None: MLX batches without reusing a cached prefix."""
+        return []
 
     def close(self) -> None:
         with self._wake:

@@ -34,10 +34,10 @@ from typing import Any
 import msgspec
 import trio
 
-from rbee_common.errors import ContextLengthExceeded
+from rbee_common.errors import ContextLengthExceeded, ValidationFailed
 from rbee_common.prefixes import MAX_HELD, prompt_blocks
-from rbee_common.wire import InferenceRequest, StopReason
-from rbee_worker.backends import Generated
+from rbee_common.wire import EmbedRequest, InferenceRequest, StopReason
+from rbee_worker.backends.base import Generated, Output
 from rbee_worker.engine import SAVE_MIN_TOKENS
 
 DEFAULT_TOKENS = 16
@@ -64,7 +64,6 @@ def load_script(path: str | Path) -> list[Rule]:
 class SyntheticBackend:
     name = "synthetic"
     features: frozenset[str] = frozenset()
-    is_async = True
 
     def __init__(
         self, *, tokens_per_s: float, ctx: int, slots: int = 1, script: list[Rule] | None = None,
@@ -106,6 +105,11 @@ class SyntheticBackend:
                 seen.setdefault(value, None)
         return list(seen)[:MAX_HELD]
 
+    def embed(self, request: EmbedRequest, cancelled: threading.Event) -> tuple[list[list[float]], int]:
+        """Never called: `features` has no embeddings, so the worker refuses such a request first."""
+        raise ValidationFailed("The synthetic backend does not compute embeddings.",
+                               details={"field": "input"})
+
     def count_tokens(self, request: InferenceRequest) -> int:
         """A word a token: the synthetic backend's modelled tokenizer."""
         return max(len(_prompt_text(request).split()), 1)
@@ -133,6 +137,9 @@ class SyntheticBackend:
         self._taken += 1
         self._last_used[best] = self._taken
         return best, min(shared(best), len(words) - 1)  # as llama.cpp, the last word is decoded again
+
+    async def run(self, request: InferenceRequest, out: Output) -> Generated:
+        return await self.agenerate(request, out.send, out.cancelled, out.woken)
 
     async def agenerate(
         self, request: InferenceRequest, on_token: Callable[[str], Awaitable[bool]],

@@ -25,9 +25,9 @@ from rbee_common.errors import ModelNotFound, RbeeError, ValidationFailed
 from rbee_common.http import OpenStreams, read_body, sse_response
 from rbee_common.validation import decode_body
 from rbee_common.wire import EmbedRequest, GenerationParams, InferenceToken, TokenLogprob, ToolCall
-from rbee_queen import toolcalls
-from rbee_queen.anthropic_api import anthropic_error
-from rbee_queen.dialects import (
+from rbee_queen.dialects import toolcalls
+from rbee_queen.dialects.anthropic.routes import anthropic_error
+from rbee_queen.dialects.common import (
     ERROR_TYPES,
     Answer,
     Embed,
@@ -37,7 +37,7 @@ from rbee_queen.dialects import (
     context_numbers,
     error_response,
 )
-from rbee_queen.openai_requests import (
+from rbee_queen.dialects.openai.requests import (
     CommonRequest,
     CompletionRequest,
     chat_decoder,
@@ -237,16 +237,16 @@ class _Reply:
     def usage_body(self) -> dict[str, Any]:
         usage = self.usage
         return {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "prompt_tokens": usage.tokens_in,
+            "completion_tokens": usage.tokens_out,
+            "total_tokens": usage.tokens_in + usage.tokens_out,
+            "prompt_tokens_details": {"cached_tokens": usage.tokens_cached},
         }
 
     def finish(self, calls: list[ToolCall]) -> str:
         if calls:
             return "tool_calls"
-        return "length" if self.usage.finish_reason == "length" else "stop"
+        return "length" if self.usage.stop_reason == "length" else "stop"
 
     def logprobs(self, entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any] | None:
         if not self.wants_logprobs:

@@ -1,0 +1,1 @@
+"""Anthropic's Messages API: `requests` (its request types and their GenerationParams) and `routes`."""

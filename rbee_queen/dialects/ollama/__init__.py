@@ -1,0 +1,1 @@
+"""Ollama's API: `requests` (its request types and their GenerationParams) and `routes`."""

@@ -1,0 +1,1 @@
+"""OpenAI's Responses API: `requests` (its request types and their GenerationParams) and `routes`."""
