@@ -40,10 +40,10 @@ Feature: Worker Provisioning, as our install
   Scenario: Version mismatch - rbee-hive on the host reports another version
     Given the hive "h1" is installed and started
     And the hive "verify" is added for host "h1" sharing h1's install dir
-    And rbee-hive in h1's venv reports version "0.2.0"
+    And rbee-hive in h1's venv reports version "9.9.0"
     When I run the keeper with "hive install verify"
     Then the keeper exits 1
-    And the output contains "reports 0.2.0"
+    And the output contains "reports 9.9.0"
     And the output contains this queen's version
     And the output contains "rbee-keeper hive install verify"
     And the hive "verify" is not registered as installed
